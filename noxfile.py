@@ -1,0 +1,147 @@
+"""Sessions for the `higher` workspace.
+
+Quick loop (torch 2.13.0, the CPU wheel at hand):   nox -s tests
+One torch of the matrix:                            nox -s tests-2.1.2
+Everything CI runs:                                  nox -t ci
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ("higher-patch", "higher-optim", "higher-core", "higher-contrib")
+SRC_DIRS = [f"packages/{p}/src" for p in PACKAGES]
+
+# torch version -> the Python that runs it. The oldest torch runs on the oldest Python we support.
+TORCH_MATRIX = {"2.1.2": "3.10", "2.13.0": "3.11", "2.14.1": "3.11"}
+TORCH_AT_HAND = "2.13.0"  # its CPU wheel lies on disk: the quick loop never downloads torch
+# torch wheels built against NumPy 1.x warn (an error under -W error) beside NumPy 2.
+NUMPY_FOR = {"2.1.2": "numpy<2"}
+TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+
+def _install_workspace(session: nox.Session, torch: str) -> None:
+    session.install(f"torch=={torch}", NUMPY_FOR.get(torch, "numpy"))
+    # Editable installs of the four distributions: the namespace spans their src/ folders.
+    session.install(*[arg for p in PACKAGES for arg in ("-e", f"packages/{p}")])
+    session.install(*TEST_DEPS)
+
+
+def _pytest(session: nox.Session, *args: str) -> None:
+    session.run("python", "-m", "pytest", *args, *session.posargs)
+
+
+def _tests(session: nox.Session, torch: str) -> None:
+    _install_workspace(session, torch)
+    session.run("python", "-c", "import torch; print('torch', torch.__version__)")
+    _pytest(session)
+
+
+def _make_tests_session(torch: str, name: str, tags: list[str]) -> None:
+    @nox.session(name=name, python=TORCH_MATRIX[torch], tags=tags)
+    def session_fn(session: nox.Session) -> None:
+        _tests(session, torch)
+
+    session_fn.__doc__ = f"Run the test suite on torch {torch} (Python {TORCH_MATRIX[torch]})."
+
+
+_make_tests_session(TORCH_AT_HAND, "tests", tags=["quick"])
+for _torch in TORCH_MATRIX:
+    _make_tests_session(_torch, f"tests-{_torch}", tags=["ci", "matrix"])
+
+
+@nox.session(python="3.11", tags=["ci"])
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole workspace."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11", tags=["ci"])
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the four packages, then a smoke file against the installed wheels."""
+    _install_workspace(session, TORCH_AT_HAND)
+    session.install("mypy==2.4.1")
+    session.run("mypy", *SRC_DIRS, *[f"packages/{p}/tests" for p in PACKAGES])
+    session.run("mypy", "examples", "benchmarks", "noxfile.py")
+    # Against installed wheels: a fresh venv holds the built distributions, never the sources.
+    wheels = _build_wheels(session)
+    venv = Path(session.create_tmp()) / "typed-wheels"
+    python = _fresh_venv(session, venv)
+    session.run(python, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
+    session.run(python, "-m", "pip", "install", "-q", *wheels.values(), "mypy==2.4.1", external=True)
+    # Its own config file: the workspace's mypy_path would point mypy back at the sources.
+    smoke = ROOT / "tests" / "typing"
+    session.run(
+        python, "-m", "mypy", "--config-file", str(smoke / "mypy.ini"), str(smoke / "smoke.py"),
+        external=True,
+    )
+
+
+def _build_wheels(session: nox.Session) -> dict[str, str]:
+    """Build the four wheels with hatch into a fresh folder; return distribution -> wheel path."""
+    session.install("hatch")
+    out = Path(session.create_tmp()) / "wheels"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for pkg in PACKAGES:  # hatch builds the project of the folder it runs in
+        with session.chdir(ROOT / "packages" / pkg):
+            session.run("hatch", "build", "-t", "wheel", str(out))
+    return {p: str(next(out.glob(p.replace("-", "_") + "-*.whl"))) for p in PACKAGES}
+
+
+def _fresh_venv(session: nox.Session, path: Path) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    session.run(sys.executable, "-m", "venv", str(path), external=True)
+    return str(path / "bin" / "python")
+
+
+@nox.session(python="3.11", tags=["ci"])
+def isolation(session: nox.Session) -> None:
+    """Install each combination users install into fresh venvs; prove each holds only its own."""
+    wheels = _build_wheels(session)
+    combos = {
+        "patch-only": ["higher-patch"],
+        "optim-only": ["higher-optim"],
+        "core": ["higher-core"],
+        "core-all": ["higher-core[all]"],
+    }
+    tmp = Path(session.create_tmp())
+    # pip resolves sibling pins from the folder of freshly built wheels, never from an index.
+    for combo, reqs in combos.items():
+        python = _fresh_venv(session, tmp / f"iso-{combo}")
+        pip = [python, "-m", "pip", "install", "-q", "--find-links", str(Path(wheels[PACKAGES[0]]).parent)]
+        session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
+        session.run(*pip, *reqs, external=True)
+        session.run(python, str(ROOT / "tests" / "isolation" / "check.py"), combo, external=True)
+
+
+@nox.session(python="3.11")
+def cuda(session: nox.Session) -> None:
+    """Run only the tests marked `cuda` (on a machine with a GPU; they skip elsewhere)."""
+    _install_workspace(session, os.environ.get("HIGHER_TORCH", TORCH_AT_HAND))
+    _pytest(session, "-m", "cuda")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Benchmarks against plain modules, torch.func and higher 0.2.1 (in its own venv)."""
+    _install_workspace(session, TORCH_AT_HAND)
+    tmp = Path(session.create_tmp())
+    legacy = _fresh_venv(session, tmp / "legacy-higher")
+    session.run(legacy, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
+    session.run(legacy, "-m", "pip", "install", "-q", "--no-deps", "higher==0.2.1", external=True)
+    session.run(
+        "python", "benchmarks/patch_overhead.py", "--legacy-python", legacy, *session.posargs
+    )

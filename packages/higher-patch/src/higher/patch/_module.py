@@ -1,0 +1,278 @@
+"""The functional module: a copy of the user's module whose parameters are fast weights."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ._errors import PatchError
+from ._store import FastWeights, Params, Place
+
+_CHILD_CLASSES: dict[type[torch.nn.Module], type[torch.nn.Module]] = {}
+_ROOT_CLASSES: dict[type[torch.nn.Module], type[FunctionalModule]] = {}
+
+
+def _in_functorch_transform() -> bool:
+    # Tensors of a vmap/grad/jvp level must not outlive it: such calls never touch the history.
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _child_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+    """A subclass of `cls` whose fast-weight attributes route assignment to the fast weights."""
+    child = _CHILD_CLASSES.get(cls)
+    if child is None:
+
+        def __setattr__(self: torch.nn.Module, name: str, value: Any) -> None:
+            index = self.__dict__.get("_higher_slot_index")
+            if index is not None and name in index and isinstance(value, torch.Tensor):
+                store: FastWeights = self.__dict__["_higher_store"]
+                if store.stateless:
+                    raise PatchError(
+                        f"cannot assign {name!r}: this functional module has no fast weights of its "
+                        "own (made by make_functional); pass params= to each call"
+                    )
+                store.replace_one(index[name], value)
+                return
+            cls.__setattr__(self, name, value)
+
+        def _apply(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
+            raise PatchError(
+                "a functional module's fast weights cannot be moved or cast in place; move or cast "
+                "the original module and patch it again, or use monkeypatch(module, device=...)"
+            )
+
+        namespace = {
+            "__setattr__": __setattr__,
+            "_apply": _apply,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        child = type(cls.__name__, (cls,), namespace)
+        _CHILD_CLASSES[cls] = child
+    return child
+
+
+def _root_class(cls: type[torch.nn.Module]) -> type[FunctionalModule]:
+    root = _ROOT_CLASSES.get(cls)
+    if root is None:
+        name = f"Functional{cls.__name__}"
+        root = type(name, (FunctionalModule, _child_class(cls)), {"__qualname__": name})
+        _ROOT_CLASSES[cls] = root
+    return root
+
+
+class FunctionalModule(torch.nn.Module):
+    """A stateless copy of a module, run with fast weights (returned by `monkeypatch`).
+
+    The object is also an instance of the original module's class, so its custom methods and
+    attributes work and read the current fast weights. `fmodel(x, params=p)` makes `p` the
+    current fast weights (kept in the history while tracking) and runs the module's own forward.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> fnet = higher.patch.monkeypatch(net)
+        >>> w, b = fnet.parameters()
+        >>> y = fnet(torch.ones(2, 3), params=[w * 2, b])
+        >>> len(list(fnet.parameters(time=1)))
+        2
+    """
+
+    _higher_store: FastWeights
+
+    # ---- calling -----------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
+        if params is None:
+            self._higher_require_weights()
+            return super().__call__(*args, **kwargs)
+        store = self._higher_store
+        checked = store.check(params)
+        if store.stateless or _in_functorch_transform():
+            return self._higher_call_with(checked, args, kwargs)
+        store.set(checked)
+        return super().__call__(*args, **kwargs)
+
+    def forward(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
+        """Run the original forward with the current fast weights, or with `params` first set."""
+        if params is not None:
+            store = self._higher_store
+            checked = store.check(params)
+            if store.stateless or _in_functorch_transform():
+                return self._higher_call_with(checked, args, kwargs, forward_only=True)
+            store.set(checked)
+        else:
+            self._higher_require_weights()
+        return super().forward(*args, **kwargs)
+
+    def _higher_require_weights(self) -> None:
+        if self._higher_store.stateless:
+            raise PatchError(
+                "this functional module has no fast weights of its own (made by make_functional): "
+                "call it with params="
+            )
+
+    def _higher_call_with(
+        self,
+        params: list[torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        forward_only: bool = False,
+    ) -> Any:
+        store = self._higher_store
+        before = store.current()
+        store.place(params)
+        try:
+            if forward_only:
+                return super().forward(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
+        finally:
+            store.place(before)
+
+    # ---- fast weights ------------------------------------------------------------------------
+
+    def parameters(self, time: int | None = None) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        """Iterate over the fast weights at step `time` (the latest by default; 0 is the first)."""
+        return iter(self._higher_store.at(time))
+
+    def named_fast_params(self, time: int | None = None) -> dict[str, torch.Tensor]:
+        """The fast weights at step `time` by name: the names `torch.func.functional_call` uses."""
+        return dict(zip(self._higher_store.names, self._higher_store.at(time)))
+
+    @property
+    def fast_params(self) -> list[torch.Tensor]:
+        """The current fast weights; setting them appends to the history while tracking."""
+        return list(self._higher_store.at(None))
+
+    @fast_params.setter
+    def fast_params(self, value: Params) -> None:
+        store = self._higher_store
+        checked = store.check(value, what="fast_params")
+        store.stateless = False
+        store.set(checked)
+
+    @property
+    def init_fast_params(self) -> list[torch.Tensor]:
+        """The fast weights at time 0 (only while tracking: otherwise no history is kept)."""
+        if not self._higher_store.track:
+            raise PatchError(
+                "init_fast_params is not kept with track_higher_grads=False; "
+                "use fast_params for the current weights"
+            )
+        return list(self._higher_store.at(0))
+
+    def update_params(self, params: Params) -> None:
+        """Make `params` the current fast weights (appended to the history while tracking)."""
+        self.fast_params = params
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether the fast-weight history is kept for higher-order gradients."""
+        return self._higher_store.track
+
+    @track_higher_grads.setter
+    def track_higher_grads(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise PatchError(f"track_higher_grads must be a bool, got {type(value).__name__}")
+        self._higher_store.track = value
+
+    # ---- buffers -----------------------------------------------------------------------------
+
+    def write_back_buffers(self, module: torch.nn.Module | None = None) -> None:
+        """Copy this module's buffers (e.g. BatchNorm running statistics) into `module`.
+
+        `module` defaults to the module this one was made from. Buffers are copied in place, so
+        the original keeps its tensors (and optimizer or hook references to them stay valid).
+        """
+        from ._api import write_back_buffers
+
+        write_back_buffers(self, module)
+
+    # ---- copying -----------------------------------------------------------------------------
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FunctionalModule:
+        # Tensors with history cannot be deep-copied: the copy gets detached clones of them.
+        for t in _tensors_of(self):
+            if id(t) not in memo and not t.is_leaf:
+                memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+        for step in self._higher_store.history:
+            for t in step:
+                if id(t) not in memo and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__.copy()
+        new.__setstate__(copy.deepcopy(state, memo))
+        return new
+
+
+def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes."""
+    for m in module.modules():
+        for d in (m._parameters, m._buffers, m.__dict__):
+            for v in d.values():
+                if isinstance(v, torch.Tensor):
+                    yield v
+        for v in m.__dict__.get("_flat_weights", ()):
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+def functional_tree(
+    module: torch.nn.Module,
+    initial: list[torch.Tensor] | None,
+    device: torch.device | None,
+) -> FunctionalModule:
+    """Copy `module` into a functional tree whose slots hold `initial` (or nothing yet)."""
+    if not isinstance(module, torch.nn.Module):
+        raise PatchError(f"expected a torch.nn.Module to patch, got {type(module).__name__}")
+    if isinstance(module, FunctionalModule) or "_higher_store" in module.__dict__:
+        raise PatchError(
+            f"{type(module).__name__} is already a functional module; patch the original module"
+        )
+    unique = list(module.parameters())
+    memo: dict[int, Any] = {}
+    for i, p in enumerate(unique):
+        memo[id(p)] = None if initial is None else initial[i]
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to(device, copy=True) if device is not None else b.detach().clone()
+    for t in _tensors_of(module):  # plain tensor attributes that carry a graph (weight_norm's)
+        if id(t) not in memo and not t.is_leaf:
+            memo[id(t)] = t.detach()
+    fmodule = copy.deepcopy(module, memo)
+
+    # Resolve every place each weight occupies, once: tied weights and shared submodules.
+    index_of = {id(p): i for i, p in enumerate(unique)}
+    names = [name for name, _ in module.named_parameters()]  # same order as parameters()
+    places: list[list[tuple[torch.nn.Module, str]]] = [[] for _ in unique]
+    copies = dict(zip((id(m) for m in module.modules()), fmodule.modules()))
+    seen: set[tuple[int, str]] = set()
+    for orig in module.modules():
+        for pname, p in orig._parameters.items():
+            if p is None or (id(orig), pname) in seen:
+                continue
+            seen.add((id(orig), pname))
+            places[index_of[id(p)]].append((copies[id(orig)], pname))
+
+    store = FastWeights(
+        names,
+        [[Place(m, n) for m, n in ps] for ps in places],
+        unique,
+        source=module,
+        device=device,
+    )
+    slot_index: dict[int, dict[str, int]] = {}
+    for i, ps in enumerate(places):
+        for m, n in ps:
+            slot_index.setdefault(id(m), {})[n] = i
+    for m in fmodule.modules():
+        m.__dict__["_higher_store"] = store
+        m.__dict__["_higher_slot_index"] = slot_index.get(id(m), {})
+        m.__class__ = _child_class(type(m))
+    fmodule.__class__ = _root_class(type(module))
+    assert isinstance(fmodule, FunctionalModule)
+    if initial is not None:
+        store.place(initial)
+    return fmodule

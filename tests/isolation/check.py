@@ -1,0 +1,86 @@
+"""Run inside a fresh venv holding one combination of the built wheels; prove what it holds.
+
+Usage: python check.py {patch-only,optim-only,core,core-all}
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import subprocess
+import sys
+
+EXPECT = {
+    "patch-only": {"higher-patch"},
+    "optim-only": {"higher-optim"},
+    "core": {"higher-patch", "higher-optim", "higher-core"},
+    "core-all": {"higher-patch", "higher-optim", "higher-core", "higher-contrib"},
+}
+MODULE_OF = {
+    "higher-patch": "higher.patch",
+    "higher-optim": "higher.optim",
+    "higher-core": "higher.utils",
+    "higher-contrib": "higher.contrib",
+}
+
+
+def importable(module: str) -> bool:
+    code = f"import {module}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def main(combo: str) -> None:
+    wanted = EXPECT[combo]
+    installed = {d for d in MODULE_OF if _installed(d)}
+    assert installed == wanted, f"{combo}: installed {sorted(installed)}, expected {sorted(wanted)}"
+    for dist, module in MODULE_OF.items():
+        ok = importable(module)
+        assert ok == (dist in wanted), f"{combo}: import {module} -> {ok}, expected {not ok}"
+    # Every distribution ships only its own files.
+    for dist in wanted:
+        files = [str(f) for f in md.files(dist) or [] if str(f).startswith("higher/")]
+        own = "higher/" if dist == "higher-core" else MODULE_OF[dist].replace(".", "/") + "/"
+        foreign = [f for f in files if not f.startswith(own)]
+        if dist == "higher-core":
+            foreign = [f for f in files if f.count("/") > 1]  # core owns only top-level files
+        assert not foreign, f"{dist} ships files outside {own}: {foreign}"
+        assert any(f.endswith("py.typed") for f in files), f"{dist} ships no py.typed"
+    # Each package works, and loads nothing it must not.
+    if "higher-patch" in wanted:
+        _run(
+            "import sys, torch, higher.patch as hp\n"
+            "f = hp.monkeypatch(torch.nn.Linear(2, 1))\n"
+            "assert f(torch.ones(1, 2)).shape == (1, 1)\n"
+            "assert 'higher.optim' not in sys.modules, 'higher.patch loaded higher.optim'\n"
+        )
+    if "higher-optim" in wanted:
+        _run(
+            "import sys, higher.optim\n"
+            "assert 'higher.patch' not in sys.modules, 'higher.optim loaded higher.patch'\n"
+        )
+    if "higher-core" in wanted:
+        _run(
+            "import sys, torch, higher\n"
+            "m = torch.nn.Linear(2, 1)\n"
+            "with higher.innerloop_ctx(m, torch.optim.SGD(m.parameters(), lr=0.1)) as (f, o):\n"
+            "    o.step(f(torch.ones(1, 2)).sum())\n"
+            "assert ('higher.contrib' in sys.modules) is False\n"
+        )
+    print(f"{combo}: ok ({', '.join(sorted(wanted))})")
+
+
+def _installed(dist: str) -> bool:
+    try:
+        md.distribution(dist)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def _run(code: str) -> None:
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+if __name__ == "__main__":
+    importlib.invalidate_caches()
+    main(sys.argv[1])
