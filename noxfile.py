@@ -23,6 +23,8 @@ TORCH_MATRIX = {"2.1.2": "3.10", "2.13.0": "3.11", "2.14.1": "3.11"}
 TORCH_AT_HAND = "2.13.0"  # its CPU wheel lies on disk: the quick loop never downloads torch
 # torch wheels built against NumPy 1.x warn (an error under -W error) beside NumPy 2.
 NUMPY_FOR = {"2.1.2": "numpy<2"}
+# Distributions the tests need installed besides the four (plugin distributions, examples).
+EXTRA_TEST_INSTALLS: list[str] = []
 TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
 
 nox.options.default_venv_backend = "venv"
@@ -35,6 +37,8 @@ def _install_workspace(session: nox.Session, torch: str) -> None:
     # Editable installs of the four distributions: the namespace spans their src/ folders.
     session.install(*[arg for p in PACKAGES for arg in ("-e", f"packages/{p}")])
     session.install(*TEST_DEPS)
+    if EXTRA_TEST_INSTALLS:
+        session.install("--no-deps", *EXTRA_TEST_INSTALLS)
 
 
 def _pytest(session: nox.Session, *args: str) -> None:
