@@ -84,11 +84,18 @@ def typecheck(session: nox.Session) -> None:
     venv = Path(session.create_tmp()) / "typed-wheels"
     python = _fresh_venv(session, venv)
     session.run(python, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
-    session.run(python, "-m", "pip", "install", "-q", *wheels.values(), "mypy==2.4.1", external=True)
+    session.run(
+        python, "-m", "pip", "install", "-q", *wheels.values(), "mypy==2.4.1", external=True
+    )
     # Its own config file: the workspace's mypy_path would point mypy back at the sources.
     smoke = ROOT / "tests" / "typing"
     session.run(
-        python, "-m", "mypy", "--config-file", str(smoke / "mypy.ini"), str(smoke / "smoke.py"),
+        python,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(smoke / "mypy.ini"),
+        str(smoke / "smoke.py"),
         external=True,
     )
 
@@ -125,7 +132,15 @@ def isolation(session: nox.Session) -> None:
     # pip resolves sibling pins from the folder of freshly built wheels, never from an index.
     for combo, reqs in combos.items():
         python = _fresh_venv(session, tmp / f"iso-{combo}")
-        pip = [python, "-m", "pip", "install", "-q", "--find-links", str(Path(wheels[PACKAGES[0]]).parent)]
+        pip = [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--find-links",
+            str(Path(wheels[PACKAGES[0]]).parent),
+        ]
         session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
         session.run(*pip, *reqs, external=True)
         session.run(python, str(ROOT / "tests" / "isolation" / "check.py"), combo, external=True)

@@ -31,8 +31,8 @@ def _child_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
                 store: FastWeights = self.__dict__["_higher_store"]
                 if store.stateless:
                     raise PatchError(
-                        f"cannot assign {name!r}: this functional module has no fast weights of its "
-                        "own (made by make_functional); pass params= to each call"
+                        f"cannot assign {name!r}: this functional module has no fast weights "
+                        "of its own (made by make_functional); pass params= to each call"
                     )
                 store.replace_one(index[name], value)
                 return
@@ -108,7 +108,8 @@ class FunctionalModule(torch.nn.Module):
         return super().forward(*args, **kwargs)
 
     def _higher_require_weights(self) -> None:
-        if self._higher_store.stateless:
+        store = self._higher_store
+        if store.stateless and not store.transient:
             raise PatchError(
                 "this functional module has no fast weights of its own (made by make_functional): "
                 "call it with params="
@@ -124,11 +125,13 @@ class FunctionalModule(torch.nn.Module):
         store = self._higher_store
         before = store.current()
         store.place(params)
+        store.transient += 1
         try:
             if forward_only:
                 return super().forward(*args, **kwargs)
             return super().__call__(*args, **kwargs)
         finally:
+            store.transient -= 1
             store.place(before)
 
     # ---- fast weights ------------------------------------------------------------------------
@@ -203,8 +206,11 @@ class FunctionalModule(torch.nn.Module):
                     memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__.copy()
-        new.__setstate__(copy.deepcopy(state, memo))
+        # The instance dict, not __getstate__: parametrized modules refuse the latter.
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        store = new._higher_store
+        if not store.stateless:
+            store.place(store.history[-1])  # refresh caches keyed on tensor identity (RNNs)
         return new
 
 
@@ -250,11 +256,11 @@ def functional_tree(
     copies = dict(zip((id(m) for m in module.modules()), fmodule.modules()))
     seen: set[tuple[int, str]] = set()
     for orig in module.modules():
-        for pname, p in orig._parameters.items():
-            if p is None or (id(orig), pname) in seen:
+        for pname, param in orig._parameters.items():
+            if param is None or (id(orig), pname) in seen:
                 continue
             seen.add((id(orig), pname))
-            places[index_of[id(p)]].append((copies[id(orig)], pname))
+            places[index_of[id(param)]].append((copies[id(orig)], pname))
 
     store = FastWeights(
         names,

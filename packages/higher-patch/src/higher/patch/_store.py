@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 
 from ._errors import PatchError
 
-Params = Union[Sequence[torch.Tensor], Iterable[torch.Tensor], Mapping[str, torch.Tensor]]
+Params = Sequence[torch.Tensor] | Iterable[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 class Place(NamedTuple):
@@ -39,7 +39,7 @@ class FastWeights:
         self,
         names: list[str],
         places: list[list[Place]],
-        references: list[torch.Tensor],
+        references: Sequence[torch.Tensor],
         source: torch.nn.Module | None,
         device: torch.device | None,
     ) -> None:
@@ -50,7 +50,7 @@ class FastWeights:
         self.writes = [(p.module._parameters, p.name, i) for i, ps in enumerate(places) for p in ps]
         # RNNs keep their own list of weights besides `_parameters`: keep it in step.
         self.rnn_writes = [
-            (p.module, p.module._flat_weights_names.index(p.name), i)  # type: ignore[operator]
+            (p.module, list(getattr(p.module, "_flat_weights_names", ())).index(p.name), i)
             for i, ps in enumerate(places)
             for p in ps
             if p.name in getattr(p.module, "_flat_weights_names", ())
@@ -58,6 +58,7 @@ class FastWeights:
         self.history: list[list[torch.Tensor]] = []
         self.track = True
         self.stateless = True
+        self.transient = 0  # depth of calls running with weights that stay out of the history
         self.source = weakref.ref(source) if source is not None else None
 
     # ---- validation -------------------------------------------------------------------------
@@ -69,10 +70,7 @@ class FastWeights:
                 f"{what} must be a sequence of {len(self.names)} tensors or a mapping from "
                 "parameter name to tensor, got a single Tensor"
             )
-        if isinstance(params, Mapping):
-            params = self._from_mapping(params, what)
-        else:
-            params = list(params)
+        params = self._from_mapping(params, what) if isinstance(params, Mapping) else list(params)
         if len(params) != len(self.specs):
             raise PatchError(
                 f"{what} has {len(params)} tensors, expected {len(self.specs)} "
@@ -127,16 +125,16 @@ class FastWeights:
             slots[name] = params[i]  # type: ignore[assignment]
         for module, j, i in self.rnn_writes:
             t = params[i]
-            module._flat_weights[j] = t  # type: ignore[index]
+            module.__dict__["_flat_weights"][j] = t
             refs = module.__dict__.get("_flat_weight_refs")
             if refs is not None:  # newer torch checks these to see if weights changed
                 refs[j] = weakref.ref(t) if t is not None else None
 
     def current(self) -> list[torch.Tensor]:
         """The slot contents now (what a forward would use)."""
-        return [slots[name] for slots, name, _ in self._first_writes()]  # type: ignore[misc]
+        return [slots[name] for slots, name, _ in self._first_writes()]
 
-    def _first_writes(self) -> list[tuple[Any, str, int]]:
+    def _first_writes(self) -> list[tuple[dict[str, Any], str, int]]:
         seen: set[int] = set()
         out = []
         for w in self.writes:
