@@ -1,3 +1,36 @@
-"""Extras for `higher`: cuDNN-safe double backward, finite-difference checks, plugin kit."""
+"""Extras for `higher`: cuDNN-safe double backward, finite-difference checks, plugin kit.
 
-__all__: list[str] = []
+- `cudnn_safe`: a context manager and decorator under which RNNs support double backward on
+  the GPU (their ops alone run without cuDNN).
+- `check_hypergradient` / `hypergradient_report`: autograd's gradient of a meta-loss against
+  float64 central differences, with a readable report.
+- `check_optimizer_conformance` / `optimizer_conformance_report` / `parametrize_conformance`:
+  the conformance kit a differentiable-optimizer plugin runs against its torch original.
+
+Example:
+    >>> import torch, higher.contrib
+    >>> higher.contrib.check_hypergradient(lambda x: (x**2).sum(), [torch.ones(2)]).ok
+    True
+"""
+
+from ._cudnn import cudnn_safe as cudnn_safe
+from ._errors import ConformanceFailure as ConformanceFailure
+from ._errors import ContribError as ContribError
+from ._errors import HigherError as HigherError
+from ._errors import HypergradientMismatch as HypergradientMismatch
+from ._hypergrad import GradientEntry as GradientEntry
+from ._hypergrad import HypergradientReport as HypergradientReport
+from ._hypergrad import check_hypergradient as check_hypergradient
+from ._hypergrad import hypergradient_report as hypergradient_report
+
+__all__ = [
+    "cudnn_safe",
+    "check_hypergradient",
+    "hypergradient_report",
+    "HypergradientReport",
+    "GradientEntry",
+    "HypergradientMismatch",
+    "ConformanceFailure",
+    "ContribError",
+    "HigherError",
+]

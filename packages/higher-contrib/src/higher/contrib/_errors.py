@@ -1,0 +1,80 @@
+"""The error types of `higher.contrib` (`higher.HigherError` is the base of every error)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING
+
+
+def _shared_base() -> type[Exception]:
+    # One base for all distributions without an import between them: the first to load creates it
+    # in a private module of the `higher` namespace; every other one reuses that very class.
+    shared = sys.modules.setdefault("higher._error_base", types.ModuleType("higher._error_base"))
+    base: type[Exception] | None = getattr(shared, "HigherError", None)
+    if base is None:
+        doc = "Base of every error `higher` raises; each also subclasses the builtin 0.2.1 raised."
+        base = type("HigherError", (Exception,), {"__doc__": doc, "__module__": "higher"})
+        shared.HigherError = base
+    return base
+
+
+if TYPE_CHECKING:
+
+    class HigherError(Exception):
+        """Base of every error `higher` raises."""
+
+else:
+    HigherError = _shared_base()
+
+
+class ContribError(HigherError, ValueError):
+    """Invalid input to a `higher.contrib` tool (a non-scalar meta-loss, an unknown tensor name...).
+
+    Example:
+        >>> import torch, higher.contrib
+        >>> try:
+        ...     higher.contrib.hypergradient_report(lambda x: x * 2, [torch.ones(3)])
+        ... except higher.contrib.ContribError as err:
+        ...     print(isinstance(err, ValueError))
+        True
+    """
+
+
+class HypergradientMismatch(HigherError, AssertionError):
+    """Autograd and finite differences disagree; `report` holds every compared number.
+
+    It is an `AssertionError`, so pytest shows it as a failed check.
+
+    Example:
+        >>> import torch, higher.contrib
+        >>> wrong = lambda x: (x**2).sum() + (x.detach() ** 2).sum()  # autograd misses half
+        >>> try:
+        ...     higher.contrib.check_hypergradient(wrong, {"x": torch.ones(2)})
+        ... except higher.contrib.HypergradientMismatch as err:
+        ...     print(err.report.failures[0].tensor)
+        x
+    """
+
+    def __init__(self, report: HypergradientReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+class ConformanceFailure(HigherError, AssertionError):
+    """A differentiable optimizer departs from its torch original; `report` says where.
+
+    Example:
+        >>> import torch, higher.contrib
+        >>> issubclass(higher.contrib.ConformanceFailure, AssertionError)
+        True
+    """
+
+    def __init__(self, report: ConformanceReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+if TYPE_CHECKING:
+    from ._conformance import ConformanceReport
+    from ._hypergrad import HypergradientReport
