@@ -30,7 +30,7 @@ _local = threading.local()  # depth: how deeply this thread is nested in cudnn_s
 
 
 def _cudnn_present() -> bool:
-    return bool(torch.backends.cudnn.is_available())
+    return bool(torch.backends.cudnn.is_available())  # type: ignore[no-untyped-call]
 
 
 def _on_cudnn_device(tensor: torch.Tensor) -> bool:
@@ -110,7 +110,7 @@ class cudnn_safe(contextlib.ContextDecorator):  # lower case: it reads like torc
         depth: int = getattr(_local, "depth", 0)
         if depth == 0 and _cudnn_present():
             mode = _RNNsWithoutCudnn()
-            mode.__enter__()
+            mode.__enter__()  # type: ignore[no-untyped-call]
             _local.mode = mode
         _local.depth = depth + 1
 
@@ -124,4 +124,4 @@ class cudnn_safe(contextlib.ContextDecorator):  # lower case: it reads like torc
         mode: _RNNsWithoutCudnn | None = getattr(_local, "mode", None)
         if _local.depth == 0 and mode is not None:
             _local.mode = None
-            mode.__exit__(exc_type, exc, tb)
+            mode.__exit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]

@@ -140,19 +140,20 @@ def hypergradient_report(
 
     `fn` maps tensors (initial weights, hyperparameters, data: whatever the meta-loss depends on)
     to a scalar tensor; it is called with `fn(*inputs)` for a sequence, `fn(**inputs)` for a
-    mapping. Every floating input is cast to float64 (a detached copy; the caller's tensors are
-    never touched), so `fn` must compute in float64 throughout (`model.double()`); it is called
-    with gradients enabled, so it may unroll an inner loop that takes gradients itself, and it
-    must be deterministic. A tensor of at most `max_entries` entries is checked entry by entry
-    (two calls of `fn` each); a larger one along `directions` random unit directions (the
-    directional derivative `<grad, v>`, two calls each). A number agrees when
+    mapping. Every floating input is passed as a fresh float64 leaf that requires grad (a copy:
+    the caller's tensors are never touched), so `fn` must compute in float64 throughout
+    (`model.double()`); it is called with gradients enabled, so it may unroll an inner loop that
+    differentiates by any input, and it must be deterministic. A tensor of at most
+    `max_entries` entries is checked entry by entry (two calls of `fn` each); a larger one along
+    `directions` random unit directions (the directional derivative `<grad, v>`, two calls
+    each). A number agrees when
     `|autograd - fd| <= atol + rtol * |fd|`.
 
     Args:
         fn: the meta-loss, as a function of the inputs.
         inputs: the point to check at: a sequence or a name -> tensor mapping.
         wrt: names (mapping) or positions (sequence) to differentiate by; default every
-            floating-point input. The others keep their `requires_grad` (as float64 copies).
+            floating-point input.
         eps: the finite-difference step.
         atol, rtol: the tolerances.
         max_entries: larger tensors are checked along random directions instead of entrywise.
@@ -188,14 +189,13 @@ def hypergradient_report(
     point = {
         n: t.detach().to(torch.float64) if t.is_floating_point() else t for n, t in given.items()
     }
-    grad_wanted = {n: n in checked or t.requires_grad for n, t in given.items()}
 
     def at(shift: str | None = None, delta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         args = {}
         for n, t in point.items():
             if t.is_floating_point():  # fresh leaves each call: fn may modify or keep them
                 t = t + delta if n == shift and delta is not None else t.clone()
-                t.requires_grad_(grad_wanted[n])
+                t.requires_grad_(True)
             args[n] = t
         return args
 
@@ -266,7 +266,7 @@ def check_hypergradient(
 def _named(inputs: Inputs) -> tuple[list[str], dict[str, torch.Tensor]]:
     if isinstance(inputs, Mapping):
         items = [(str(k), v) for k, v in inputs.items()]
-    elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
+    elif isinstance(inputs, Sequence):
         items = [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
     else:
         raise ContribError(
