@@ -1,3 +1,85 @@
-"""Differentiable twins of `torch.optim` optimizers (filled in by the optimizer work)."""
+"""Differentiable twins of the `torch.optim` optimizers.
 
-__all__: list[str] = []
+A differentiable optimizer takes a step out of place and returns the new parameters, so a loss
+computed after `k` steps can be differentiated with respect to the initial parameters and the
+hyperparameters (which may be tensors that require grad). Each twin equals its `torch.optim`
+optimizer step for step; `higher.optim.functional` holds the same rules as pure functions.
+
+Example:
+    >>> import torch, higher.optim
+    >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+    >>> lr = torch.tensor(0.1, requires_grad=True)
+    >>> opt = torch.optim.SGD([w], lr=0.1)
+    >>> diffopt = higher.optim.get_diff_optim(opt, [w], override={"lr": [lr]})
+    >>> (w1,) = diffopt.step((w**2).sum(), params=[w])
+    >>> torch.autograd.grad(w1.sum(), lr)[0].item()
+    -2.0
+"""
+
+from . import functional as functional
+from ._api import apply_trainable_opt_params as apply_trainable_opt_params
+from ._api import create_diff_optim as create_diff_optim
+from ._api import get_diff_optim as get_diff_optim
+from ._api import get_trainable_opt_params as get_trainable_opt_params
+from ._base import DifferentiableOptimizer as DifferentiableOptimizer
+from ._clip import clip_grad_norm as clip_grad_norm
+from ._clip import clip_grad_value as clip_grad_value
+from ._errors import HigherError as HigherError
+from ._errors import HyperparameterTypeError as HyperparameterTypeError
+from ._errors import OptimError as OptimError
+from ._errors import PluginError as PluginError
+from ._errors import UnsupportedOptimizerError as UnsupportedOptimizerError
+from ._protocols import FunctionalModel as FunctionalModel
+from ._registry import PluginWarning as PluginWarning
+from ._registry import clear_plugin_cache as clear_plugin_cache
+from ._registry import register_optim as register_optim
+from ._registry import twin_of as twin_of
+from ._twins import DifferentiableAdadelta as DifferentiableAdadelta
+from ._twins import DifferentiableAdafactor as DifferentiableAdafactor
+from ._twins import DifferentiableAdagrad as DifferentiableAdagrad
+from ._twins import DifferentiableAdam as DifferentiableAdam
+from ._twins import DifferentiableAdamax as DifferentiableAdamax
+from ._twins import DifferentiableAdamW as DifferentiableAdamW
+from ._twins import DifferentiableASGD as DifferentiableASGD
+from ._twins import DifferentiableNAdam as DifferentiableNAdam
+from ._twins import DifferentiableRAdam as DifferentiableRAdam
+from ._twins import DifferentiableRMSprop as DifferentiableRMSprop
+from ._twins import DifferentiableRprop as DifferentiableRprop
+from ._twins import DifferentiableSGD as DifferentiableSGD
+from ._twins import RuleOptimizer as RuleOptimizer
+from ._twins import UnsupportedOptionError as UnsupportedOptionError
+
+__all__ = [
+    "DifferentiableOptimizer",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "get_trainable_opt_params",
+    "apply_trainable_opt_params",
+    "DifferentiableSGD",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "DifferentiableAdagrad",
+    "DifferentiableAdadelta",
+    "DifferentiableAdamax",
+    "DifferentiableASGD",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
+    "DifferentiableNAdam",
+    "DifferentiableRAdam",
+    "DifferentiableAdafactor",
+    "RuleOptimizer",
+    "FunctionalModel",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "twin_of",
+    "clear_plugin_cache",
+    "functional",
+    "HigherError",
+    "OptimError",
+    "UnsupportedOptimizerError",
+    "UnsupportedOptionError",
+    "HyperparameterTypeError",
+    "PluginError",
+    "PluginWarning",
+]

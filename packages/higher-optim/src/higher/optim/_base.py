@@ -1,0 +1,363 @@
+"""`DifferentiableOptimizer`: the 0.2.1 object API (param groups, per-slot state, `step`)."""
+
+from __future__ import annotations
+
+import abc
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._errors import HyperparameterTypeError, OptimError
+from ._protocols import FunctionalModel, GradCallback
+
+_GroupState = defaultdict[int, dict[str, Any]]
+
+
+def _copy_state_value(value: Any, device: torch.device | str | None) -> Any:
+    if isinstance(value, torch.Tensor):
+        copied = value.detach().clone()
+        return copied if device is None else copied.to(device)
+    return value
+
+
+class DifferentiableOptimizer(abc.ABC):
+    """Base of the differentiable optimizers: steps that return new parameters, out of place.
+
+    Built from a torch optimizer `other`: its param groups' hyperparameters are copied (numbers
+    stay numbers, tensors stay the same tensors), `param_groups[g]["params"]` become slots that
+    hold the current parameters of the group, and its state is cloned and detached into
+    `state[g][i]`, so a torch optimizer that already stepped carries its moments over.
+
+    Subclass it and implement `_update(grouped_grads, **kwargs)`: for each group, for each slot
+    with a gradient, compute the new parameter without in-place ops and assign it to
+    `group["params"][i]`; keep per-slot state in `self.state[g][i]`; then
+    `register_optim(TorchOptType, DiffOptType)`.
+
+    Args:
+        other: the torch optimizer to mirror.
+        reference_params: the parameters, in the order `step` receives them; every parameter of
+            `other` must be among them (by identity).
+        fmodel: a functional model (anything with `fast_params` and `update_params`), updated
+            on each `step`; optional when `step` is given `params=`.
+        device: where to put the copied state (default: where it is).
+        override: hyperparameter name -> list of values, one for all groups or one per group;
+            values may be tensors that require grad. It persists.
+        grad_callback: `grads -> grads`, run on the gradients before each update.
+        track_higher_grads: False makes each step first order: new parameters are detached.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> (new_w,) = diffopt.step((w**2).sum(), params=[w])
+        >>> new_w.tolist()
+        [0.0, 0.0]
+    """
+
+    param_groups: list[dict[str, Any]]
+    state: list[_GroupState]
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[torch.Tensor],
+        fmodel: FunctionalModel | None = None,
+        device: torch.device | str | None = None,
+        override: Mapping[str, Sequence[Any]] | None = None,
+        grad_callback: GradCallback | None = None,
+        track_higher_grads: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise HyperparameterTypeError(
+                f"{type(self).__name__}() got unexpected keyword arguments {sorted(kwargs)}"
+            )
+        if not isinstance(other, torch.optim.Optimizer):
+            raise HyperparameterTypeError(
+                f"expected a torch.optim.Optimizer to mirror, got {type(other).__name__}"
+            )
+        reference = list(reference_params)
+        position = {id(p): i for i, p in enumerate(reference)}
+        self._reference = reference
+        self._fmodel = fmodel
+        self._device = device
+        self._grad_callback = grad_callback
+        self._track_higher_grads = bool(track_higher_grads)
+        self.param_groups = []
+        self._group_to_param_list: list[list[int]] = []
+        self.state = []
+        for g, group in enumerate(other.param_groups):
+            mapping: list[int] = []
+            for j, p in enumerate(group["params"]):
+                if id(p) not in position:
+                    raise OptimError(
+                        f"parameter {j} of param group {g} of the {type(other).__name__} "
+                        f"(shape {tuple(p.shape)}) is not among reference_params; pass the "
+                        "parameters the optimizer was built on (e.g. model.parameters())"
+                    )
+                mapping.append(position[id(p)])
+            copied = {k: v for k, v in group.items() if k != "params"}
+            copied["params"] = [reference[i] for i in mapping]
+            self.param_groups.append(copied)
+            self._group_to_param_list.append(mapping)
+            group_state: _GroupState = defaultdict(dict)
+            for j, p in enumerate(group["params"]):
+                torch_state = other.state.get(p)
+                if torch_state:
+                    group_state[j] = self._import_state(torch_state, device)
+            self.state.append(group_state)
+        self._check_options(other)
+        if override is not None:
+            self._apply_override(override)
+
+    # -- hooks a twin refines ------------------------------------------------------------------
+
+    def _import_state(self, torch_state: Mapping[str, Any], device: Any) -> dict[str, Any]:
+        """The state of one slot from the torch optimizer's: cloned, detached, `step` an int."""
+        state = {k: _copy_state_value(v, device) for k, v in torch_state.items()}
+        if "step" in state and isinstance(state["step"], torch.Tensor):
+            state["step"] = round(float(state["step"].item()))
+        return state
+
+    def _check_options(self, other: torch.optim.Optimizer) -> None:
+        """Refuse options the twin does not honour (a hand-written subclass accepts all)."""
+
+    def _check_groups(self) -> None:
+        """Check the type of every hyperparameter (a hand-written subclass accepts all)."""
+
+    @abc.abstractmethod
+    def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
+        """Assign `group['params'][i]` a new parameter for each slot with a gradient."""
+
+    # -- the public API ------------------------------------------------------------------------
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether steps keep their graph (False: each step's new parameters are detached)."""
+        return self._track_higher_grads
+
+    def _apply_override(self, override: Mapping[str, Sequence[Any]]) -> None:
+        if not isinstance(override, Mapping):
+            raise HyperparameterTypeError(
+                f"override must be a dict of hyperparameter -> list of values, got {override!r}"
+            )
+        n_groups = len(self.param_groups)
+        known = set().union(*(g.keys() for g in self.param_groups)) - {"params"}
+        for name, values in override.items():
+            if name not in known:
+                raise OptimError(
+                    f"override key {name!r} is not a hyperparameter of "
+                    f"{type(self).__name__}; expected one of {sorted(known)}"
+                )
+            if not isinstance(values, (list, tuple)):
+                raise HyperparameterTypeError(
+                    f"override[{name!r}] must be a list of values (one for all groups or one "
+                    f"per group), got {type(values).__name__}"
+                )
+            if len(values) not in (1, n_groups):
+                raise OptimError(
+                    f"override[{name!r}] has {len(values)} values; expected 1 (all groups) or "
+                    f"{n_groups} (one per param group)"
+                )
+            for g, group in enumerate(self.param_groups):
+                group[name] = values[0] if len(values) == 1 else values[g]
+        self._check_groups()
+
+    def _gradients(
+        self, loss: torch.Tensor, params: list[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        if not trainable:
+            return grads
+        if not loss.requires_grad:
+            raise OptimError(
+                "the loss does not require grad, so it does not depend on the parameters; "
+                "compute it from the parameters given to step (or the functional model)"
+            )
+        found = torch.autograd.grad(
+            loss,
+            [params[i] for i in trainable],
+            create_graph=self._track_higher_grads,
+            allow_unused=True,
+        )
+        for i, grad in zip(trainable, found, strict=True):
+            grads[i] = grad
+        return grads
+
+    def _check_step_params(self, params: list[torch.Tensor]) -> None:
+        if len(params) != len(self._reference):
+            raise OptimError(
+                f"step got {len(params)} parameters; expected {len(self._reference)} "
+                "(one per reference parameter, in the same order)"
+            )
+        for i, (p, ref) in enumerate(zip(params, self._reference, strict=True)):
+            if not isinstance(p, torch.Tensor):
+                raise HyperparameterTypeError(
+                    f"params[{i}] must be a tensor, got {type(p).__name__}"
+                )
+            if p.shape != ref.shape:
+                raise OptimError(
+                    f"params[{i}] has shape {tuple(p.shape)}; expected {tuple(ref.shape)} "
+                    f"(the shape of reference parameter {i})"
+                )
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[torch.Tensor] | None = None,
+        override: Mapping[str, Sequence[Any]] | None = None,
+        grad_callback: GradCallback | None = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        """Take one step from `params` (or the functional model's fast weights).
+
+        Args:
+            loss: a scalar tensor computed from the current parameters.
+            params: the current parameters (default: `fmodel.fast_params`).
+            override: as in the constructor; it persists.
+            grad_callback: `grads -> grads`; wins over the constructor's.
+            **kwargs: passed to `_update`.
+
+        Returns:
+            The new parameters, in the order of `reference_params` (frozen ones unchanged);
+            the functional model, when there is one, is updated to them.
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.25), [w])
+            >>> diffopt.step((w**2).sum(), params=[w])[0].item()
+            0.5
+        """
+        if params is None:
+            if self._fmodel is None:
+                raise OptimError(
+                    "step() needs the current parameters: pass params=[...] or build the "
+                    "optimizer with fmodel="
+                )
+            fast = self._fmodel.fast_params
+            if fast is None:
+                raise OptimError("the functional model has no fast weights; pass params=[...]")
+            params = fast
+        param_list = list(params)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise OptimError(f"the loss must be a scalar tensor (one element), got {shape}")
+        self._check_step_params(param_list)
+        if override is not None:
+            self._apply_override(override)
+        grads = self._gradients(loss, param_list)
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            grads = list(callback(grads))
+            if len(grads) != len(param_list):
+                raise OptimError(
+                    f"grad_callback returned {len(grads)} gradients; expected {len(param_list)}"
+                )
+        grouped: list[list[torch.Tensor | None]] = []
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            group["params"] = [param_list[i] for i in mapping]
+            grouped.append([grads[i] for i in mapping])
+        self._update(grouped, **kwargs)
+        new_params = list(param_list)
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            for j, i in enumerate(mapping):
+                new_params[i] = group["params"][j]
+        if not self._track_higher_grads:
+            new_params = [
+                q.detach().requires_grad_(p.requires_grad)
+                for q, p in zip(new_params, param_list, strict=True)
+            ]
+            self._detach_state()
+            for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+                group["params"] = [new_params[i] for i in mapping]
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _detach_state(self) -> None:
+        for group_state in self.state:
+            for slot in group_state.values():
+                for key, value in slot.items():
+                    if isinstance(value, torch.Tensor):
+                        slot[key] = value.detach()
+
+    # -- back to torch -------------------------------------------------------------------------
+
+    def _torch_pairs(self, opt: torch.optim.Optimizer) -> list[tuple[int, int, torch.Tensor]]:
+        if len(opt.param_groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"])
+            for a, b in zip(opt.param_groups, self.param_groups, strict=True)
+        ):
+            raise OptimError(
+                f"the {type(opt).__name__} has param groups of sizes "
+                f"{[len(g['params']) for g in opt.param_groups]}; expected "
+                f"{[len(g['params']) for g in self.param_groups]} as in {type(self).__name__}"
+            )
+        return [
+            (g, j, p)
+            for g, group in enumerate(opt.param_groups)
+            for j, p in enumerate(group["params"])
+        ]
+
+    def copy_state_to(self, opt: torch.optim.Optimizer, copy_params: bool = False) -> None:
+        """Write the state (detached) into torch optimizer `opt`, to continue training with it.
+
+        `opt` has the same param groups as this optimizer (typically the one it was built
+        from). With `copy_params=True` the latest parameters are copied into `opt`'s
+        parameters too (in place, without grad).
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> opt = torch.optim.Adam([w], lr=0.1)
+            >>> diffopt = higher.optim.get_diff_optim(opt, [w])
+            >>> _ = diffopt.step(w.sum(), params=[w])
+            >>> diffopt.copy_state_to(opt, copy_params=True)
+            >>> int(opt.state[w]["step"]), round(w.item(), 6)
+            (1, 0.9)
+        """
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for g, j, p in self._torch_pairs(opt):
+            ours = self.state[g].get(j)
+            if ours:
+                exported: dict[str, Any] = {}
+                for key, value in ours.items():
+                    if isinstance(value, torch.Tensor):
+                        exported[key] = value.detach().clone().to(p.device)
+                    else:
+                        exported[key] = value
+                if isinstance(exported.get("step"), int):
+                    previous = opt.state.get(p, {}).get("step")
+                    dtype = previous.dtype if isinstance(previous, torch.Tensor) else scalar
+                    exported["step"] = torch.tensor(float(exported["step"]), dtype=dtype)
+                opt.state[p] = exported
+            if copy_params:
+                with torch.no_grad():
+                    p.copy_(self.param_groups[g]["params"][j])
+
+    def sync_hyperparameters(
+        self, opt: torch.optim.Optimizer, names: Sequence[str] = ("lr",)
+    ) -> None:
+        """Copy hyperparameters `names` from torch optimizer `opt`'s groups into this one's.
+
+        This is how a torch LR scheduler drives a differentiable optimizer: build the
+        scheduler on the torch optimizer, call `scheduler.step()` then `sync_hyperparameters`.
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> opt = torch.optim.SGD([w], lr=1.0)
+            >>> diffopt = higher.optim.get_diff_optim(opt, [w])
+            >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            >>> opt.step(); sched.step(); diffopt.sync_hyperparameters(opt)
+            >>> diffopt.param_groups[0]["lr"]
+            0.5
+        """
+        self._torch_pairs(opt)
+        for name in names:
+            values = [group[name] for group in opt.param_groups]
+            self._apply_override({name: values})

@@ -1,0 +1,87 @@
+"""The error types of `higher.optim` (`higher.HigherError` is the base of every error we raise)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING
+
+
+def _shared_base() -> type[Exception]:
+    # One base for all distributions without an import between them: the first to load creates it
+    # in a private module of the `higher` namespace; every other one reuses that very class.
+    shared = sys.modules.setdefault("higher._error_base", types.ModuleType("higher._error_base"))
+    base: type[Exception] | None = getattr(shared, "HigherError", None)
+    if base is None:
+        doc = "Base of every error `higher` raises; each also subclasses the builtin 0.2.1 raised."
+        base = type("HigherError", (Exception,), {"__doc__": doc, "__module__": "higher"})
+        shared.HigherError = base
+    return base
+
+
+if TYPE_CHECKING:
+
+    class HigherError(Exception):
+        """Base of every error `higher` raises."""
+
+else:
+    HigherError = _shared_base()
+
+
+class OptimError(HigherError, ValueError):
+    """Invalid input to a differentiable optimizer: a bad loss, params, override or option.
+
+    It is a `ValueError`, as in higher 0.2.1, so `except ValueError` keeps working.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> try:
+        ...     higher.optim.get_diff_optim(opt, [], override={"lr": [1, 2]})
+        ... except higher.optim.OptimError as err:
+        ...     print(isinstance(err, ValueError))
+        True
+    """
+
+
+class UnsupportedOptimizerError(OptimError):
+    """No differentiable twin is known for a torch optimizer type (`LBFGS`, `SparseAdam`, ...).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> opt = torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
+        >>> try:
+        ...     higher.optim.get_diff_optim(opt, opt.param_groups[0]["params"])
+        ... except higher.optim.UnsupportedOptimizerError as err:
+        ...     print("LBFGS" in str(err))
+        True
+    """
+
+
+class HyperparameterTypeError(HigherError, TypeError):
+    """A hyperparameter, flag or option has a value of the wrong type.
+
+    It is a `TypeError`, so `except TypeError` catches it.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> p = torch.zeros(1, requires_grad=True)
+        >>> opt = torch.optim.SGD([p], lr=0.1)
+        >>> try:
+        ...     higher.optim.get_diff_optim(opt, [p], override={"lr": ["fast"]})
+        ... except higher.optim.HyperparameterTypeError as err:
+        ...     print(isinstance(err, TypeError))
+        True
+    """
+
+
+class PluginError(HigherError, ImportError):
+    """A plugin of the entry-point group `higher.optimizers` is broken or conflicts with another.
+
+    The message names the plugin (its entry point and distribution).
+
+    Example:
+        >>> import higher.optim
+        >>> issubclass(higher.optim.PluginError, ImportError)
+        True
+    """

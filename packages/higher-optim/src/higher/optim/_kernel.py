@@ -1,0 +1,76 @@
+"""Helpers every update rule shares: one elementwise kernel over many tensors, and safe math."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Tensors = Sequence[torch.Tensor]
+MaybeTensors = Sequence[torch.Tensor] | None
+
+
+def sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """`sqrt(x)` whose derivatives of every order are finite (zero) where `x == 0`.
+
+    The forward value is bit-identical to `x.sqrt()`; only the infinite slope at 0 is replaced.
+    """
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
+
+
+def is_zero(value: object) -> bool:
+    """True only for a plain number equal to 0: a tensor hyperparameter keeps its term (and grad)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return len(tensors) > 1 and all(
+        t.dtype == first.dtype and t.device == first.device and not t.is_sparse for t in tensors
+    )
+
+
+def _fuse(ts: Sequence[torch.Tensor], like: Tensors) -> torch.Tensor:
+    return torch.cat([t.expand_as(p).reshape(-1) for t, p in zip(ts, like, strict=True)])
+
+
+def elementwise(
+    kernel: Callable[..., tuple[torch.Tensor | None, ...]],
+    params: Tensors,
+    *lists: MaybeTensors,
+) -> list[list[torch.Tensor | None]]:
+    """Run an elementwise `kernel(p, *xs) -> outputs` over every parameter; transpose the result.
+
+    When the tensors share a dtype and a device the kernel runs once on their concatenation (a
+    handful of large ops instead of a handful per tensor, and as differentiable), else once per
+    tensor. A list given as None reaches the kernel as None. Each output is a list of tensors
+    shaped like `params` (or of None).
+    """
+    if not params:
+        return []
+    if _fusable(params):
+        flat = [_fuse(params, params)] + [None if xs is None else _fuse(xs, params) for xs in lists]
+        outs = kernel(*flat)
+        sizes = [p.numel() for p in params]
+        result: list[list[torch.Tensor | None]] = []
+        for out in outs:
+            if out is None:
+                result.append([None] * len(params))
+            else:
+                parts = out.split(sizes)
+                result.append([part.view(p.shape) for part, p in zip(parts, params, strict=True)])
+        return result
+    per = [
+        kernel(p, *[None if xs is None else xs[i] for xs in lists]) for i, p in enumerate(params)
+    ]
+    return [[outs[k] for outs in per] for k in range(len(per[0]))]
+
+
+def some(xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The list with its None entries checked away (for a kernel output that is always set)."""
+    out: list[torch.Tensor] = []
+    for x in xs:
+        assert x is not None
+        out.append(x)
+    return out

@@ -1,0 +1,117 @@
+"""`Rule`: one update rule written once as pure functions, shared by the class and functional APIs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ._errors import HyperparameterTypeError
+
+Hyper = Mapping[str, Any]
+InitFn = Callable[[Sequence[torch.Tensor], Hyper], Any]
+UpdateFn = Callable[
+    [Sequence[torch.Tensor], Sequence[torch.Tensor], Any, Hyper], tuple[list[torch.Tensor], Any]
+]
+
+#: Options that change how torch computes a step, never what it computes: accepted, not needed.
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+class Rule(NamedTuple):
+    """An update rule as pure functions over lists of tensors, with what it accepts.
+
+    `init(params, hyper) -> state` and `update(params, grads, state, hyper) -> (params, state)`
+    never modify their inputs; `state` is the rule's typed `NamedTuple` (`step` an int shared by
+    the list, fields named as in the torch optimizer's state). `hyper` maps option names to
+    values: a number or tensor for each of `hypers`, a pair of them for `pairs`, a bool for
+    `flags` (whose defaults serve a torch that lacks the option).
+    """
+
+    name: str
+    state_type: type[Any]
+    init: InitFn
+    update: UpdateFn
+    hypers: tuple[str, ...]
+    pairs: tuple[str, ...] = ()
+    flags: Mapping[str, bool] = {}
+    #: 0-d tensors of the state shared by the whole list (e.g. NAdam's `mu_product`).
+    scalar_state: tuple[str, ...] = ()
+    #: Options torch keeps in a group that the rule reads only in a documented special way.
+    extra: tuple[str, ...] = ()
+    #: Whether `lr` may be a list of tensors, one per parameter (Meta-SGD).
+    per_param_lr: bool = True
+
+    @property
+    def options(self) -> frozenset[str]:
+        """Every option name this rule accepts in a param group."""
+        return frozenset((*self.hypers, *self.pairs, *self.flags, *self.extra)) | (
+            IMPLEMENTATION_FLAGS
+        )
+
+
+def check_scalar(name: str, value: object, *, per_param: int | None = None) -> None:
+    """Raise `HyperparameterTypeError` unless `value` is a number or a tensor (or, with
+    `per_param=n` for the learning rate, a list of `n` tensors: one per parameter)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return
+    if per_param is not None and isinstance(value, (list, tuple)) and len(value) == per_param:
+        if all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value):
+            return
+    expected = "a number or a floating-point tensor"
+    if per_param is not None:
+        expected += f", or a list of {per_param} tensors (one per parameter of the group)"
+    raise HyperparameterTypeError(
+        f"hyperparameter {name!r} must be {expected}, got {type(value).__name__}: {value!r}"
+    )
+
+
+def check_pair(name: str, value: object) -> None:
+    """Raise `HyperparameterTypeError` unless `value` is a pair of numbers or tensors."""
+    if isinstance(value, torch.Tensor) and value.shape == (2,) and value.is_floating_point():
+        return
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        for item in value:
+            check_scalar(name, item)
+        return
+    raise HyperparameterTypeError(
+        f"hyperparameter {name!r} must be a pair of numbers or tensors, got {value!r}"
+    )
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise `HyperparameterTypeError` unless `value` is a bool."""
+    if not isinstance(value, bool):
+        raise HyperparameterTypeError(
+            f"option {name!r} must be a bool, got {type(value).__name__}: {value!r}"
+        )
+
+
+def check_hyper(rule: Rule, hyper: Hyper, n_params: int | None = None) -> None:
+    """Check every option of `hyper` that `rule` reads has a value of the right type."""
+    for name in rule.hypers:
+        if name in hyper:
+            per_param = n_params if name == "lr" and rule.per_param_lr else None
+            check_scalar(name, hyper[name], per_param=per_param)
+    for name in rule.pairs:
+        if name in hyper:
+            check_pair(name, hyper[name])
+    for name in rule.flags:
+        if name in hyper:
+            check_flag(name, hyper[name])
+
+
+def flag(rule: Rule, hyper: Hyper, name: str) -> bool:
+    """The value of a bool option, or the rule's default where this torch lacks the option."""
+    return bool(hyper.get(name, rule.flags[name]))
+
+
+def split_lr(hyper: Hyper) -> tuple[Any, list[torch.Tensor] | None]:
+    """(`lr` when one value serves all params, per-parameter list of learning rates or None)."""
+    lr = hyper["lr"]
+    if isinstance(lr, (list, tuple)):
+        return None, list(lr)
+    return lr, None

@@ -1,0 +1,59 @@
+"""SGD (momentum, dampening, Nesterov, weight decay, maximize) as a pure rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ._kernel import elementwise, is_zero, some
+from ._rule import Hyper, Rule, flag, split_lr
+
+T = torch.Tensor
+
+
+class SGDState(NamedTuple):
+    """`momentum_buffer`: one per parameter, or None before the first step with momentum."""
+
+    momentum_buffer: list[T] | None
+
+
+def sgd_init(params: Sequence[T], hyper: Hyper) -> SGDState:
+    """The state before the first step: no momentum buffer yet."""
+    return SGDState(momentum_buffer=None)
+
+
+def sgd_update(
+    params: Sequence[T], grads: Sequence[T], state: SGDState, hyper: Hyper
+) -> tuple[list[T], SGDState]:
+    """One step of `torch.optim.SGD`, out of place."""
+    lr, lrs = split_lr(hyper)
+    wd, momentum, dampening = hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
+    nesterov, maximize = flag(SGD, hyper, "nesterov"), flag(SGD, hyper, "maximize")
+    use_momentum = not is_zero(momentum)
+
+    def kernel(p: T, g: T, buf: T | None, lr_t: T | None) -> tuple[T, T | None]:
+        step_lr = lr if lr_t is None else lr_t
+        g = -g if maximize else g
+        if not is_zero(wd):
+            g = g + wd * p
+        new_buf = None
+        if use_momentum:
+            # torch's first buffer is the gradient itself (no dampening)
+            new_buf = g if buf is None else buf * momentum + (1 - dampening) * g
+            g = g + momentum * new_buf if nesterov else new_buf
+        return p - step_lr * g, new_buf
+
+    new_p, bufs = elementwise(kernel, params, grads, state.momentum_buffer, lrs)
+    return some(new_p), SGDState(momentum_buffer=some(bufs) if use_momentum else None)
+
+
+SGD = Rule(
+    name="SGD",
+    state_type=SGDState,
+    init=sgd_init,
+    update=sgd_update,
+    hypers=("lr", "momentum", "dampening", "weight_decay"),
+    flags={"nesterov": False, "maximize": False},
+)

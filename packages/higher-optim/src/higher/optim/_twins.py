@@ -1,0 +1,307 @@
+"""The differentiable twins: thin shells that run a pure `Rule` over the param groups."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ._base import DifferentiableOptimizer
+from ._errors import HyperparameterTypeError, OptimError
+from ._rule import Rule, check_hyper, check_scalar
+from ._rules_adam import ADAM, ADAMW
+from ._rules_adam_variants import ADAMAX, NADAM, RADAM
+from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
+from ._rules_other import ADAFACTOR, ASGD, RPROP
+from ._rules_sgd import SGD
+
+
+class UnsupportedOptionError(OptimError):
+    """A torch optimizer was built with an option its differentiable twin does not honour.
+
+    Example:
+        >>> import higher.optim
+        >>> issubclass(higher.optim.UnsupportedOptionError, ValueError)
+        True
+    """
+
+
+def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any, ...]:
+    fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
+    present = tuple(state.get(f) is not None for f in fields)
+    scalars = tuple(float(state[f]) for f in rule.scalar_state)
+    return (state.get("step"), p.dtype, p.device, present, scalars)
+
+
+class RuleOptimizer(DifferentiableOptimizer):
+    """A differentiable twin defined by a pure `Rule`: each step runs `rule.update` once for
+    the slots of a group that share a step count (the usual case: the whole group)."""
+
+    rule: ClassVar[Rule]
+
+    def _check_options(self, other: torch.optim.Optimizer) -> None:
+        keys = set(other.defaults)
+        for group in other.param_groups:
+            keys |= {k for k in group if k in other.defaults}
+        unknown = sorted(keys - self.rule.options)
+        if unknown:
+            raise UnsupportedOptionError(
+                f"{type(other).__name__} option(s) {unknown} are not supported by "
+                f"{type(self).__name__} (it honours {sorted(self.rule.options)}); "
+                "upgrade higher or open an issue"
+            )
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            try:
+                check_hyper(self.rule, group, len(group["params"]))
+                if "eps" in self.rule.extra and "eps" in group:
+                    eps = group["eps"]
+                    if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+                        raise HyperparameterTypeError(
+                            f"hyperparameter 'eps' must be a pair (eps1 or None, eps2), got {eps!r}"
+                        )
+                    if eps[0] is not None:
+                        check_scalar("eps", eps[0])
+                    check_scalar("eps", eps[1])
+            except HyperparameterTypeError as err:
+                raise HyperparameterTypeError(f"param group {g}: {err}") from None
+
+    def _fresh_state(self, p: torch.Tensor, group: dict[str, Any], j: int) -> dict[str, Any]:
+        hyper = group
+        if isinstance(group.get("lr"), (list, tuple)):
+            hyper = {**group, "lr": [group["lr"][j]]}
+        init = self.rule.init([p], hyper)
+        state: dict[str, Any] = {}
+        for name, value in zip(init._fields, init, strict=True):
+            if name == "step" or name in self.rule.scalar_state:
+                state[name] = value
+            elif value is not None and value[0] is not None:
+                state[name] = value[0]
+        return state
+
+    def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
+        if kwargs:
+            raise HyperparameterTypeError(
+                f"{type(self).__name__}.step() got unexpected keyword arguments {sorted(kwargs)}"
+            )
+        rule = self.rule
+        for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
+            params: list[torch.Tensor] = group["params"]
+            states = self.state[g]
+            buckets: dict[tuple[Any, ...], list[int]] = {}
+            for j, grad in enumerate(grads):
+                if grad is None:
+                    continue
+                if not states.get(j):
+                    states[j] = self._fresh_state(params[j], group, j)
+                buckets.setdefault(_bucket_key(states[j], rule, params[j]), []).append(j)
+            for slots in buckets.values():
+                self._step_bucket(group, states, slots, grads)
+
+    def _step_bucket(
+        self,
+        group: dict[str, Any],
+        states: dict[int, dict[str, Any]],
+        slots: list[int],
+        grads: list[torch.Tensor | None],
+    ) -> None:
+        rule, params = self.rule, group["params"]
+        first = states[slots[0]]
+        values: dict[str, Any] = {}
+        for name in rule.state_type._fields:
+            if name == "step" or name in rule.scalar_state:
+                values[name] = first[name]
+            else:
+                column = [states[j].get(name) for j in slots]
+                values[name] = None if all(v is None for v in column) else column
+        hyper = group
+        if isinstance(group.get("lr"), (list, tuple)):
+            hyper = {**group, "lr": [group["lr"][j] for j in slots]}
+        new_params, new_state = rule.update(
+            [params[j] for j in slots],
+            [grads[j] for j in slots],  # type: ignore[misc]
+            rule.state_type(**values),
+            hyper,
+        )
+        for k, j in enumerate(slots):
+            params[j] = new_params[k]
+            slot = states[j]
+            for name, value in zip(new_state._fields, new_state, strict=True):
+                if name == "step" or name in rule.scalar_state:
+                    slot[name] = value
+                elif value is not None and value[k] is not None:
+                    slot[name] = value[k]
+
+
+class DifferentiableSGD(RuleOptimizer):
+    """Differentiable twin of `torch.optim.SGD` (momentum, dampening, nesterov, weight decay,
+    maximize).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> diffopt = higher.optim.DifferentiableSGD(opt, [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 6)
+        0.9
+    """
+
+    rule = SGD
+
+
+class DifferentiableAdam(RuleOptimizer):
+    """Differentiable twin of `torch.optim.Adam` (amsgrad, maximize, decoupled weight decay).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableAdam(torch.optim.Adam([w], lr=0.1), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 6)
+        0.9
+    """
+
+    rule = ADAM
+
+
+class DifferentiableAdamW(RuleOptimizer):
+    """Differentiable twin of `torch.optim.AdamW` (Adam with decoupled weight decay).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0)
+        >>> round(higher.optim.DifferentiableAdamW(opt, [w]).step(w.sum(), [w])[0].item(), 6)
+        0.9
+    """
+
+    rule = ADAMW
+
+
+class DifferentiableAdagrad(RuleOptimizer):
+    """Differentiable twin of `torch.optim.Adagrad` (lr_decay, initial_accumulator_value, ...).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableAdagrad(torch.optim.Adagrad([w], lr=0.1), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 6)
+        0.9
+    """
+
+    rule = ADAGRAD
+
+
+class DifferentiableAdadelta(RuleOptimizer):
+    """Differentiable twin of `torch.optim.Adadelta`.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableAdadelta(torch.optim.Adadelta([w]), [w])
+        >>> diffopt.step(w.sum(), params=[w])[0].item() < 1
+        True
+    """
+
+    rule = ADADELTA
+
+
+class DifferentiableAdamax(RuleOptimizer):
+    """Differentiable twin of `torch.optim.Adamax`.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableAdamax(torch.optim.Adamax([w], lr=0.1), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 6)
+        0.9
+    """
+
+    rule = ADAMAX
+
+
+class DifferentiableASGD(RuleOptimizer):
+    """Differentiable twin of `torch.optim.ASGD` (lambd, alpha, t0; `ax` kept in the state).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableASGD(torch.optim.ASGD([w], lr=0.5), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 3)
+        0.5
+    """
+
+    rule = ASGD
+
+
+class DifferentiableRMSprop(RuleOptimizer):
+    """Differentiable twin of `torch.optim.RMSprop` (alpha, eps, momentum, centered, ...).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableRMSprop(torch.optim.RMSprop([w], lr=0.01), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 4)
+        0.9
+    """
+
+    rule = RMSPROP
+
+
+class DifferentiableRprop(RuleOptimizer):
+    """Differentiable twin of `torch.optim.Rprop` (etas, step_sizes).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableRprop(torch.optim.Rprop([w], lr=0.1), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 6)
+        0.9
+    """
+
+    rule = RPROP
+
+
+class DifferentiableNAdam(RuleOptimizer):
+    """Differentiable twin of `torch.optim.NAdam` (momentum_decay, decoupled weight decay).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableNAdam(torch.optim.NAdam([w], lr=0.1), [w])
+        >>> diffopt.step(w.sum(), params=[w])[0].item() < 1
+        True
+    """
+
+    rule = NADAM
+
+
+class DifferentiableRAdam(RuleOptimizer):
+    """Differentiable twin of `torch.optim.RAdam` (decoupled weight decay where torch has it).
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.DifferentiableRAdam(torch.optim.RAdam([w], lr=0.1), [w])
+        >>> round(diffopt.step(w.sum(), params=[w])[0].item(), 6)
+        0.9
+    """
+
+    rule = RADAM
+
+
+class DifferentiableAdafactor(RuleOptimizer):
+    """Differentiable twin of `torch.optim.Adafactor` (on a torch that has it, 2.5 and later).
+
+    Where torch reads a norm back as a number, the twin keeps it a tensor, so its step is
+    differentiable in the parameters as the mathematics says.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.Adafactor([w], lr=0.1)
+        >>> new_w = higher.optim.DifferentiableAdafactor(opt, [w]).step(w.sum(), [w])
+    """
+
+    rule = ADAFACTOR
