@@ -1,0 +1,135 @@
+"""Every twin equals its torch.optim optimizer, step for step, over the whole option matrix.
+
+The option grid is generated from what the installed torch accepts: every combination of the
+bool options its optimizer has, crossed with weight decay and the optimizer's own numeric
+variants; combinations torch itself refuses are left out of the grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+import higher.optim
+
+STEPS = 10
+FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
+
+# name -> (base options, numeric variants)
+BASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
+    "SGD": ({"lr": 0.05}, [{"momentum": 0.0}, {"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}]),
+    "Adam": ({"lr": 0.05, "betas": (0.8, 0.9)}, [{}]),
+    "AdamW": ({"lr": 0.05, "betas": (0.8, 0.9)}, [{}]),
+    "Adagrad": ({"lr": 0.1}, [{}, {"lr_decay": 0.05, "initial_accumulator_value": 0.1}]),
+    "Adadelta": ({"lr": 1.0}, [{}, {"rho": 0.5, "eps": 1e-4}]),
+    "Adamax": ({"lr": 0.05}, [{}, {"betas": (0.5, 0.7)}]),
+    "ASGD": ({"lr": 0.05}, [{}, {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}]),
+    "RMSprop": ({"lr": 0.01}, [{"momentum": 0.0}, {"momentum": 0.5, "alpha": 0.9}]),
+    "Rprop": ({"lr": 0.01}, [{}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.02)}]),
+    "NAdam": ({"lr": 0.05}, [{}, {"momentum_decay": 0.05, "betas": (0.7, 0.9)}]),
+    "RAdam": ({"lr": 0.05}, [{}, {"betas": (0.5, 0.6)}]),
+    "Adafactor": ({"lr": 0.05}, [{}, {"beta2_decay": -0.5, "d": 0.5, "eps": (1e-3, 1e-3)}]),
+}
+
+
+def torch_options(name: str) -> set[str]:
+    cls = getattr(torch.optim, name)
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+
+
+def grid() -> list[Any]:
+    cases = []
+    for name, (base, variants) in BASES.items():
+        if not hasattr(torch.optim, name):
+            continue  # Adafactor: torch 2.5 and later
+        accepted = torch_options(name)
+        flags = [f for f in FLAGS if f in accepted]
+        for values in itertools.product((False, True), repeat=len(flags)):
+            for variant in variants:
+                for wd in (0.0, 0.1):
+                    options = {**base, **variant, **dict(zip(flags, values, strict=True))}
+                    if "weight_decay" in accepted:
+                        options["weight_decay"] = wd
+                    elif wd:
+                        continue
+                    try:
+                        getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **options)
+                    except (ValueError, RuntimeError):
+                        continue  # torch refuses it (e.g. nesterov without momentum)
+                    cases.append(pytest.param(name, options, id=f"{name}-{_id(options)}"))
+    return cases
+
+
+def _id(options: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items() if k != "lr")
+
+
+def make_params() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (4,), (2, 2), (3,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    params[2].requires_grad_(False)  # frozen
+    for i in (0, 1, 3):
+        params[i].requires_grad_()
+    return params
+
+
+def loss_at(params: list[torch.Tensor], k: int) -> torch.Tensor:
+    a, b, c, d = params
+    x = torch.linspace(-1, 1, 2, dtype=torch.float64) + 0.1 * k
+    loss = ((a @ x).tanh() ** 2).sum() + (b * (k + 1.0)).sin().sum() + (c * a[:2]).sum()
+    if k % 3 == 0:  # `d` has a gradient only every third step, so its step count lags
+        loss = loss + ((d - 0.5) ** 2).sum()
+    return loss
+
+
+def groups(params: list[torch.Tensor], options: dict[str, Any]) -> list[dict[str, Any]]:
+    second: dict[str, Any] = {"params": [params[1], params[3]], "lr": options["lr"] * 0.5}
+    if options.get("weight_decay"):
+        second["weight_decay"] = 0.05
+    return [{"params": [params[0], params[2]]}, second]
+
+
+def torch_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss_at(params, k).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("warm", [0, 3], ids=["fresh", "branched"])
+@pytest.mark.parametrize(("name", "options"), grid())
+def test_trajectory_equals_torch(name: str, options: dict[str, Any], warm: int) -> None:
+    params = make_params()
+    opt = getattr(torch.optim, name)(groups(params, options), **options)
+    for k in range(warm):  # a torch optimizer that already stepped: its state carries over
+        torch_step(opt, params, k)
+    start = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    diffopt = higher.optim.get_diff_optim(opt, params)  # state is cloned: torch goes on alone
+    fast = start
+    for k in range(warm, warm + STEPS):
+        torch_step(opt, params, k)
+        fast = diffopt.step(loss_at(fast, k), params=fast)
+        for ours, theirs in zip(fast, params, strict=True):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+    assert fast[2] is start[2]  # the frozen parameter is never touched
+    assert all(f.grad_fn is not None for i, f in enumerate(fast) if i != 2)
+
+
+@pytest.mark.parametrize("flag", ["foreach", "differentiable"])
+def test_implementation_flags_are_accepted(flag: str) -> None:
+    params = make_params()
+    opt = torch.optim.Adam(groups(params, {"lr": 0.05}), lr=0.05, **{flag: True})
+    reference = torch.optim.Adam(groups(copy.deepcopy(params), {"lr": 0.05}), lr=0.05)
+    diffopt = higher.optim.get_diff_optim(opt, params)
+    plain = higher.optim.get_diff_optim(reference, reference.param_groups[0]["params"]
+                                        + reference.param_groups[1]["params"])  # fmt: skip
+    assert type(diffopt) is type(plain)
+    fast = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    ours = diffopt.step(loss_at(fast, 0), params=fast)
+    assert ours[0].shape == (3, 2)
+    assert not torch.equal(ours[0], fast[0])
