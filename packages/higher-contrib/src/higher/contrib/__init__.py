@@ -13,6 +13,15 @@ Example:
     True
 """
 
+from ._conformance import CHECKS as CHECKS
+from ._conformance import CheckResult as CheckResult
+from ._conformance import ConformanceCase as ConformanceCase
+from ._conformance import ConformanceReport as ConformanceReport
+from ._conformance import Tolerances as Tolerances
+from ._conformance import check_optimizer_conformance as check_optimizer_conformance
+from ._conformance import conformance_cases as conformance_cases
+from ._conformance import optimizer_conformance_report as optimizer_conformance_report
+from ._conformance import parametrize_conformance as parametrize_conformance
 from ._cudnn import cudnn_safe as cudnn_safe
 from ._errors import ConformanceFailure as ConformanceFailure
 from ._errors import ContribError as ContribError
@@ -29,6 +38,15 @@ __all__ = [
     "hypergradient_report",
     "HypergradientReport",
     "GradientEntry",
+    "check_optimizer_conformance",
+    "optimizer_conformance_report",
+    "conformance_cases",
+    "parametrize_conformance",
+    "ConformanceCase",
+    "ConformanceReport",
+    "CheckResult",
+    "Tolerances",
+    "CHECKS",
     "HypergradientMismatch",
     "ConformanceFailure",
     "ContribError",

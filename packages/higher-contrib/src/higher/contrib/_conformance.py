@@ -1,0 +1,636 @@
+"""The conformance kit: a differentiable optimizer against its torch original, check by check.
+
+Four checks, each on small float64 problems with two param groups:
+
+- `steps`: the twin's steps equal torch's, step for step (also first order, and resumed from a
+  torch optimizer that already stepped, so its state carries over);
+- `hypergradient`: the meta-gradient by the hyperparameters and the initial parameters equals
+  float64 central differences;
+- `zero_grad`: exactly-zero and missing gradients give finite steps and finite hypergradients
+  (and the same steps as torch);
+- `registry`: `higher.optim.get_diff_optim` resolves the torch optimizer (and a subclass of it)
+  to the twin: a plugin's entry point works.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import torch
+
+from higher.optim import DifferentiableOptimizer, get_diff_optim
+
+from ._errors import ConformanceFailure, ContribError
+from ._hypergrad import hypergradient_report
+
+TorchOptimizer = type[torch.optim.Optimizer]
+DiffOptimizer = type[DifferentiableOptimizer]
+Options = Mapping[str, Any]
+OptionGrid = Mapping[str, Sequence[Any]] | Sequence[Options]
+
+CHECKS = ("steps", "hypergradient", "zero_grad", "registry")
+_F = TypeVar("_F", bound=Callable[..., Any])
+T = torch.Tensor
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check for one option set.
+
+    Example:
+        >>> from higher.contrib import CheckResult
+        >>> CheckResult("steps", {"lr": 0.1}, True, "10 steps equal").label
+        'steps [lr=0.1]'
+    """
+
+    check: str
+    options: Mapping[str, Any]
+    ok: bool
+    detail: str
+
+    @property
+    def label(self) -> str:
+        """`check [option=value, ...]`: which check, on which options."""
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{self.check} [{opts}]" if opts else self.check
+
+
+@dataclass(frozen=True)
+class ConformanceReport:
+    """Every check the kit ran on one twin, with what it found.
+
+    Example:
+        >>> import torch, higher.optim, higher.contrib
+        >>> report = higher.contrib.optimizer_conformance_report(
+        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1]}, checks=["steps"]
+        ... )
+        >>> report.ok, [r.label for r in report.results]
+        (True, ['steps [lr=0.1]'])
+    """
+
+    torch_optimizer: str
+    diff_optimizer: str
+    results: tuple[CheckResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(r.ok for r in self.results)
+
+    @property
+    def failures(self) -> tuple[CheckResult, ...]:
+        """The checks that failed."""
+        return tuple(r for r in self.results if not r.ok)
+
+    def summary(self) -> str:
+        """A readable account: a headline, then one block per failed check."""
+        head = f"conformance of {self.diff_optimizer} to {self.torch_optimizer}"
+        if self.ok:
+            return f"{head}: all {len(self.results)} checks passed"
+        lines = [f"{head}: {len(self.failures)} of {len(self.results)} checks failed"]
+        for r in self.failures:
+            detail = r.detail.replace("\n", "\n    ")
+            lines.append(f"  FAILED {r.label}: {detail}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def raise_if_failed(self) -> None:
+        """Raise `ConformanceFailure` (with this report) unless every check passed."""
+        if not self.ok:
+            raise ConformanceFailure(self)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How close is equal: `rtol`/`atol` for steps, `fd_rtol`/`fd_atol` for hypergradients.
+
+    Example:
+        >>> from higher.contrib import Tolerances
+        >>> Tolerances().rtol
+        1e-10
+    """
+
+    rtol: float = 1e-10
+    atol: float = 1e-12
+    fd_rtol: float = 1e-5
+    fd_atol: float = 1e-7
+
+
+@dataclass(frozen=True)
+class ConformanceCase:
+    """One check on one option set: what a parametrized test runs (`case.run()`).
+
+    Example:
+        >>> import torch, higher.optim, higher.contrib
+        >>> (case,) = higher.contrib.conformance_cases(
+        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["steps"]
+        ... )
+        >>> case.id, case.result().ok
+        ('steps-lr=0.1', True)
+    """
+
+    torch_optimizer: TorchOptimizer
+    diff_optimizer: DiffOptimizer
+    check: str
+    options: Mapping[str, Any]
+    steps: int = 10
+    hyperparameters: tuple[str, ...] | None = None
+    tolerances: Tolerances = field(default_factory=Tolerances)
+
+    @property
+    def id(self) -> str:
+        """A pytest id: `check-option=value-...`."""
+        return "-".join([self.check, *(f"{k}={v}" for k, v in self.options.items())])
+
+    def result(self) -> CheckResult:
+        """Run the check; never raises for a departure (only for invalid input)."""
+        try:
+            self.torch_optimizer([torch.zeros(1, requires_grad=True)], **self.options)
+        except Exception as err:
+            detail = f"{self.torch_optimizer.__name__} itself refuses these options: {_brief(err)}"
+            return CheckResult(self.check, dict(self.options), False, detail)
+        try:
+            ok, detail = _CHECKS[self.check](self)
+        except ContribError:
+            raise
+        except Exception as err:  # the twin raised: that is the finding
+            ok, detail = False, f"raised {_brief(err)}"
+        return CheckResult(self.check, dict(self.options), ok, detail)
+
+    def run(self) -> None:
+        """Run the check; raise `ConformanceFailure` if it fails."""
+        _report([self.result()], self).raise_if_failed()
+
+
+def conformance_cases(
+    torch_optimizer: TorchOptimizer,
+    diff_optimizer: DiffOptimizer,
+    options: OptionGrid = ({},),
+    *,
+    checks: Iterable[str] = CHECKS,
+    steps: int = 10,
+    hyperparameters: Iterable[str] | None = None,
+    tolerances: Tolerances | None = None,
+) -> list[ConformanceCase]:
+    """Every (check, option set) pair as a `ConformanceCase`; `registry` runs once.
+
+    The arguments are `optimizer_conformance_report`'s.
+
+    Example:
+        >>> import torch, higher.optim, higher.contrib
+        >>> cases = higher.contrib.conformance_cases(
+        ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"amsgrad": [False, True]}
+        ... )
+        >>> [c.id for c in cases][:3]
+        ['steps-amsgrad=False', 'hypergradient-amsgrad=False', 'zero_grad-amsgrad=False']
+    """
+    _check_classes(torch_optimizer, diff_optimizer)
+    wanted = list(checks)
+    unknown = [c for c in wanted if c not in CHECKS]
+    if unknown or not wanted:
+        raise ContribError(f"unknown checks {unknown}; expected some of {list(CHECKS)}")
+    if steps < 2:
+        raise ContribError(f"expected steps >= 2, got {steps}")
+    grid = _option_sets(options)
+    hypers = None if hyperparameters is None else tuple(hyperparameters)
+    tol = tolerances or Tolerances()
+    cases = []
+    for i, opts in enumerate(grid):
+        for check in wanted:
+            if check == "registry" and i > 0:
+                continue
+            cases.append(
+                ConformanceCase(
+                    torch_optimizer,
+                    diff_optimizer,
+                    check,
+                    {} if check == "registry" else opts,
+                    steps,
+                    hypers,
+                    tol,
+                )
+            )
+    return cases
+
+
+def optimizer_conformance_report(
+    torch_optimizer: TorchOptimizer,
+    diff_optimizer: DiffOptimizer,
+    options: OptionGrid = ({},),
+    *,
+    checks: Iterable[str] = CHECKS,
+    steps: int = 10,
+    hyperparameters: Iterable[str] | None = None,
+    tolerances: Tolerances | None = None,
+) -> ConformanceReport:
+    """Run the conformance checks of a differentiable twin against its torch optimizer.
+
+    Args:
+        torch_optimizer: the `torch.optim.Optimizer` subclass.
+        diff_optimizer: its twin, a `higher.optim.DifferentiableOptimizer` subclass.
+        options: the option sets to check: a grid `{"lr": [1e-3, 0.1], "maximize": [False,
+            True]}` (every combination) or a list of option dicts. Each set is passed to the
+            torch optimizer's constructor (`torch_optimizer(params, **options)`).
+        checks: which of `steps`, `hypergradient`, `zero_grad`, `registry` to run.
+        steps: how many steps each unroll takes (at least 2; 10 by default).
+        hyperparameters: the hyperparameters whose hypergradient is checked, each a number or
+            a pair of numbers in the optimizer's param groups (default: `lr` where there is
+            one); the initial parameters' hypergradient is always checked.
+        tolerances: see `Tolerances` (steps: rtol 1e-10; hypergradients: rtol 1e-5).
+
+    Returns:
+        A `ConformanceReport`; it never raises for a departure (`check_optimizer_conformance`
+        does).
+
+    Example:
+        >>> import torch, higher.optim, higher.contrib
+        >>> report = higher.contrib.optimizer_conformance_report(
+        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"momentum": [0.0, 0.9]}
+        ... )
+        >>> report.ok, len(report.results)
+        (True, 7)
+    """
+    cases = conformance_cases(
+        torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
+        hyperparameters=hyperparameters, tolerances=tolerances,
+    )  # fmt: skip
+    return _report([c.result() for c in cases], cases[0])
+
+
+def check_optimizer_conformance(
+    torch_optimizer: TorchOptimizer,
+    diff_optimizer: DiffOptimizer,
+    options: OptionGrid = ({},),
+    *,
+    checks: Iterable[str] = CHECKS,
+    steps: int = 10,
+    hyperparameters: Iterable[str] | None = None,
+    tolerances: Tolerances | None = None,
+) -> ConformanceReport:
+    """`optimizer_conformance_report`, raising `ConformanceFailure` when a check fails.
+
+    Example:
+        >>> import torch, higher.optim, higher.contrib
+        >>> higher.contrib.check_optimizer_conformance(
+        ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"lr": [1e-3, 0.1]}
+        ... ).ok
+        True
+    """
+    report = optimizer_conformance_report(
+        torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
+        hyperparameters=hyperparameters, tolerances=tolerances,
+    )  # fmt: skip
+    report.raise_if_failed()
+    return report
+
+
+def parametrize_conformance(
+    torch_optimizer: TorchOptimizer,
+    diff_optimizer: DiffOptimizer,
+    options: OptionGrid = ({},),
+    *,
+    checks: Iterable[str] = CHECKS,
+    steps: int = 10,
+    hyperparameters: Iterable[str] | None = None,
+    tolerances: Tolerances | None = None,
+    argname: str = "conformance_case",
+) -> Callable[[_F], _F]:
+    """A `pytest.mark.parametrize` over `conformance_cases`: one test item per check and option set.
+
+    Example (in a plugin's tests)::
+
+        @parametrize_conformance(Lion, DifferentiableLion, {"lr": [1e-4, 0.1]})
+        def test_lion_conforms(conformance_case):
+            conformance_case.run()
+
+    Example:
+        >>> import torch, higher.optim, higher.contrib
+        >>> mark = higher.contrib.parametrize_conformance(
+        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, checks=["registry"]
+        ... )
+        >>> test = mark(lambda conformance_case: conformance_case.run())
+        >>> test.pytestmark[0].args[0]
+        'conformance_case'
+    """
+    import pytest  # only here: pytest is a test-time dependency of the plugin, not ours
+
+    cases = conformance_cases(
+        torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
+        hyperparameters=hyperparameters, tolerances=tolerances,
+    )  # fmt: skip
+    params = [pytest.param(c, id=c.id) for c in cases]
+    return cast(Callable[[_F], _F], pytest.mark.parametrize(argname, params))
+
+
+# -- the problems ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Problem:
+    """Parameters in two groups, a training loss per step and a meta-loss (all float64)."""
+
+    init: list[T]
+    groups: list[list[int]]
+    train: Callable[[int, Sequence[T]], T]
+    meta: Callable[[Sequence[T]], T]
+
+    def group_dicts(self, params: Sequence[T]) -> list[dict[str, Any]]:
+        return [{"params": [params[i] for i in g]} for g in self.groups]
+
+
+def _smooth_problem(steps: int) -> _Problem:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(shape: tuple[int, ...]) -> T:
+        return torch.randn(shape, dtype=torch.float64, generator=gen)
+
+    shapes = [(3, 2), (4,), ()]
+    init = [rand(s) for s in shapes]
+    scale = [rand(s).abs() + 0.5 for s in shapes]
+    targets = [[rand(s) for s in shapes] for _ in range(steps)]
+    weights = [rand(s) for s in shapes]
+
+    def train(t: int, params: Sequence[T]) -> T:
+        terms = [(s * (p - y) ** 2).sum() for p, s, y in zip(params, scale, targets[t])]
+        coupling = torch.sin(params[0].sum() * params[1][0]) + params[2] * params[1].sum()
+        return torch.stack(terms).sum() + coupling
+
+    def meta(params: Sequence[T]) -> T:
+        return torch.stack([(w * torch.sin(p)).sum() + 0.1 * (p**2).sum() for p, w in
+                            zip(params, weights)]).sum()  # fmt: skip
+
+    return _Problem(init, [[0, 2], [1]], train, meta)
+
+
+def _zero_grad_problem(steps: int) -> _Problem:
+    # z: gradient exactly zero throughout (at the minimum of z**2); h: the last two entries get
+    # exactly-zero gradients; u: unused by the loss (its gradient is None; torch skips it).
+    gen = torch.Generator().manual_seed(1)
+    init = [
+        torch.zeros(3, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64, generator=gen),
+        torch.randn(2, dtype=torch.float64, generator=gen),
+    ]
+    targets = [torch.randn(2, dtype=torch.float64, generator=gen) for _ in range(steps)]
+
+    def train(t: int, params: Sequence[T]) -> T:
+        z, h, _ = params
+        return (z**2).sum() + ((h[:2] - targets[t]) ** 2).sum()
+
+    def meta(params: Sequence[T]) -> T:
+        return torch.stack([(p + p**2).sum() for p in params]).sum()
+
+    return _Problem(init, [[0, 1], [2]], train, meta)
+
+
+# -- the checks --------------------------------------------------------------------------------
+
+
+def _torch_opt(case: ConformanceCase, problem: _Problem, params: Sequence[T]) -> Any:
+    opt = case.torch_optimizer(problem.group_dicts(params), **case.options)
+    lr = opt.param_groups[-1].get("lr")
+    if isinstance(lr, float) and len(opt.param_groups) > 1:
+        opt.param_groups[-1]["lr"] = lr * 0.5  # groups differ: a mixed-up group shows
+    return opt
+
+
+def _torch_step(opt: torch.optim.Optimizer, loss: T) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _leaves(tensors: Iterable[T]) -> list[T]:
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _compare(got: Sequence[T], want: Sequence[T], tol: Tolerances) -> str:
+    """'' when equal within tolerance, else which parameter differs and by how much."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.detach(), w.detach()
+        diff = (g - w).abs()
+        bad = ~(diff <= tol.atol + tol.rtol * w.abs())
+        if bad.any():
+            k = int(torch.argmax((diff + bad.double() * math.inf).nan_to_num(math.inf)).item())
+            flat_g, flat_w = g.reshape(-1), w.reshape(-1)
+            rel = diff.reshape(-1)[k].item() / max(abs(flat_w[k].item()), 1e-300)
+            return (
+                f"parameter {i} entry {k}: twin {flat_g[k].item():.17g}, torch "
+                f"{flat_w[k].item():.17g} (abs error {diff.reshape(-1)[k].item():.2e}, rel error "
+                f"{rel:.2e}; rtol={tol.rtol:g}, atol={tol.atol:g})"
+            )
+    return ""
+
+
+def _check_steps(case: ConformanceCase) -> tuple[bool, str]:
+    problem = _smooth_problem(case.steps)
+    tol = case.tolerances
+    ref = _leaves(problem.init)
+    opt = _torch_opt(case, problem, ref)
+    source_params = _leaves(problem.init)
+    twin = case.diff_optimizer(_torch_opt(case, problem, source_params), source_params)
+    first_order = case.diff_optimizer(
+        _torch_opt(case, problem, source_params), source_params, track_higher_grads=False
+    )
+    fast, fast1 = _leaves(problem.init), _leaves(problem.init)
+    resume_at = case.steps // 2
+    resumed: DifferentiableOptimizer | None = None
+    fast_resumed: list[T] = []
+    for t in range(case.steps):
+        if t == resume_at:  # a twin built from a torch optimizer that already stepped
+            resumed = case.diff_optimizer(opt, ref)
+            fast_resumed = _leaves(ref)
+        _torch_step(opt, problem.train(t, ref))
+        fast = twin.step(problem.train(t, fast), params=fast)
+        fast1 = first_order.step(problem.train(t, fast1), params=fast1)
+        runs = [("", fast), (" (track_higher_grads=False)", fast1)]
+        if resumed is not None:
+            fast_resumed = resumed.step(problem.train(t, fast_resumed), params=fast_resumed)
+            runs.append((f" (twin built after torch's step {resume_at})", fast_resumed))
+        for label, got in runs:
+            where = _compare(got, ref, tol)
+            if where:
+                return False, f"step {t + 1} of {case.steps}{label}: {where}"
+        if not all(p.requires_grad and p.grad_fn is not None for p in fast):
+            return False, f"step {t + 1}: the new parameters carry no graph"
+    return True, f"{case.steps} steps equal torch's (also first order, and resumed)"
+
+
+def _hyper_inputs(case: ConformanceCase, opt: torch.optim.Optimizer) -> dict[str, T]:
+    names = case.hyperparameters
+    if names is None:
+        names = ("lr",) if "lr" in opt.defaults else ()
+    inputs: dict[str, T] = {}
+    for name in names:
+        value = opt.param_groups[0].get(name)
+        if _is_number(value):
+            inputs[name] = torch.tensor(float(value), dtype=torch.float64)
+        elif isinstance(value, (tuple, list)) and value and all(_is_number(v) for v in value):
+            for k, v in enumerate(value):
+                inputs[f"{name}[{k}]"] = torch.tensor(float(v), dtype=torch.float64)
+        else:
+            raise ContribError(
+                f"cannot check the hypergradient by {name!r}: "
+                f"{case.torch_optimizer.__name__}'s value is {value!r}; expected a number or a "
+                "tuple of numbers"
+            )
+    return inputs
+
+
+def _override(inputs: Mapping[str, T], n_params: int) -> tuple[dict[str, list[Any]], list[T]]:
+    """Split the checked inputs into an `override` dict and the initial parameters."""
+    override: dict[str, list[Any]] = {}
+    pairs: dict[str, list[T]] = {}
+    for key, value in inputs.items():
+        if key.startswith("params["):
+            continue
+        if key.endswith("]"):  # one member of a pair such as betas
+            pairs.setdefault(key.split("[")[0], []).append(value)
+        else:
+            override[key] = [value]
+    override.update({name: [tuple(values)] for name, values in pairs.items()})
+    return override, [inputs[f"params[{i}]"] for i in range(n_params)]
+
+
+def _check_hypergradient(case: ConformanceCase) -> tuple[bool, str]:
+    problem = _smooth_problem(case.steps)
+    hypers = _hyper_inputs(case, _torch_opt(case, problem, _leaves(problem.init)))
+    inputs = {**hypers, **{f"params[{i}]": p for i, p in enumerate(problem.init)}}
+
+    def meta_loss(**given: T) -> T:
+        override, params = _override(given, len(problem.init))
+        placeholders = _leaves(problem.init)
+        opt = _torch_opt(case, problem, placeholders)
+        twin = case.diff_optimizer(opt, placeholders, override=override or None)
+        for t in range(case.steps):
+            params = twin.step(problem.train(t, params), params=params)
+        return problem.meta(params)
+
+    tol = case.tolerances
+    report = hypergradient_report(
+        meta_loss, inputs, rtol=tol.fd_rtol, atol=tol.fd_atol, max_entries=8
+    )
+    if not report.ok:
+        return False, report.summary()
+    return True, report.summary()
+
+
+def _check_zero_grad(case: ConformanceCase) -> tuple[bool, str]:
+    problem = _zero_grad_problem(case.steps)
+    ref = _leaves(problem.init)
+    opt = _torch_opt(case, problem, ref)
+    placeholders = _leaves(problem.init)
+    source = _torch_opt(case, problem, placeholders)
+    hypers = {k: v.requires_grad_() for k, v in _hyper_inputs(case, source).items()}
+    override, _ = _override(hypers, 0)
+    twin = case.diff_optimizer(source, placeholders, override=override or None)
+    init = _leaves(problem.init)
+    fast = list(init)
+    for t in range(case.steps):
+        _torch_step(opt, problem.train(t, ref))
+        fast = twin.step(problem.train(t, fast), params=fast)
+        for i, p in enumerate(fast):
+            if not torch.isfinite(p).all():
+                return False, f"step {t + 1}: parameter {i} is not finite: {p.tolist()}"
+    grads = torch.autograd.grad(problem.meta(fast), [*init, *hypers.values()], allow_unused=True)
+    names = [f"params[{i}]" for i in range(len(init))] + list(hypers)
+    for name, grad in zip(names, grads):
+        if grad is not None and not torch.isfinite(grad).all():
+            return False, f"the hypergradient by {name} is not finite: {grad.tolist()}"
+    if hypers and all(g is None for g in grads[len(init) :]):
+        return False, f"no hypergradient reaches {list(hypers)}: the graph is cut"
+    where = _compare(fast, ref, case.tolerances)
+    if where:
+        return False, f"after {case.steps} steps with zero gradients: {where}"
+    return True, "finite steps and hypergradients at exactly-zero and missing gradients"
+
+
+def _check_registry(case: ConformanceCase) -> tuple[bool, str]:
+    problem = _smooth_problem(2)
+    params = _leaves(problem.init)
+    sub = type(f"{case.torch_optimizer.__name__}Subclass", (case.torch_optimizer,), {})
+    for cls in (case.torch_optimizer, sub):
+        opt = cls(problem.group_dicts(params), **case.options)
+        try:
+            twin = get_diff_optim(opt, params)
+        except Exception as err:
+            name = f"{case.torch_optimizer.__module__}.{case.torch_optimizer.__qualname__}"
+            return False, (
+                f"higher.optim.get_diff_optim({cls.__name__}(...)) raised "
+                f"{type(err).__name__}: {err}\n(declare the entry point "
+                f'[project.entry-points."higher.optimizers"] "{name}" = '
+                f'"your_module:{case.diff_optimizer.__name__}", install the distribution, '
+                "or call higher.optim.register_optim)"
+            )
+        if type(twin) is not case.diff_optimizer:
+            return False, (
+                f"higher.optim.get_diff_optim({cls.__name__}(...)) gave "
+                f"{type(twin).__qualname__}, not {case.diff_optimizer.__qualname__}"
+            )
+    return True, "get_diff_optim resolves the optimizer and a subclass of it to the twin"
+
+
+_CHECKS: dict[str, Callable[[ConformanceCase], tuple[bool, str]]] = {
+    "steps": _check_steps,
+    "hypergradient": _check_hypergradient,
+    "zero_grad": _check_zero_grad,
+    "registry": _check_registry,
+}
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def _brief(err: BaseException) -> str:
+    lines = str(err).strip().splitlines() or [""]
+    more = " ..." if len(lines) > 4 else ""
+    return f"{type(err).__name__}: " + "\n".join(lines[:4]) + more
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_classes(torch_optimizer: object, diff_optimizer: object) -> None:
+    if not (
+        isinstance(torch_optimizer, type) and issubclass(torch_optimizer, torch.optim.Optimizer)
+    ):
+        raise ContribError(f"expected a torch.optim.Optimizer subclass, got {torch_optimizer!r}")
+    if not (
+        isinstance(diff_optimizer, type) and issubclass(diff_optimizer, DifferentiableOptimizer)
+    ):
+        raise ContribError(
+            f"expected a higher.optim.DifferentiableOptimizer subclass, got {diff_optimizer!r}"
+        )
+
+
+def _option_sets(options: OptionGrid) -> list[dict[str, Any]]:
+    if isinstance(options, Mapping):
+        for name, values in options.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ContribError(
+                    f"options grid: expected a non-empty list of values for {name!r}, got "
+                    f"{values!r}"
+                )
+        names = list(options)
+        return [dict(zip(names, combo)) for combo in itertools.product(*options.values())]
+    sets = list(options)
+    if not sets or not all(isinstance(s, Mapping) for s in sets):
+        raise ContribError(
+            "expected options as a grid {name: [values]} or a non-empty list of option dicts, "
+            f"got {options!r}"
+        )
+    return [dict(s) for s in sets]
+
+
+def _report(results: list[CheckResult], case: ConformanceCase) -> ConformanceReport:
+    t = case.torch_optimizer
+    return ConformanceReport(
+        f"{t.__module__}.{t.__qualname__}", case.diff_optimizer.__qualname__, tuple(results)
+    )
