@@ -29,7 +29,7 @@ class UnsupportedOptionError(OptimError):
 def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any, ...]:
     fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
     present = tuple(state.get(f) is not None for f in fields)
-    scalars = tuple(float(state[f]) for f in rule.scalar_state)
+    scalars = tuple(float(state[f].detach()) for f in rule.scalar_state)
     return (state.get("step"), p.dtype, p.device, present, scalars)
 
 
