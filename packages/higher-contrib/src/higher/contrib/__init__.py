@@ -13,7 +13,6 @@ Example:
     True
 """
 
-from ._conformance import CHECKS as CHECKS
 from ._conformance import CheckResult as CheckResult
 from ._conformance import ConformanceCase as ConformanceCase
 from ._conformance import ConformanceReport as ConformanceReport
@@ -46,7 +45,6 @@ __all__ = [
     "ConformanceReport",
     "CheckResult",
     "Tolerances",
-    "CHECKS",
     "HypergradientMismatch",
     "ConformanceFailure",
     "ContribError",

@@ -314,9 +314,11 @@ def parametrize_conformance(
         >>> mark = higher.contrib.parametrize_conformance(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, checks=["registry"]
         ... )
-        >>> test = mark(lambda conformance_case: conformance_case.run())
-        >>> test.pytestmark[0].args[0]
-        'conformance_case'
+        >>> @mark
+        ... def test_sgd(conformance_case):
+        ...     conformance_case.run()
+        >>> [p.id for p in test_sgd.pytestmark[0].args[1]]
+        ['registry']
     """
     import pytest  # only here: pytest is a test-time dependency of the plugin, not ours
 
@@ -402,7 +404,7 @@ def _torch_opt(case: ConformanceCase, problem: _Problem, params: Sequence[T]) ->
 
 def _torch_step(opt: torch.optim.Optimizer, loss: T) -> None:
     opt.zero_grad()
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
 
 
@@ -469,7 +471,7 @@ def _hyper_inputs(case: ConformanceCase, opt: torch.optim.Optimizer) -> dict[str
     inputs: dict[str, T] = {}
     for name in names:
         value = opt.param_groups[0].get(name)
-        if _is_number(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             inputs[name] = torch.tensor(float(value), dtype=torch.float64)
         elif isinstance(value, (tuple, list)) and value and all(_is_number(v) for v in value):
             for k, v in enumerate(value):
