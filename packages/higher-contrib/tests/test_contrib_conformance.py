@@ -100,8 +100,8 @@ def test_a_right_twin_passes_every_check() -> None:
 
 
 def test_the_builtin_twins_pass() -> None:
-    check_optimizer_conformance(torch.optim.SGD, higher.optim.DifferentiableSGD,
-                                {"momentum": [0.0, 0.9], "weight_decay": [0.0, 0.1]})  # fmt: skip
+    sgd_grid = {"lr": [0.1], "momentum": [0, 0.9], "weight_decay": [0, 0.1]}
+    check_optimizer_conformance(torch.optim.SGD, higher.optim.DifferentiableSGD, sgd_grid)
     check_optimizer_conformance(
         torch.optim.Adam, higher.optim.DifferentiableAdam, [{"amsgrad": True, "maximize": True}],
         hyperparameters=["lr", "betas", "weight_decay"],
@@ -169,7 +169,10 @@ def test_registry_check_names_the_entry_point_to_declare() -> None:
 
 def test_options_the_torch_optimizer_refuses_are_reported() -> None:
     report = optimizer_conformance_report(
-        torch.optim.SGD, higher.optim.DifferentiableSGD, [{"nesterov": True}], checks=["steps"]
+        torch.optim.SGD,
+        higher.optim.DifferentiableSGD,
+        [{"lr": 0.1, "nesterov": True}],
+        checks=["steps"],
     )
     assert "SGD itself refuses these options: ValueError: Nesterov" in report.failures[0].detail
 
@@ -202,6 +205,9 @@ def test_cases_and_grids() -> None:
     assert all(isinstance(c, ConformanceCase) for c in cases)
     listed = conformance_cases(HandAdam, HandTwin, [{"lr": 0.3}, {}], checks=["zero_grad"])
     assert [c.options for c in listed] == [{"lr": 0.3}, {}]
+    assert conformance_cases(HandAdam, HandTwin, [{"lr": 0.3}], checks=["registry"])[0].options == {
+        "lr": 0.3
+    }
     cases[0].run()  # passes silently
 
 
@@ -233,7 +239,7 @@ def test_the_helper_makes_one_item_per_case(tmp_path: Path) -> None:
         "import torch, higher.optim\n"
         "from higher.contrib import parametrize_conformance\n"
         "@parametrize_conformance(torch.optim.SGD, higher.optim.DifferentiableSGD,\n"
-        "                         {'momentum': [0.0, 0.9]}, steps=3)\n"
+        "                         {'lr': [0.1], 'momentum': [0.0, 0.9]}, steps=3)\n"
         "def test_sgd(conformance_case):\n"
         "    conformance_case.run()\n"
     )
@@ -243,5 +249,5 @@ def test_the_helper_makes_one_item_per_case(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "7 passed" in run.stdout
-    for item in ["steps-momentum=0.0", "registry", "zero_grad-momentum=0.9"]:
+    for item in ["steps-lr=0.1-momentum=0.0", "registry", "zero_grad-lr=0.1-momentum=0.9"]:
         assert f"test_sgd.py::test_sgd[{item}] PASSED" in run.stdout

@@ -54,9 +54,9 @@ class CheckResult:
 
     @property
     def label(self) -> str:
-        """`check [option=value, ...]`: which check, on which options."""
+        """`check [option=value, ...]`: which check, on which options (`registry` alone)."""
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"{self.check} [{opts}]" if opts else self.check
+        return f"{self.check} [{opts}]" if opts and self.check != "registry" else self.check
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,9 @@ class ConformanceCase:
 
     @property
     def id(self) -> str:
-        """A pytest id: `check-option=value-...`."""
+        """A pytest id: `check-option=value-...` (`registry` alone: it runs once)."""
+        if self.check == "registry":
+            return self.check
         return "-".join([self.check, *(f"{k}={v}" for k, v in self.options.items())])
 
     def result(self) -> CheckResult:
@@ -178,7 +180,7 @@ def conformance_cases(
     hyperparameters: Iterable[str] | None = None,
     tolerances: Tolerances | None = None,
 ) -> list[ConformanceCase]:
-    """Every (check, option set) pair as a `ConformanceCase`; `registry` runs once.
+    """Every (check, option set) pair as a `ConformanceCase`; `registry` runs once (first set).
 
     The arguments are `optimizer_conformance_report`'s.
 
@@ -210,7 +212,7 @@ def conformance_cases(
                     torch_optimizer,
                     diff_optimizer,
                     check,
-                    {} if check == "registry" else opts,
+                    opts,
                     steps,
                     hypers,
                     tol,
@@ -251,7 +253,7 @@ def optimizer_conformance_report(
     Example:
         >>> import torch, higher.optim, higher.contrib
         >>> report = higher.contrib.optimizer_conformance_report(
-        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"momentum": [0.0, 0.9]}
+        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1], "momentum": [0, 0.9]}
         ... )
         >>> report.ok, len(report.results)
         (True, 7)
@@ -312,7 +314,7 @@ def parametrize_conformance(
     Example:
         >>> import torch, higher.optim, higher.contrib
         >>> mark = higher.contrib.parametrize_conformance(
-        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, checks=["registry"]
+        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["registry"]
         ... )
         >>> @mark
         ... def test_sgd(conformance_case):
