@@ -22,7 +22,10 @@ FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay"
 
 # name -> (base options, numeric variants)
 BASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
-    "SGD": ({"lr": 0.05}, [{"momentum": 0.0}, {"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}]),
+    "SGD": (
+        {"lr": 0.05},
+        [{"momentum": 0.0}, {"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}],
+    ),
     "Adam": ({"lr": 0.05, "betas": (0.8, 0.9)}, [{}]),
     "AdamW": ({"lr": 0.05, "betas": (0.8, 0.9)}, [{}]),
     "Adagrad": ({"lr": 0.1}, [{}, {"lr_decay": 0.05, "initial_accumulator_value": 0.1}]),
@@ -97,7 +100,7 @@ def groups(params: list[torch.Tensor], options: dict[str, Any]) -> list[dict[str
 
 def torch_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int) -> None:
     opt.zero_grad(set_to_none=True)
-    loss_at(params, k).backward()
+    torch.autograd.backward(loss_at(params, k))
     opt.step()
 
 
@@ -123,7 +126,8 @@ def test_trajectory_equals_torch(name: str, options: dict[str, Any], warm: int) 
 @pytest.mark.parametrize("flag", ["foreach", "differentiable"])
 def test_implementation_flags_are_accepted(flag: str) -> None:
     params = make_params()
-    opt = torch.optim.Adam(groups(params, {"lr": 0.05}), lr=0.05, **{flag: True})
+    flags: dict[str, Any] = {flag: True}
+    opt = torch.optim.Adam(groups(params, {"lr": 0.05}), lr=0.05, **flags)
     reference = torch.optim.Adam(groups(copy.deepcopy(params), {"lr": 0.05}), lr=0.05)
     diffopt = higher.optim.get_diff_optim(opt, params)
     plain = higher.optim.get_diff_optim(reference, reference.param_groups[0]["params"]

@@ -150,7 +150,7 @@ def get_trainable_opt_params(
         values: list[Any] = []
         for group in opt.param_groups:
             value = group.get(name)
-            if _is_number(value):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values.append(trainable(value))
             elif isinstance(value, tuple) and value and all(_is_number(v) for v in value):
                 values.append(tuple(trainable(v) for v in value))

@@ -121,10 +121,10 @@ class DifferentiableOptimizer(abc.ABC):
             state["step"] = round(float(state["step"].item()))
         return state
 
-    def _check_options(self, other: torch.optim.Optimizer) -> None:
+    def _check_options(self, other: torch.optim.Optimizer) -> None:  # noqa: B027
         """Refuse options the twin does not honour (a hand-written subclass accepts all)."""
 
-    def _check_groups(self) -> None:
+    def _check_groups(self) -> None:  # noqa: B027
         """Check the type of every hyperparameter (a hand-written subclass accepts all)."""
 
     @abc.abstractmethod

@@ -15,7 +15,7 @@ def _shared_base() -> type[Exception]:
     if base is None:
         doc = "Base of every error `higher` raises; each also subclasses the builtin 0.2.1 raised."
         base = type("HigherError", (Exception,), {"__doc__": doc, "__module__": "higher"})
-        shared.HigherError = base
+        shared.__dict__["HigherError"] = base
     return base
 
 

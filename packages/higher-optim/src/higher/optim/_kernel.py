@@ -1,4 +1,4 @@
-"""Helpers every update rule shares: one elementwise kernel over many tensors, and safe math."""
+"""Helpers every update rule shares: one elementwise kernel over many tensors, safe math."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def sqrt0(x: torch.Tensor) -> torch.Tensor:
 
 
 def is_zero(value: object) -> bool:
-    """True only for a plain number equal to 0: a tensor hyperparameter keeps its term (and grad)."""
+    """True only for a number equal to 0: a tensor hyperparameter keeps its term (and grad)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
@@ -58,7 +58,7 @@ def elementwise(
             if out is None:
                 result.append([None] * len(params))
             else:
-                parts = out.split(sizes)
+                parts = torch.split(out, sizes)
                 result.append([part.view(p.shape) for part, p in zip(parts, params, strict=True)])
         return result
     per = [

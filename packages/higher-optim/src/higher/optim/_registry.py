@@ -165,7 +165,7 @@ def twin_of(optim_type: type[Any]) -> type[DifferentiableOptimizer]:
         if cls in _registered:
             return _registered[cls]
         if cls in BUILTINS:
-            _warn_if_claimed(cls)
+            _warn_if_claimed(qualified_name(cls))
             return BUILTINS[cls]
         if cls.__name__ in _NO_TWIN and cls.__module__.startswith("torch.optim"):
             raise UnsupportedOptimizerError(
@@ -184,10 +184,10 @@ def twin_of(optim_type: type[Any]) -> type[DifferentiableOptimizer]:
 
 
 @functools.cache
-def _warn_if_claimed(cls: type[Any]) -> None:
-    for ep in _plugin_index().get(qualified_name(cls), ()):
+def _warn_if_claimed(name: str) -> None:
+    for ep in _plugin_index().get(name, ()):
         warnings.warn(
-            f"the higher.optimizers plugin {_describe(ep)} claims {qualified_name(cls)}, which "
+            f"the higher.optimizers plugin {_describe(ep)} claims {name}, which "
             "has a built-in twin; the built-in is used (call higher.optim.register_optim to "
             "choose the plugin's twin explicitly)",
             PluginWarning,

@@ -1,4 +1,4 @@
-"""`Rule`: one update rule written once as pure functions, shared by the class and functional APIs."""
+"""`Rule`: an update rule written once as pure functions, shared by the class and functional API."""
 
 from __future__ import annotations
 
@@ -58,9 +58,13 @@ def check_scalar(name: str, value: object, *, per_param: int | None = None) -> N
         return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return
-    if per_param is not None and isinstance(value, (list, tuple)) and len(value) == per_param:
-        if all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value):
-            return
+    if (
+        per_param is not None
+        and isinstance(value, (list, tuple))
+        and len(value) == per_param
+        and all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value)
+    ):
+        return
     expected = "a number or a floating-point tensor"
     if per_param is not None:
         expected += f", or a list of {per_param} tensors (one per parameter of the group)"

@@ -44,9 +44,7 @@ def _adam_update(
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
 
-    def kernel(
-        p: T, g: T, m: T, v: T, vmax: T | None, lr_t: T | None
-    ) -> tuple[T, T, T, T | None]:
+    def kernel(p: T, g: T, m: T, v: T, vmax: T | None, lr_t: T | None) -> tuple[T, T, T, T | None]:
         step_lr = lr if lr_t is None else lr_t
         g = -g if maximize else g
         if not is_zero(wd):

@@ -134,7 +134,12 @@ def rmsprop_update(
 ) -> tuple[list[T], RMSpropState]:
     """One step of `torch.optim.RMSprop`, out of place."""
     lr, lrs = split_lr(hyper)
-    alpha, eps, wd, momentum = hyper["alpha"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
+    alpha, eps, wd, momentum = (
+        hyper["alpha"],
+        hyper["eps"],
+        hyper["weight_decay"],
+        hyper["momentum"],
+    )
     centered, maximize = flag(RMSPROP, hyper, "centered"), flag(RMSPROP, hyper, "maximize")
     use_momentum = _uses_momentum(momentum)
 

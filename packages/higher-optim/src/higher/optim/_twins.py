@@ -35,7 +35,14 @@ def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any
 
 class RuleOptimizer(DifferentiableOptimizer):
     """A differentiable twin defined by a pure `Rule`: each step runs `rule.update` once for
-    the slots of a group that share a step count (the usual case: the whole group)."""
+    the slots of a group that share a step count (the usual case: the whole group).
+
+    Example:
+        >>> import higher.optim
+        >>> higher.optim.DifferentiableAdam.rule.name, issubclass(
+        ...     higher.optim.DifferentiableAdam, higher.optim.RuleOptimizer)
+        ('Adam', True)
+    """
 
     rule: ClassVar[Rule]
 

@@ -1,0 +1,1 @@
+"""A tiny plugin for `higher.optim`: the Lion optimizer and its differentiable twin."""
