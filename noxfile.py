@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,9 +28,21 @@ NUMPY_FOR = {"2.1.2": "numpy<2"}
 EXTRA_TEST_INSTALLS: list[str] = []
 TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
 
+
+def _interpreter(version: str) -> str:
+    """A working `pythonX.Y`: on PATH, else one of pyenv's installs (whose shim may refuse)."""
+    found = shutil.which(f"python{version}")
+    if found and subprocess.run([found, "-c", ""], capture_output=True).returncode == 0:
+        return found
+    for candidate in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}")):
+        return str(candidate)
+    return version  # nox reports it missing: an error under CI, never a silent pass
+
+
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.error_on_missing_interpreters = True
 
 
 def _install_workspace(session: nox.Session, torch: str) -> None:
@@ -52,7 +65,7 @@ def _tests(session: nox.Session, torch: str) -> None:
 
 
 def _make_tests_session(torch: str, name: str, tags: list[str]) -> None:
-    @nox.session(name=name, python=TORCH_MATRIX[torch], tags=tags)
+    @nox.session(name=name, python=_interpreter(TORCH_MATRIX[torch]), tags=tags)
     def session_fn(session: nox.Session) -> None:
         _tests(session, torch)
 
@@ -77,7 +90,9 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the four packages, then a smoke file against the installed wheels."""
     _install_workspace(session, TORCH_AT_HAND)
     session.install("mypy==2.4.1")
-    session.run("mypy", *SRC_DIRS, *[f"packages/{p}/tests" for p in PACKAGES])
+    session.run("mypy", *SRC_DIRS)
+    for pkg in PACKAGES:  # one run per test folder: test modules are top-level names
+        session.run("mypy", f"packages/{pkg}/tests")
     session.run("mypy", "examples", "benchmarks", "noxfile.py")
     # Against installed wheels: a fresh venv holds the built distributions, never the sources.
     wheels = _build_wheels(session)
@@ -103,7 +118,7 @@ def typecheck(session: nox.Session) -> None:
 def _build_wheels(session: nox.Session) -> dict[str, str]:
     """Build the four wheels with hatch into a fresh folder; return distribution -> wheel path."""
     session.install("hatch")
-    out = Path(session.create_tmp()) / "wheels"
+    out = Path(session.create_tmp()).resolve() / "wheels"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for pkg in PACKAGES:  # hatch builds the project of the folder it runs in
@@ -128,7 +143,7 @@ def isolation(session: nox.Session) -> None:
         "core": ["higher-core"],
         "core-all": ["higher-core[all]"],
     }
-    tmp = Path(session.create_tmp())
+    tmp = Path(session.create_tmp()).resolve()
     # pip resolves sibling pins from the folder of freshly built wheels, never from an index.
     for combo, reqs in combos.items():
         python = _fresh_venv(session, tmp / f"iso-{combo}")
@@ -157,7 +172,7 @@ def cuda(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against plain modules, torch.func and higher 0.2.1 (in its own venv)."""
     _install_workspace(session, TORCH_AT_HAND)
-    tmp = Path(session.create_tmp())
+    tmp = Path(session.create_tmp()).resolve()
     legacy = _fresh_venv(session, tmp / "legacy-higher")
     session.run(legacy, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
     session.run(legacy, "-m", "pip", "install", "-q", "--no-deps", "higher==0.2.1", external=True)

@@ -18,8 +18,15 @@ def test_every_public_name_imports_and_is_documented() -> None:
 
 
 def test_importing_patch_loads_no_optimizer_code() -> None:
+    # A `higher` namespace holding only this distribution, as a `pip install higher-patch` has.
+    namespace = str(Path(higher.patch.__file__).parent.parent)
     code = (
-        "import sys, higher.patch; print(sorted(m for m in sys.modules if m.startswith('higher')))"
+        "import sys, types\n"
+        "pkg = types.ModuleType('higher')\n"
+        f"pkg.__path__ = [{namespace!r}]\n"
+        "sys.modules['higher'] = pkg\n"
+        "import higher.patch\n"
+        "print(sorted(m for m in sys.modules if m.startswith('higher')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = eval(out.stdout)

@@ -1,15 +1,44 @@
 __path__ = __import__("pkgutil").extend_path(__path__, __name__)
-"""higher: differentiate through whole PyTorch training loops.
+__doc__ = """Differentiate through whole PyTorch training loops.
+
+`innerloop_ctx(model, opt)` gives a functional copy of `model` and a differentiable twin of the
+torch optimizer `opt`: unroll `k` steps, then take gradients of anything computed from the last
+weights with respect to the first ones, the optimizer's hyperparameters, or the data.
 
 Example:
-    >>> import higher
-    >>> higher.__version__
-    '0.3.0'
+    >>> import torch, higher
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+    ...     _ = diffopt.step(fmodel(torch.ones(1, 2)).pow(2).sum())
+    ...     fmodel(torch.ones(1, 2)).sum().backward()
+    >>> model.weight.grad is not None
+    True
 """
 
+from higher import optim as optim
+from higher import patch as patch
+from higher import utils as utils
+from higher._context import innerloop_ctx as innerloop_ctx
+from higher._errors import UsageError as UsageError
+from higher.optim import create_diff_optim as create_diff_optim
+from higher.optim import get_diff_optim as get_diff_optim
+from higher.optim import register_optim as register_optim
 from higher.patch import HigherError as HigherError
 from higher.patch import monkeypatch as monkeypatch
 
 __version__ = "0.3.0"
 
-__all__ = ["HigherError", "monkeypatch", "__version__"]
+__all__ = [
+    "innerloop_ctx",
+    "monkeypatch",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "HigherError",
+    "UsageError",
+    "patch",
+    "optim",
+    "utils",
+    "__version__",
+]

@@ -12,8 +12,14 @@ from ._module import FunctionalModule, functional_tree
 Encapsulator = Callable[[FunctionalModule, torch.nn.Module], None]
 
 
-def _device(device: torch.device | str | None) -> torch.device | None:
-    return None if device is None else torch.device(device)
+def _device(device: object) -> torch.device | None:
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise PatchError(
+            f"device must be a torch.device, a string or None, got {type(device).__name__}"
+        )
+    return torch.device(device)
 
 
 def make_functional(
@@ -52,7 +58,8 @@ def monkeypatch(
             parameters (no gradient reaches them); if False, they are the parameters themselves,
             so a meta-loss's backward fills `module.parameters()`' `.grad` (the MAML setting).
         track_higher_grads: keep every step's fast weights (for higher-order gradients); if
-            False only the current ones are kept.
+            False only the current ones are kept, and with `copy_initial_weights=False` the
+            gradient of a loss on them reaches `module.parameters()` as is (first-order MAML).
 
     Returns:
         The functional module, an instance of `type(module)` too.
@@ -80,6 +87,7 @@ def monkeypatch(
     store.stateless = False
     store.track = track_higher_grads
     store.history = [initial]
+    store.anchor = None if copy_initial_weights else initial
     return fmodule
 
 

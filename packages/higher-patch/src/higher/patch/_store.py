@@ -59,6 +59,9 @@ class FastWeights:
         self.track = True
         self.stateless = True
         self.transient = 0  # depth of calls running with weights that stay out of the history
+        # With copy_initial_weights=False: the module's own parameters. When not tracking, new
+        # fast weights pass gradients straight through to them (first-order MAML).
+        self.anchor: list[torch.Tensor] | None = None
         self.source = weakref.ref(source) if source is not None else None
 
     # ---- validation -------------------------------------------------------------------------
@@ -150,6 +153,8 @@ class FastWeights:
         if self.track:
             self.history.append(params)
         else:
+            if self.anchor is not None:
+                params = [_straight_through(t, a) for t, a in zip(params, self.anchor)]
             self.history = [params]
         self.place(params)
 
@@ -188,3 +193,16 @@ class FastWeights:
         else:
             self.history.append(current)
         self.place(current)
+
+
+def _straight_through(new: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """`new`'s value, with the gradient of whatever uses it passed unchanged to `anchor`.
+
+    This is the first-order approximation (d new / d anchor taken as identity): the value is
+    exact (`x + 0`), and the graph holds one node per weight, not the inner loop.
+    """
+    if new is anchor or not anchor.requires_grad:
+        return new
+    out = new.detach() + (anchor - anchor.detach())
+    out.retain_grad()  # 0.2.1 code reads .grad of the fast weights after backward
+    return out

@@ -1,0 +1,76 @@
+"""`innerloop_ctx`: a functional model and a differentiable optimizer for one inner loop."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from higher.optim import DifferentiableOptimizer, get_diff_optim
+from higher.patch import FunctionalModule, monkeypatch
+
+from ._errors import UsageError
+
+
+@contextlib.contextmanager
+def innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: Mapping[str, Sequence[Any]] | None = None,
+    track_higher_grads: bool = True,
+) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
+    """Yield `(fmodel, diffopt)`: a functional copy of `model` and the twin of `opt`.
+
+    `diffopt.step(loss)` takes a step of `opt`'s rule out of place and makes the new weights
+    `fmodel`'s current ones, so a loss after `k` steps is differentiable with respect to the
+    initial weights (with `copy_initial_weights=False`, `model.parameters()` themselves), the
+    hyperparameters given as tensors in `override`, and the data. Neither `model` nor `opt` is
+    changed.
+
+    Args:
+        model: the module to unroll.
+        opt: a torch optimizer over `model.parameters()` (its hyperparameters and state are
+            copied; a stepped optimizer's moments carry over).
+        device: where fast weights, buffers and optimizer state live (default: where they are).
+        copy_initial_weights: False makes the first fast weights `model.parameters()`, so a
+            meta-loss's `backward()` fills their `.grad` (MAML); True detaches them.
+        override: hyperparameter -> values (one, or one per param group); tensors that require
+            grad make that hyperparameter learnable.
+        track_higher_grads: False makes each step first order: no graph through the updates.
+            With `copy_initial_weights=False` the gradient of a loss on the adapted weights
+            still reaches `model.parameters()` (first-order MAML).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+        >>> with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        ...     for _ in range(3):
+        ...         _ = diffopt.step(torch.nn.functional.mse_loss(fmodel(x), y))
+        ...     torch.nn.functional.mse_loss(fmodel(x), y).backward()
+        >>> model.weight.grad.shape
+        torch.Size([1, 2])
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    fmodel = monkeypatch(
+        model,
+        device=device,
+        copy_initial_weights=copy_initial_weights,
+        track_higher_grads=track_higher_grads,
+    )
+    diffopt = get_diff_optim(
+        opt,
+        model.parameters(),
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+    )
+    yield fmodel, diffopt

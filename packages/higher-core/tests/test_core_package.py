@@ -1,0 +1,51 @@
+"""Packaging promises of higher-core: names import and are documented; the namespace is shared."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import higher
+
+
+@pytest.mark.parametrize("module", ["higher", "higher.utils"])
+def test_every_public_name_imports_and_is_documented(module: str) -> None:
+    mod = importlib.import_module(module)
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if not isinstance(obj, str):
+            assert obj.__doc__, f"{module}.{name} has no docstring"
+
+
+@pytest.mark.parametrize("module", ["higher", "higher._context", "higher._errors", "higher.utils"])
+def test_docstring_examples_run(module: str) -> None:
+    mod = importlib.import_module(module)
+    import torch
+
+    result = doctest.testmod(mod, extraglobs={"higher": higher, "torch": torch}, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_namespace_spans_the_four_distributions() -> None:
+    code = (
+        "import higher, higher.patch, higher.optim, higher.contrib; "
+        "print(higher.patch.__file__, higher.optim.__file__, higher.contrib.__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    files = out.stdout.split()
+    assert [f.split("/src/")[0].rsplit("/", 1)[-1] for f in files] == [
+        "higher-patch",
+        "higher-optim",
+        "higher-contrib",
+    ] or all("site-packages" in f for f in files)
+
+
+def test_importing_higher_loads_no_contrib() -> None:
+    code = "import sys, higher; print('higher.contrib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
