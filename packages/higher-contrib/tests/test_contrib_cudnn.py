@@ -293,7 +293,7 @@ def test_lstm_meta_gradient_on_the_gpu() -> None:
         return [g.cpu() for g in torch.autograd.grad(loss, [lr, *leaves])]
 
     reference = meta_grads("cpu", nullcontext())
-    assert torch.backends.cudnn.is_available()  # type: ignore[no-untyped-call]
+    assert torch.backends.cudnn.is_available()
     on_gpu = meta_grads("cuda", cudnn_safe())
     for got, want in zip(on_gpu, reference):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -30,7 +30,7 @@ from ._hypergrad import hypergradient_report
 TorchOptimizer = type[torch.optim.Optimizer]
 DiffOptimizer = type[DifferentiableOptimizer]
 Options = Mapping[str, Any]
-OptionGrid = Mapping[str, Sequence[Any]] | Sequence[Options]
+OptionGrid = Mapping[str, Any] | Sequence[Options]  # a grid {name: [values]}, or option sets
 
 CHECKS = ("steps", "hypergradient", "zero_grad", "registry")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -406,7 +406,7 @@ def _torch_opt(case: ConformanceCase, problem: _Problem, params: Sequence[T]) ->
 
 def _torch_step(opt: torch.optim.Optimizer, loss: T) -> None:
     opt.zero_grad()
-    loss.backward()  # type: ignore[no-untyped-call]
+    loss.backward()
     opt.step()
 
 

@@ -30,7 +30,7 @@ _local = threading.local()  # depth: how deeply this thread is nested in cudnn_s
 
 
 def _cudnn_present() -> bool:
-    return bool(torch.backends.cudnn.is_available())  # type: ignore[no-untyped-call]
+    return bool(torch.backends.cudnn.is_available())
 
 
 def _on_cudnn_device(tensor: torch.Tensor) -> bool:
