@@ -74,18 +74,19 @@ def _id(options: dict[str, Any]) -> str:
 
 def make_params() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    shapes = [(3, 2), (4,), (2, 2), (3,)]
+    shapes = [(3, 2), (4,), (2, 2), (3,), (2,)]
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     params[2].requires_grad_(False)  # frozen
-    for i in (0, 1, 3):
+    for i in (0, 1, 3, 4):
         params[i].requires_grad_()
     return params
 
 
 def loss_at(params: list[torch.Tensor], k: int) -> torch.Tensor:
-    a, b, c, d = params
+    a, b, c, d, e = params
     x = torch.linspace(-1, 1, 2, dtype=torch.float64) + 0.1 * k
     loss = ((a @ x).tanh() ** 2).sum() + (b * (k + 1.0)).sin().sum() + (c * a[:2]).sum()
+    loss = loss + (e * x).cos().sum() * a[0, 0]
     if k % 3 == 0:  # `d` has a gradient only every third step, so its step count lags
         loss = loss + ((d - 0.5) ** 2).sum()
     return loss
@@ -95,7 +96,8 @@ def groups(params: list[torch.Tensor], options: dict[str, Any]) -> list[dict[str
     second: dict[str, Any] = {"params": [params[1], params[3]], "lr": options["lr"] * 0.5}
     if options.get("weight_decay"):
         second["weight_decay"] = 0.05
-    return [{"params": [params[0], params[2]]}, second]
+    # group 0 steps `a` and `e` together (one fused update), beside the frozen `c`
+    return [{"params": [params[0], params[2], params[4]]}, second]
 
 
 def torch_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int) -> None:

@@ -31,8 +31,29 @@ def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
+def _tiled_base(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The flat tensor `ts` are consecutive views of, in order (what the last step returned)."""
+    base = ts[0]._base
+    if base is None or base.dim() != 1 or base.storage_offset() != 0:
+        return None
+    offset = 0
+    for t in ts:
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return base if offset == base.numel() else None
+
+
 def _fuse(ts: Sequence[torch.Tensor], like: Tensors) -> torch.Tensor:
-    return torch.cat([t.expand_as(p).reshape(-1) for t, p in zip(ts, like, strict=True)])
+    base = _tiled_base(ts)
+    if base is not None:  # in an unroll, the previous step's output: no copy needed
+        return base
+    return torch.cat(
+        [
+            (t if t.shape == p.shape else t.expand_as(p)).reshape(-1)
+            for t, p in zip(ts, like, strict=True)
+        ]
+    )
 
 
 def elementwise(
