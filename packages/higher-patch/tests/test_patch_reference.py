@@ -54,7 +54,7 @@ class Tied(nn.Module):
 
 def _legacy_weight_norm() -> nn.Module:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still used by old code
+        warnings.simplefilter("ignore")  # deprecated (Future- or UserWarning), still in use
         return nn.utils.weight_norm(nn.Linear(3, 4))
 
 

@@ -17,7 +17,7 @@ _ROOT_CLASSES: dict[type[torch.nn.Module], type[FunctionalModule]] = {}
 
 def _in_functorch_transform() -> bool:
     # Tensors of a vmap/grad/jvp level must not outlive it: such calls never touch the history.
-    return torch._C._functorch.maybe_current_level() is not None
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _child_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:

@@ -1,0 +1,30 @@
+"""Every ```python block of the READMEs runs, in order, one namespace per README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md"))]
+
+
+def _blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_readme_code_blocks_run(readme: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = _blocks(readme)
+    namespace: dict[str, object] = {"__name__": "__readme__"}
+    for i, block in enumerate(blocks):
+        code = compile(block, f"{readme.name} block {i + 1}", "exec")
+        exec(code, namespace)
+
+
+def test_the_main_readme_shows_the_before_after_example() -> None:
+    blocks = _blocks(ROOT / "README.md")
+    assert any("opt.step()" in b for b in blocks)
+    assert any("higher.innerloop_ctx" in b for b in blocks)
