@@ -25,7 +25,7 @@ TORCH_AT_HAND = "2.13.0"  # its CPU wheel lies on disk: the quick loop never dow
 # torch wheels built against NumPy 1.x warn (an error under -W error) beside NumPy 2.
 NUMPY_FOR = {"2.1.2": "numpy<2"}
 # Distributions the tests need installed besides the four (plugin distributions, examples).
-EXTRA_TEST_INSTALLS: list[str] = []
+EXTRA_TEST_INSTALLS: list[str] = ["examples/lion-plugin"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
 
 
@@ -159,6 +159,33 @@ def isolation(session: nox.Session) -> None:
         session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
         session.run(*pip, *reqs, external=True)
         session.run(python, str(ROOT / "tests" / "isolation" / "check.py"), combo, external=True)
+
+
+@nox.session(python="3.11", tags=["ci"])
+def plugin(session: nox.Session) -> None:
+    """The example plugin (examples/lion-plugin) as a user installs it: built wheels in a fresh
+    venv beside higher-core; then the plugin's own tests (the conformance kit) run there."""
+    wheels = Path(_build_wheels(session)[PACKAGES[0]]).parent
+    plugin_dir = ROOT / "examples" / "lion-plugin"
+    with session.chdir(plugin_dir):
+        session.run("hatch", "build", "-t", "wheel", str(wheels))
+    python = _fresh_venv(session, Path(session.create_tmp()).resolve() / "plugin-venv")
+    pip = [python, "-m", "pip", "install", "-q"]
+    numpy = NUMPY_FOR.get(TORCH_AT_HAND, "numpy")
+    session.run(*pip, f"torch=={TORCH_AT_HAND}", numpy, "pytest>=8", external=True)
+    # --no-index: every higher distribution and the plugin come from the wheels just built.
+    local = ["--no-index", "--find-links", str(wheels)]
+    session.run(*pip, *local, "higher-core", "higher-lion[test]", external=True)
+    installed = (
+        "import sysconfig, higher.optim, higher.contrib, higher_lion\n"
+        "site = sysconfig.get_paths()['purelib']\n"
+        "for m in (higher.optim, higher.contrib, higher_lion):\n"
+        "    assert m.__file__.startswith(site), f'{m.__name__} from {m.__file__}'\n"
+    )
+    session.run(python, "-c", installed, external=True)
+    with session.chdir(plugin_dir):  # the plugin's own pytest configuration
+        pytest = [python, "-m", "pytest", "-p", "no:cacheprovider"]
+        session.run(*pytest, *session.posargs, external=True)
 
 
 @nox.session(python="3.11")
