@@ -173,11 +173,13 @@ def test_forward_with_params_matches_functional_call(name: str, train: bool) -> 
 @contextlib.contextmanager
 def _double_backward_attention() -> Iterator[None]:
     # Fused CPU attention kernels have no double backward in torch: second order needs the
-    # math kernel (torch.nn.attention exists from torch 2.3; older CPU builds use math anyway).
+    # math kernel (chosen with torch.nn.attention from torch 2.3, the older switch before).
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        yield
+        legacy = torch.backends.cuda.sdp_kernel  # type: ignore[attr-defined,unused-ignore]
+        with legacy(enable_flash=False, enable_mem_efficient=False, enable_math=True):
+            yield
         return
     with sdpa_kernel(SDPBackend.MATH):
         yield
