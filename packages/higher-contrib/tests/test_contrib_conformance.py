@@ -111,7 +111,7 @@ def test_the_builtin_twins_pass() -> None:
 @pytest.mark.parametrize(
     ("bug", "check", "expected"),
     [
-        ("eps_before_correction", "steps", r"step 1 of 10: parameter 0 entry \d+: twin"),
+        ("eps_before_correction", "steps", r"step 1 of 10: parameter 0 entry \[\d, \d\]: twin"),
         ("first_group_lr", "steps", "step 1 of 10: parameter 1 entry"),
         ("ignore_torch_state", "steps", r"step 6 of 10 \(twin built after torch's step 5\)"),
         ("lr_as_float", "hypergradient", r"1 of 12 numbers differ.*\n.*\n +lr +0\.0+e\+00 "),

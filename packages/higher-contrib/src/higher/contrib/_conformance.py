@@ -25,7 +25,7 @@ import torch
 from higher.optim import DifferentiableOptimizer, get_diff_optim
 
 from ._errors import ConformanceFailure, ContribError
-from ._hypergrad import hypergradient_report
+from ._hypergrad import _unravel, hypergradient_report
 
 TorchOptimizer = type[torch.optim.Optimizer]
 DiffOptimizer = type[DifferentiableOptimizer]
@@ -396,7 +396,9 @@ def _zero_grad_problem(steps: int) -> _Problem:
 # -- the checks --------------------------------------------------------------------------------
 
 
-def _torch_opt(case: ConformanceCase, problem: _Problem, params: Sequence[T]) -> Any:
+def _torch_opt(
+    case: ConformanceCase, problem: _Problem, params: Sequence[T]
+) -> torch.optim.Optimizer:
     opt = case.torch_optimizer(problem.group_dicts(params), **case.options)
     lr = opt.param_groups[-1].get("lr")
     if isinstance(lr, float) and len(opt.param_groups) > 1:
@@ -422,12 +424,12 @@ def _compare(got: Sequence[T], want: Sequence[T], tol: Tolerances) -> str:
         bad = ~(diff <= tol.atol + tol.rtol * w.abs())
         if bad.any():
             k = int(torch.argmax((diff + bad.double() * math.inf).nan_to_num(math.inf)).item())
-            flat_g, flat_w = g.reshape(-1), w.reshape(-1)
-            rel = diff.reshape(-1)[k].item() / max(abs(flat_w[k].item()), 1e-300)
+            twin, torch_value, err = (x.reshape(-1)[k].item() for x in (g, w, diff))
+            rel = err / max(abs(torch_value), 1e-300)
+            entry = ", ".join(map(str, _unravel(k, g.shape)))
             return (
-                f"parameter {i} entry {k}: twin {flat_g[k].item():.17g}, torch "
-                f"{flat_w[k].item():.17g} (abs error {diff.reshape(-1)[k].item():.2e}, rel error "
-                f"{rel:.2e}; rtol={tol.rtol:g}, atol={tol.atol:g})"
+                f"parameter {i} entry [{entry}]: twin {twin:.17g}, torch {torch_value:.17g} "
+                f"(abs error {err:.2e}, rel error {rel:.2e}; rtol={tol.rtol:g}, atol={tol.atol:g})"
             )
     return ""
 
