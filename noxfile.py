@@ -25,7 +25,10 @@ TORCH_AT_HAND = "2.13.0"  # its CPU wheel lies on disk: the quick loop never dow
 # torch wheels built against NumPy 1.x warn (an error under -W error) beside NumPy 2.
 NUMPY_FOR = {"2.1.2": "numpy<2"}
 # Distributions the tests need installed besides the four (plugin distributions, examples).
-EXTRA_TEST_INSTALLS: list[str] = ["examples/lion-plugin"]
+EXTRA_TEST_INSTALLS: list[str] = [
+    "examples/lion-plugin",
+    "packages/higher-optim/tests/plugin_dist",  # the higher.optimizers plugin the optim tests use
+]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
 
 
@@ -206,3 +209,15 @@ def bench(session: nox.Session) -> None:
     session.run(
         "python", "benchmarks/patch_overhead.py", "--legacy-python", legacy, *session.posargs
     )
+
+
+@nox.session(name="bench-optim", python="3.11")
+def bench_optim(session: nox.Session) -> None:
+    """A differentiable Adam unroll: higher.optim vs a per-tensor loop vs TorchOpt (own venv)."""
+    _install_workspace(session, TORCH_AT_HAND)
+    tmp = Path(session.create_tmp()).resolve()
+    other = _fresh_venv(session, tmp / "torchopt")
+    # torch first, so the CPU wheel at hand is used, then TorchOpt beside it
+    session.run(other, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
+    session.run(other, "-m", "pip", "install", "-q", "torchopt==0.7.3", external=True)
+    session.run("python", "benchmarks/optim_step.py", "--torchopt-python", other, *session.posargs)
