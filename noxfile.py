@@ -221,3 +221,11 @@ def bench_optim(session: nox.Session) -> None:
     session.run(other, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
     session.run(other, "-m", "pip", "install", "-q", "torchopt==0.7.3", external=True)
     session.run("python", "benchmarks/optim_step.py", "--torchopt-python", other, *session.posargs)
+
+
+@nox.session(python="3.11", tags=["ci"])
+def demo(session: nox.Session) -> None:
+    """Few-shot MAML on scikit-learn's digits (examples/maml_digits.py); shrunk under CI."""
+    _install_workspace(session, TORCH_AT_HAND)
+    smoke = ["--smoke"] if os.environ.get("CI") else []
+    session.run("python", "examples/maml_digits.py", *smoke, *session.posargs)
