@@ -92,7 +92,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the four packages, then a smoke file against the installed wheels."""
     _install_workspace(session, TORCH_AT_HAND)
-    session.install("mypy==2.4.1")
+    session.install("mypy==2.4.1", "nox")  # nox: the noxfile is type-checked too
     session.run("mypy", *SRC_DIRS)
     for pkg in PACKAGES:  # one run per test folder: test modules are top-level names
         session.run("mypy", f"packages/{pkg}/tests")
