@@ -283,11 +283,11 @@ def test_lstm_meta_gradient_on_the_gpu() -> None:
     torch.manual_seed(0)
     model = torch.nn.LSTM(4, 8, num_layers=2).double()
     x = torch.randn(7, 2, 4, dtype=torch.float64)
-    weights = [p.detach() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
 
     def meta_grads(device: str, context: AbstractContextManager[Any]) -> list[torch.Tensor]:
         moved = model.to(device)
-        leaves = [w.to(device).requires_grad_() for w in weights]
+        leaves = [w.detach().to(device, copy=True).requires_grad_() for w in weights]
         lr = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
         loss = lstm_meta_loss(moved, context)(lr, x.to(device), *leaves)
         return [g.cpu() for g in torch.autograd.grad(loss, [lr, *leaves])]
