@@ -205,7 +205,7 @@ def hypergradient_report(
         return _checked_output(out)
 
     def diff(name: str, delta: torch.Tensor) -> float:
-        up, down = call(at(name, delta)).item(), call(at(name, -delta)).item()
+        up, down = call(at(name, delta)).detach().item(), call(at(name, -delta)).detach().item()
         return (up - down) / (2 * eps)
 
     args = at()
@@ -228,7 +228,7 @@ def hypergradient_report(
                 v = v / v.norm()
                 ag = (grad * v).sum().item()
                 entries.append(_entry(name, None, k, ag, diff(name, eps * v), atol, rtol))
-    return HypergradientReport(out.item(), tuple(entries), eps, atol, rtol)
+    return HypergradientReport(out.detach().item(), tuple(entries), eps, atol, rtol)
 
 
 def check_hypergradient(
