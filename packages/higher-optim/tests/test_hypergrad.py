@@ -44,7 +44,9 @@ OPTIONS: dict[str, list[dict[str, Any]]] = {
         {"lr": 0.05, "betas": (0.8, 0.9), "eps": 1e-3, "weight_decay": 0.1, "momentum_decay": 0.05}
     ],
     "RAdam": [{"lr": 0.05, "betas": (0.8, 0.9), "eps": 1e-3, "weight_decay": 0.1}],
-    "Adafactor": [{"lr": 0.05, "beta2_decay": -0.5, "d": 1.5, "weight_decay": 0.1}],
+    "Adafactor": [
+        {"lr": 0.05, "beta2_decay": -0.5, "d": 1.5, "weight_decay": 0.1, "eps": (0.3, 2.0)}
+    ],
 }
 
 

@@ -34,6 +34,7 @@ from ._registry import PluginWarning as PluginWarning
 from ._registry import clear_plugin_cache as clear_plugin_cache
 from ._registry import register_optim as register_optim
 from ._registry import twin_of as twin_of
+from ._rule import Rule as Rule
 from ._twins import DifferentiableAdadelta as DifferentiableAdadelta
 from ._twins import DifferentiableAdafactor as DifferentiableAdafactor
 from ._twins import DifferentiableAdagrad as DifferentiableAdagrad
@@ -69,6 +70,7 @@ __all__ = [
     "DifferentiableRAdam",
     "DifferentiableAdafactor",
     "RuleOptimizer",
+    "Rule",
     "FunctionalModel",
     "clip_grad_norm",
     "clip_grad_value",

@@ -27,6 +27,18 @@ class Rule(NamedTuple):
     the list, fields named as in the torch optimizer's state). `hyper` maps option names to
     values: a number or tensor for each of `hypers`, a pair of them for `pairs`, a bool for
     `flags` (whose defaults serve a torch that lacks the option).
+
+    A twin is a `RuleOptimizer` subclass with a `rule`; the built-in ones are reachable as
+    `DifferentiableX.rule`.
+
+    Example:
+        >>> import torch, higher.optim
+        >>> rule = higher.optim.DifferentiableSGD.rule
+        >>> w = torch.ones(2)
+        >>> hyper = {"lr": 0.5, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0}
+        >>> new, state = rule.update([w], [w], rule.init([w], hyper), hyper)
+        >>> new[0].tolist()
+        [0.5, 0.5]
     """
 
     name: str
