@@ -77,3 +77,16 @@ def test_import_loads_neither_higher_patch_nor_core() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "higher.contrib" in out.stdout.split()
+
+
+def test_errors_share_the_one_higher_error_base() -> None:
+    import higher.optim
+
+    assert higher.contrib.HigherError is higher.optim.HigherError
+    for error, builtin in [
+        (higher.contrib.ContribError, ValueError),
+        (higher.contrib.HypergradientMismatch, AssertionError),
+        (higher.contrib.ConformanceFailure, AssertionError),
+    ]:
+        assert issubclass(error, higher.optim.HigherError)
+        assert issubclass(error, builtin)
