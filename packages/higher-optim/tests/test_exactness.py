@@ -139,3 +139,35 @@ def test_implementation_flags_are_accepted(flag: str) -> None:
     ours = diffopt.step(loss_at(fast, 0), params=fast)
     assert ours[0].shape == (3, 2)
     assert not torch.equal(ours[0], fast[0])
+
+
+COMPLEX_CASES = [
+    (name, BASES[name][0])
+    for name in BASES
+    if hasattr(torch.optim, name) and name != "Adafactor"  # torch refuses complex there
+]
+
+
+@pytest.mark.parametrize(("name", "options"), COMPLEX_CASES, ids=[c[0] for c in COMPLEX_CASES])
+def test_complex_parameters_are_real_pairs_as_in_torch(name: str, options: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(4)
+    z0 = torch.randn(3, generator=gen, dtype=torch.complex128)
+    r0 = torch.randn(2, generator=gen, dtype=torch.float64)
+    z, r = z0.clone().requires_grad_(), r0.clone().requires_grad_()
+    opt = getattr(torch.optim, name)([z, r], **options)
+    diffopt = higher.optim.get_diff_optim(opt, [z, r])
+    fast = [z0.clone().requires_grad_(), r0.clone().requires_grad_()]
+
+    def loss(params: list[torch.Tensor], k: int) -> torch.Tensor:
+        return (params[0] * (k + 1.0) - 1j).abs().pow(2).sum() + (
+            params[1] * params[0].real[:2]
+        ).sum()
+
+    for k in range(STEPS):
+        opt.zero_grad()
+        torch.autograd.backward(loss([z, r], k))
+        opt.step()
+        fast = diffopt.step(loss(fast, k), params=fast)
+        assert fast[0].is_complex()
+        torch.testing.assert_close(fast[0], z.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fast[1], r.detach(), rtol=1e-10, atol=1e-12)

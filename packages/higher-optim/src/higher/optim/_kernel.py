@@ -70,6 +70,20 @@ def elementwise(
     """
     if not params:
         return []
+    if any(p.is_complex() for p in params):  # as torch does: a complex entry is a real pair
+        real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+        real_lists = [
+            None if xs is None else [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+            for xs in lists
+        ]
+        real_outs = elementwise(kernel, real, *real_lists)
+        return [
+            [
+                None if x is None else torch.view_as_complex(x) if p.is_complex() else x
+                for x, p in zip(out, params, strict=True)
+            ]
+            for out in real_outs
+        ]
     if _fusable(params):
         flat = [_fuse(params, params)] + [None if xs is None else _fuse(xs, params) for xs in lists]
         outs = kernel(*flat)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._errors import OptimError
 from ._kernel import elementwise, is_zero, some
 from ._rule import Hyper, Rule, flag, split_lr
 from ._rules_adam_variants import scalar_dtype
@@ -91,7 +92,11 @@ def rprop_init(params: Sequence[T], hyper: Hyper) -> RpropState:
     lr, lrs = split_lr(hyper)
     if lrs is None:
         lrs = [lr] * len(params)
-    sizes = [torch.ones_like(p) * r for p, r in zip(params, lrs, strict=True)]
+    # a complex entry is two real ones: both halves start at lr (as torch does)
+    sizes = [
+        torch.ones_like(p) * (r * (1 + 1j) if p.is_complex() else r)
+        for p, r in zip(params, lrs, strict=True)
+    ]
     return RpropState(0, _zeros(params), sizes)
 
 
@@ -175,6 +180,8 @@ def adafactor_update(
     cols = list(none) if state.col_var is None else list(state.col_var)
     variances = list(none) if state.variance is None else list(state.variance)
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if p.is_complex():
+            raise OptimError("Adafactor does not support complex parameters (nor does torch)")
         step_lr = lr if lrs is None else lrs[i]
         g = -g if maximize else g
         eps1 = torch.finfo(p.dtype).eps if eps1_opt is None else eps1_opt
