@@ -44,9 +44,12 @@ def make_problem(seed: int = 0) -> tuple[list[torch.Tensor], Callable[..., list[
 
 
 def loop_adam(
-    params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
-    v: list[torch.Tensor], step: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    step: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """The per-tensor Python loop a hand-written differentiable Adam is."""
     beta1, beta2 = BETAS
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
@@ -153,8 +156,10 @@ def main() -> None:
     if args.torchopt_python:
         out = subprocess.run(
             [args.torchopt_python, __file__, "--torchopt-only"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         theirs = json.loads(out.stdout.strip().splitlines()[-1])
         # placed on this process's scale by the ratio to the loop measured beside it
         results["torchopt"] = theirs["torchopt / loop"] * results["per-tensor loop"]

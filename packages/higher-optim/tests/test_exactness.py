@@ -132,8 +132,9 @@ def test_implementation_flags_are_accepted(flag: str) -> None:
     opt = torch.optim.Adam(groups(params, {"lr": 0.05}), lr=0.05, **flags)
     reference = torch.optim.Adam(groups(copy.deepcopy(params), {"lr": 0.05}), lr=0.05)
     diffopt = higher.optim.get_diff_optim(opt, params)
-    plain = higher.optim.get_diff_optim(reference, reference.param_groups[0]["params"]
-                                        + reference.param_groups[1]["params"])  # fmt: skip
+    plain = higher.optim.get_diff_optim(
+        reference, reference.param_groups[0]["params"] + reference.param_groups[1]["params"]
+    )
     assert type(diffopt) is type(plain)
     fast = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
     ours = diffopt.step(loss_at(fast, 0), params=fast)

@@ -66,8 +66,10 @@ def _float64() -> Iterator[None]:
 
 def initial_params() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return [torch.randn(3, 2, generator=gen, dtype=torch.float64).requires_grad_(),
-            torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()]  # fmt: skip
+    return [
+        torch.randn(3, 2, generator=gen, dtype=torch.float64).requires_grad_(),
+        torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_(),
+    ]
 
 
 def inner_loss(params: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -166,8 +168,10 @@ def test_per_parameter_learning_rates(name: str) -> None:
     """Meta-SGD: one learnable learning rate per parameter entry."""
     options = OPTIONS[name][0]
     gen = torch.Generator().manual_seed(3)
-    base = [options["lr"] * (1 + 0.5 * torch.rand(p.shape, generator=gen, dtype=torch.float64))
-            for p in initial_params()]  # fmt: skip
+    base = [
+        options["lr"] * (1 + 0.5 * torch.rand(p.shape, generator=gen, dtype=torch.float64))
+        for p in initial_params()
+    ]
     lrs = [b.clone().requires_grad_() for b in base]
     meta = unroll(name, options, {"lr": [lrs]}, track=True)
     grads = torch.autograd.grad(meta, lrs)

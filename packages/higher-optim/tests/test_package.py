@@ -86,8 +86,20 @@ def test_import_loads_neither_patch_nor_plugins() -> None:
 
 
 def test_every_torch_optimizer_is_either_a_twin_or_a_clear_error() -> None:
-    twins = {"SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "RMSprop", "Rprop",
-             "NAdam", "RAdam", "Adafactor"}  # fmt: skip
+    twins = {
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adagrad",
+        "Adadelta",
+        "Adamax",
+        "ASGD",
+        "RMSprop",
+        "Rprop",
+        "NAdam",
+        "RAdam",
+        "Adafactor",
+    }
     seen = set()
     for name in dir(torch.optim):
         cls = getattr(torch.optim, name)

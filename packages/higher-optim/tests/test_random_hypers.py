@@ -61,8 +61,10 @@ def test_random_hyperparameters_match_torch(name: str) -> None:
     @given(options=HYPERS[name], seed=st.integers(0, 2**16))
     def check(options: dict[str, Any], seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
-        start = [torch.randn(3, 2, generator=gen, dtype=torch.float64),
-                 torch.randn(4, generator=gen, dtype=torch.float64)]  # fmt: skip
+        start = [
+            torch.randn(3, 2, generator=gen, dtype=torch.float64),
+            torch.randn(4, generator=gen, dtype=torch.float64),
+        ]
         params = [p.clone().requires_grad_() for p in start]
         opt = getattr(torch.optim, name)(params, **options)
         diffopt = higher.optim.get_diff_optim(opt, params)

@@ -61,8 +61,9 @@ def _adam_update(
             denom = sqrt0(v) / bias_correction2_sqrt + eps
         return p - (step_lr / bias_correction1) * (m / denom), m, v, vmax
 
-    lists = elementwise(kernel, params, grads, state.exp_avg, state.exp_avg_sq,
-                        state.max_exp_avg_sq, lrs)  # fmt: skip
+    lists = elementwise(
+        kernel, params, grads, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq, lrs
+    )
     new_p, m, v, vmax = lists
     return some(new_p), AdamState(step, some(m), some(v), some(vmax) if amsgrad else None)
 

@@ -163,8 +163,9 @@ def rmsprop_update(
             return p - step_lr * buf, sq, buf, ga
         return p - step_lr * (g / avg), sq, buf, ga
 
-    lists = elementwise(kernel, params, grads, state.square_avg, state.momentum_buffer,
-                        state.grad_avg, lrs)  # fmt: skip
+    lists = elementwise(
+        kernel, params, grads, state.square_avg, state.momentum_buffer, state.grad_avg, lrs
+    )
     new_p, sq, buf, ga = lists
     return some(new_p), RMSpropState(
         state.step + 1,

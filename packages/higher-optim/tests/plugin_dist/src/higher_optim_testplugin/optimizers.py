@@ -11,9 +11,12 @@ class Lion(torch.optim.Optimizer):
     """Lion: `p -= lr * (sign(b1 m + (1 - b1) g) + wd p)`, then `m = b2 m + (1 - b2) g`."""
 
     def __init__(
-        self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+        self,
+        params: Any,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
     @torch.no_grad()
