@@ -70,3 +70,14 @@ def test_a_learnable_learning_rate() -> None:
     (entry,) = report.entries
     assert entry.where == "lr"
     assert abs(entry.autograd) > 1e-3  # a real slope, matched by finite differences
+
+
+def test_as_the_issue_puts_it() -> None:
+    model, (x, y, _, _) = task()
+    with higher.innerloop_ctx(model, Lion(model.parameters())) as (fmodel, diffopt):
+        diffopt.step(loss_fn(fmodel(x), y))
+        moved = [new - old for new, old in zip(fmodel.fast_params, model.parameters())]
+    # one Lion step: every coordinate moves by exactly the default lr, 1e-4, against its gradient
+    grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+    for step, grad in zip(moved, grads):
+        torch.testing.assert_close(step, -1e-4 * grad.sign(), rtol=1e-9, atol=1e-15)
