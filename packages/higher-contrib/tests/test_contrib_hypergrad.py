@@ -157,6 +157,14 @@ def test_inputs_not_checked_still_require_grad() -> None:
     assert report.entries[0].autograd == pytest.approx(-8.175, rel=1e-6)
 
 
+def test_non_contiguous_inputs_are_indexed_as_they_read() -> None:
+    w = torch.arange(6.0).reshape(2, 3).t()  # strides (1, 3): column-major storage
+    report = check_hypergradient(lambda w: (w * torch.arange(6.0).reshape(3, 2)).sum(), [w])
+    assert [(e.where, e.autograd) for e in report.entries] == [
+        (f"inputs[0][{i}, {j}]", float(2 * i + j)) for i in range(3) for j in range(2)
+    ]
+
+
 def test_the_callers_tensors_are_untouched() -> None:
     w = torch.tensor([1.0, 2.0])
     data = torch.tensor([3.0, 4.0], requires_grad=True)

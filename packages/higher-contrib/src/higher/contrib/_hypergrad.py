@@ -216,7 +216,7 @@ def hypergradient_report(
         x = point[name]
         if x.numel() <= max_entries:
             for i in range(x.numel()):
-                delta = torch.zeros_like(x)
+                delta = torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # row-major
                 delta.view(-1)[i] = eps
                 ag = grad.reshape(-1)[i].item()
                 index = _unravel(i, x.shape)
