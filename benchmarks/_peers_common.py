@@ -1,0 +1,299 @@
+"""What every contender of `peers.py` shares: the workloads, their data, the worker loop.
+
+Pure torch: the peers import this module in their own venvs (torch 2.13.0 there too), so the
+models, data and seeds are identical in every process. A contender is a module with
+`meta_step(problem) -> Callable[[], list[Tensor]]`: the callable runs one meta-iteration (every
+task's inner loop, second order, and the meta-loss's gradient) and returns the meta-gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Workload name -> what it is (the table's first column explains itself with these).
+WORKLOADS: dict[str, str] = {
+    "conv-sgd": "4×conv64+BN+ReLU+pool, 28×28×1, 5-way, 4 tasks, 5+15 shots, 5 SGD steps",
+    "conv-adam": "same conv net and tasks, 5 Adam steps (torch.optim-exact Adam)",
+    "sine": "MLP 1→40→40→1, 8 tasks, 10 shots, 10 SGD steps",
+    "long": "MLP 8→32→32→1, 1 task, 100 SGD steps",
+    "hpo": "per-parameter learning rates of an MLP 8→32→32→1, 50-step SGD unroll",
+}
+
+MetaStep = Callable[[], list[torch.Tensor]]
+
+
+@dataclass
+class Sizes:
+    """The knobs `--smoke` shrinks."""
+
+    conv_channels: int = 64
+    conv_tasks: int = 4
+    conv_way: int = 5
+    conv_support: int = 5  # per class
+    conv_query: int = 15  # per class
+    conv_steps: int = 5
+    sine_tasks: int = 8
+    sine_shots: int = 10
+    sine_steps: int = 10
+    long_steps: int = 100
+    hpo_steps: int = 50
+
+    @classmethod
+    def smoke(cls) -> Sizes:
+        return cls(8, 1, 5, 1, 1, 2, 2, 4, 2, 4, 4)
+
+
+@dataclass
+class Problem:
+    """One workload, built the same way from the same seed in every process."""
+
+    name: str
+    model: nn.Module
+    #: (support x, support y, query x, query y) per task
+    tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: str  # "sgd" or "adam"
+    lr: float
+    steps: int
+    #: "init": meta-gradient wrt the initial weights (MAML); "lr": wrt `lrs` (HPO)
+    wrt: str = "init"
+    #: one learnable learning rate per parameter tensor (HPO only)
+    lrs: list[torch.Tensor] = field(default_factory=list)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+def conv_net(channels: int, way: int) -> nn.Module:
+    def block(cin: int) -> list[nn.Module]:
+        return [
+            # no bias before BatchNorm: its exact gradient is 0, and Adam would turn float
+            # round-off there into steps (and sqrt(0) into NaN second-order gradients)
+            nn.Conv2d(cin, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels, momentum=1.0),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+
+    # 28 -> 14 -> 7 -> 3 -> 1
+    layers = block(1) + block(channels) + block(channels) + block(channels)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, way))
+
+
+def mlp(*widths: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_problem(
+    name: str, sizes: Sizes, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Problem:
+    """Workload `name`: model and data from seed 0, on `device` in `dtype`."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    if name in ("conv-sgd", "conv-adam"):
+        s = sizes
+        model = conv_net(s.conv_channels, s.conv_way)
+        tasks = []
+        for _ in range(s.conv_tasks):
+            ys = torch.arange(s.conv_way).repeat_interleave(s.conv_support).to(device)
+            yq = torch.arange(s.conv_way).repeat_interleave(s.conv_query).to(device)
+            xs, xq = randn(len(ys), 1, 28, 28), randn(len(yq), 1, 28, 28)
+            # class-dependent means so the inner loop has something to learn
+            xs, xq = xs + ys.view(-1, 1, 1, 1).to(dtype), xq + yq.view(-1, 1, 1, 1).to(dtype)
+            tasks.append((xs, ys, xq, yq))
+        adam = name == "conv-adam"
+        problem = Problem(
+            name,
+            model,
+            tasks,
+            F.cross_entropy,
+            "adam" if adam else "sgd",
+            1e-3 if adam else 0.4,
+            s.conv_steps,
+        )
+    elif name == "sine":
+        model = mlp(1, 40, 40, 1)
+        tasks = []
+        for _ in range(sizes.sine_tasks):
+            amp, phase = (
+                0.1 + 4.9 * torch.rand(1, generator=gen),
+                torch.pi * torch.rand(1, generator=gen),
+            )
+            xs = (torch.rand(sizes.sine_shots, 1, generator=gen) * 10 - 5).to(device, dtype)
+            xq = (torch.rand(sizes.sine_shots, 1, generator=gen) * 10 - 5).to(device, dtype)
+            a, p = amp.to(device, dtype), phase.to(device, dtype)
+            tasks.append((xs, a * torch.sin(xs - p), xq, a * torch.sin(xq - p)))
+        problem = Problem(name, model, tasks, F.mse_loss, "sgd", 0.01, sizes.sine_steps)
+    elif name in ("long", "hpo"):
+        model = mlp(8, 32, 32, 1)
+        w = randn(8, 1)
+        xs, xq = randn(64, 8), randn(64, 8)
+        tasks = [(xs, torch.tanh(xs @ w), xq, torch.tanh(xq @ w))]
+        steps = sizes.long_steps if name == "long" else sizes.hpo_steps
+        problem = Problem(name, model, tasks, F.mse_loss, "sgd", 0.05, steps)
+        if name == "hpo":
+            problem.wrt = "lr"
+            problem.lrs = [
+                torch.full((), 0.05, device=device, dtype=dtype, requires_grad=True)
+                for _ in model.parameters()
+            ]
+    else:
+        raise ValueError(f"unknown workload {name!r}: expected one of {list(WORKLOADS)}")
+    problem.model.to(device, dtype).train()
+    return problem
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_peak(step: MetaStep) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Peak RSS while running `step` once (MiB), its growth over the RSS before it; the
+    step's meta-gradient."""
+    gc.collect()
+    try:  # reset the high-water mark to the current RSS (Linux)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        grads = step()
+        peak = _status_kib("VmHWM")
+    except OSError:  # no clear_refs: the lifetime peak, in a fresh process it is near enough
+        before = _status_kib("VmRSS")
+        grads = step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"rss_peak_mib": peak / 1024, "rss_delta_mib": (peak - before) / 1024}, grads
+
+
+def saved_bytes(step: MetaStep) -> float:
+    """MiB of unique storages saved for backward over one meta-step (the storages are held
+    until the end, so a freed address reused by a later tensor is never miscounted)."""
+    storages: dict[tuple[int, int], Any] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages.setdefault((s.data_ptr(), s.nbytes()), s)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    total = sum(nbytes for _, nbytes in storages)
+    storages.clear()
+    return total / 2**20
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_step(step: MetaStep, device: str, reps: int) -> float:
+    """Mean seconds of one meta-step over `reps` back-to-back runs."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+# ---- the worker loop ---------------------------------------------------------------------------
+
+
+def worker_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true")
+    return parser.parse_args()
+
+
+def serve(name: str, build: Callable[[Problem], MetaStep], versions: dict[str, str]) -> None:
+    """Answer the orchestrator's requests, one JSON line each, until "quit".
+
+    Requests: {"op": "time", "workload": w, "reps": n} -> {"seconds": s};
+    {"op": "grad", "workload": w, "path": p[, "dtype": "float64"]} saves the meta-gradient;
+    {"op": "memory", "workload": w, "path": p} -> peak RSS and saved-for-backward MiB, and
+    saves that step's meta-gradient (run it in a fresh worker: the allocator keeps what earlier
+    steps freed); {"op": "versions"}.
+    """
+    args = worker_args()
+    torch.set_num_threads(args.threads)
+    sizes = Sizes.smoke() if args.smoke else Sizes()
+    steps: dict[str, MetaStep] = {}
+
+    def step_of(workload: str) -> MetaStep:
+        if workload not in steps:
+            steps[workload] = build(make_problem(workload, sizes, args.device))
+            steps[workload]()  # warm-up
+        return steps[workload]
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        answer: dict[str, Any]
+        if op == "quit":
+            print(json.dumps({"bye": True}), flush=True)
+            return
+        if op == "versions":
+            answer = {
+                **versions,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "python": sys.version.split()[0],
+            }
+        elif op == "time":
+            answer = {"seconds": time_step(step_of(request["workload"]), args.device,
+                                           int(request.get("reps", 1)))}  # fmt: skip
+        elif op == "grad":
+            dtype = getattr(torch, request.get("dtype", "float32"))
+            problem = make_problem(request["workload"], sizes, args.device, dtype)
+            _save(build(problem)(), request["path"])
+            answer = {"saved": request["path"]}
+        elif op == "memory":
+            step = build(make_problem(request["workload"], sizes, args.device))
+            answer, grads = rss_peak(step)
+            _save(grads, request["path"])
+            answer["saved_mib"] = saved_bytes(step)
+        else:
+            answer = {"error": f"unknown op {op!r}"}
+        print(json.dumps(answer), flush=True)
+
+
+def _save(grads: list[torch.Tensor], path: str) -> None:
+    torch.save([g.detach().to("cpu", torch.float64) for g in grads], path)
+
+
+def contender_env(threads: int) -> dict[str, str]:
+    """The environment of every worker: the same thread pinning everywhere."""
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    return env

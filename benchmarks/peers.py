@@ -1,0 +1,281 @@
+"""Meta-gradients side by side: this project vs higher 0.2.1, TorchOpt 0.7.3 and torch.func.
+
+Every contender computes the same second-order meta-gradient of the same workload (see
+`_peers_common.WORKLOADS`) in its own worker process (the peers in their own venvs), with the
+same torch thread count. Timing rounds alternate the contenders (their order rotates every
+round) so machine drift cancels; the table reports medians. Memory is measured in a fresh
+worker per contender and workload: the peak RSS of one meta-step (and its growth over the RSS
+before it), and the MiB of unique storages saved for backward. Correctness: the max absolute
+difference of each meta-gradient from a float64 reference (torch.func, torch.optim-exact
+Adam), divided by the reference's largest magnitude.
+
+    python benchmarks/peers.py --higher-021-python PY --torchopt-python PY   # the full run
+    python benchmarks/peers.py --smoke --out /tmp/bench                      # tiny, one round
+    nox -s bench                                                             # venvs built too
+
+Writes peers.md (the table), peers.json and peers.png under --out (benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _peers_common import WORKLOADS, contender_env
+
+HERE = Path(__file__).parent
+OURS, FLOOR, LEGACY, TORCHOPT = "higher (this)", "torch.func", "higher 0.2.1", "TorchOpt 0.7.3"
+PEERS = (LEGACY, TORCHOPT)  # the libraries the targets compare against
+#: seconds per meta-step are averaged over this many back-to-back steps per round
+REPS = {"conv-sgd": 1, "conv-adam": 1, "sine": 3, "long": 2, "hpo": 3}
+
+
+@dataclass
+class Contender:
+    name: str
+    python: str
+    script: str
+
+
+class Worker:
+    """One contender's worker process, asked one JSON request at a time."""
+
+    def __init__(self, contender: Contender, args: argparse.Namespace) -> None:
+        command = [contender.python, str(HERE / contender.script), "--threads", str(args.threads)]
+        command += ["--device", args.device] + (["--smoke"] if args.smoke else [])
+        self.name = contender.name
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=contender_env(args.threads),
+        )
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker died answering {request}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        self.ask(op="quit")
+        self.proc.wait(timeout=60)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def max_rel_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    a = torch.cat([g.flatten() for g in got])
+    b = torch.cat([r.flatten() for r in ref])
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    contenders = [
+        Contender(OURS, sys.executable, "_peer_higher.py"),
+        Contender(FLOOR, sys.executable, "_peer_torchfunc.py"),
+    ]
+    if args.higher_021_python:
+        contenders.append(Contender(LEGACY, args.higher_021_python, "_peer_higher.py"))
+    if args.torchopt_python:
+        contenders.append(Contender(TORCHOPT, args.torchopt_python, "_peer_torchopt.py"))
+    workloads = args.workloads or list(WORKLOADS)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load_before = load()
+
+    # ---- timing: all workers alive, taking turns ----------------------------------------------
+    workers = [Worker(c, args) for c in contenders]
+    versions = {w.name: w.ask(op="versions") for w in workers}
+    samples: dict[str, dict[str, list[float]]] = {w: {c.name: [] for c in contenders}
+                                                  for w in workloads}  # fmt: skip
+    for r in range(args.rounds):
+        for k, workload in enumerate(workloads):
+            shift = (r + k) % len(workers)
+            for worker in workers[shift:] + workers[:shift]:
+                reps = 1 if args.smoke else REPS[workload]
+                seconds = worker.ask(op="time", workload=workload, reps=reps)["seconds"]
+                samples[workload][worker.name].append(seconds)
+        log(f"round {r + 1}/{args.rounds} done (load {load()})")
+
+    # ---- memory and meta-gradients: a fresh worker per contender and workload -----------------
+    # (--smoke asks the timing workers instead: quicker, and tiny sizes say nothing of memory)
+    tmp = Path(tempfile.mkdtemp(prefix="higher-peers-"))
+    memory: dict[str, dict[str, dict[str, float]]] = {w: {} for w in workloads}
+    grads: dict[str, dict[str, list[torch.Tensor]]] = {w: {} for w in workloads}
+    for workload in workloads:
+        for c, timing_worker in zip(contenders, workers):
+            worker = timing_worker if args.smoke else Worker(c, args)
+            path = tmp / f"{workload}-{len(grads[workload])}.pt"
+            memory[workload][c.name] = worker.ask(op="memory", workload=workload, path=str(path))
+            if worker is not timing_worker:
+                worker.close()
+            grads[workload][c.name] = torch.load(path)
+        log(f"memory and gradients of {workload} done")
+    refs: dict[str, list[torch.Tensor]] = {}
+    for workload in workloads:  # torch.func in float64
+        path = tmp / f"{workload}-ref.pt"
+        workers[1].ask(op="grad", workload=workload, path=str(path), dtype="float64")
+        refs[workload] = torch.load(path)
+    for worker in workers:
+        worker.close()
+
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for workload in workloads:
+        med = {c: statistics.median(s) for c, s in samples[workload].items()}
+        peers = [med[p] for p in PEERS if p in med]
+        rows[workload] = {}
+        for name in med:
+            spread = max(samples[workload][name]) - min(samples[workload][name])
+            rows[workload][name] = {
+                "median_ms": med[name] * 1e3,
+                "spread_ms": spread * 1e3,
+                "vs_fastest_peer": med[name] / min(peers) if peers else float("nan"),
+                "vs_floor": med[name] / med[FLOOR],
+                **memory[workload][name],
+                "max_rel_diff": max_rel_diff(grads[workload][name], refs[workload]),
+            }
+    return {
+        "started": started,
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "versions": versions,
+        "samples": samples,
+        "rows": rows,
+    }
+
+
+def fmt(x: float, spec: str) -> str:
+    return "–" if x != x else format(x, spec)  # NaN: no peer in this run
+
+
+def table(result: dict[str, Any]) -> str:
+    m, a = result["machine"], result["args"]
+    lines = [
+        "# Meta-gradient benchmarks against the peers",
+        "",
+        f"Run {result['started']} on {m['cpu']} ({m['cores']} cores visible), device "
+        f"{a['device']}, {a['threads']} torch threads in every process, {a['rounds']} rounds"
+        f"{' (smoke sizes)' if a['smoke'] else ''}; load average before/after: "
+        f"{result['load_before']} / {result['load_after']}.",
+        "",
+        "Versions: "
+        + "; ".join(
+            f"{name}: {v['library']} (torch {v['torch']}, Python {v['python']})"
+            for name, v in result["versions"].items()
+        ),
+        "",
+        "Time: median seconds of one meta-iteration (inner loops of every task, second order, and "
+        "the meta-gradient). × peer: over the fastest of higher 0.2.1 and TorchOpt in this run; "
+        "× floor: over hand-written torch.func. RSS: peak of one meta-step in a fresh process "
+        "(+growth during it). Saved: MiB of unique storages saved for backward during the step. "
+        "Max rel. diff: max |g - g_ref| / max |g_ref| against a float64 torch.func reference "
+        "(Adam rows: torch.optim-exact Adam).",
+        "",
+        "| workload | contender | time ms | spread ms | × peer | × floor | peak RSS MiB (+growth) "
+        "| saved MiB | max rel. diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload, rows in result["rows"].items():
+        for name, r in rows.items():
+            bold = "**" if name == OURS else ""
+            lines.append(
+                f"| {workload} | {bold}{name}{bold} | {r['median_ms']:.1f} | {r['spread_ms']:.1f} "
+                f"| {fmt(r['vs_fastest_peer'], '.2f')} | {r['vs_floor']:.2f} "
+                f"| {r['rss_peak_mib']:.0f} (+{r['rss_delta_mib']:.0f}) | {r['saved_mib']:.1f} "
+                f"| {r['max_rel_diff']:.1e} |"
+            )
+    lines += ["", "Workloads:", ""]
+    lines += [f"- {w}: {WORKLOADS[w]}" for w in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(result["rows"])
+    names = list(next(iter(result["rows"].values())))
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(workloads), 4.2))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [result["rows"][w][name]["vs_floor"] for w in workloads]
+        xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(workloads))]
+        ax.bar(xs, values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_ylabel("median time / hand-written torch.func")
+    m, a = result["machine"], result["args"]
+    ax.set_title(f"{m['cpu']}, {a['threads']} threads, {a['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--higher-021-python", help="a Python whose venv has higher==0.2.1")
+    parser.add_argument("--torchopt-python", help="a Python whose venv has torchopt==0.7.3")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every process")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rounds = 1
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(result)
+    (args.out / "peers.md").write_text(text)
+    (args.out / "peers.json").write_text(json.dumps(result, indent=1))
+    chart(result, args.out / "peers.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
