@@ -106,6 +106,9 @@ def test_the_builtin_twins_pass() -> None:
         torch.optim.Adam, higher.optim.DifferentiableAdam, [{"amsgrad": True, "maximize": True}],
         hyperparameters=["lr", "betas", "weight_decay"],
     )  # fmt: skip
+    # ASGD keeps eta in the default dtype: the kit runs under float64, then restores float32
+    check_optimizer_conformance(torch.optim.ASGD, higher.optim.DifferentiableASGD, [{"lr": 0.01}])
+    assert torch.get_default_dtype() == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -184,6 +187,7 @@ def test_a_twin_that_raises_is_a_failure_not_a_crash() -> None:
 
     report = optimizer_conformance_report(HandAdam, Raising, checks=["steps", "zero_grad"])
     assert [r.detail for r in report.results] == ["raised RuntimeError: the twin broke"] * 2
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_hyperparameters_must_be_numbers_or_pairs() -> None:

@@ -151,18 +151,24 @@ class ConformanceCase:
         return "-".join([self.check, *(f"{k}={v}" for k, v in self.options.items())])
 
     def result(self) -> CheckResult:
-        """Run the check; never raises for a departure (only for invalid input)."""
+        """Run the check (under a float64 default dtype); raises only for invalid input."""
         try:
             self.torch_optimizer([torch.zeros(1, requires_grad=True)], **self.options)
         except Exception as err:
             detail = f"{self.torch_optimizer.__name__} itself refuses these options: {_brief(err)}"
             return CheckResult(self.check, dict(self.options), False, detail)
+        # float64 throughout, also for the scalar state torch keeps in the default dtype
+        # (ASGD's eta, NAdam's mu_product): else finite differences see float32 rounding.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
         try:
             ok, detail = _CHECKS[self.check](self)
         except ContribError:
             raise
         except Exception as err:  # the twin raised: that is the finding
             ok, detail = False, f"raised {_brief(err)}"
+        finally:
+            torch.set_default_dtype(previous)
         return CheckResult(self.check, dict(self.options), ok, detail)
 
     def run(self) -> None:
