@@ -75,18 +75,20 @@ class RuleOptimizer(DifferentiableOptimizer):
             except HyperparameterTypeError as err:
                 raise HyperparameterTypeError(f"param group {g}: {err}") from None
 
-    def _fresh_state(self, p: torch.Tensor, group: dict[str, Any], j: int) -> dict[str, Any]:
+    def _fresh_states(self, group: dict[str, Any], slots: list[int]) -> list[dict[str, Any]]:
+        """The initial state of `slots` (one `rule.init` call for all of them)."""
         hyper = group
         if isinstance(group.get("lr"), (list, tuple)):
-            hyper = {**group, "lr": [group["lr"][j]]}
-        init = self.rule.init([p], hyper)
-        state: dict[str, Any] = {}
+            hyper = {**group, "lr": [group["lr"][j] for j in slots]}
+        init = self.rule.init([group["params"][j] for j in slots], hyper)
+        states: list[dict[str, Any]] = [{} for _ in slots]
         for name, value in zip(init._fields, init, strict=True):
-            if name == "step" or name in self.rule.scalar_state:
-                state[name] = value
-            elif value is not None and value[0] is not None:
-                state[name] = value[0]
-        return state
+            for k, state in enumerate(states):
+                if name == "step" or name in self.rule.scalar_state:
+                    state[name] = value
+                elif value is not None and value[k] is not None:
+                    state[name] = value[k]
+        return states
 
     def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
         if kwargs:
@@ -97,12 +99,13 @@ class RuleOptimizer(DifferentiableOptimizer):
         for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
             params: list[torch.Tensor] = group["params"]
             states = self.state[g]
+            live = [j for j, grad in enumerate(grads) if grad is not None]
+            fresh = [j for j in live if not states.get(j)]
+            if fresh:
+                for j, state in zip(fresh, self._fresh_states(group, fresh), strict=True):
+                    states[j] = state
             buckets: dict[tuple[Any, ...], list[int]] = {}
-            for j, grad in enumerate(grads):
-                if grad is None:
-                    continue
-                if not states.get(j):
-                    states[j] = self._fresh_state(params[j], group, j)
+            for j in live:
                 buckets.setdefault(_bucket_key(states[j], rule, params[j]), []).append(j)
             for slots in buckets.values():
                 self._step_bucket(group, states, slots, grads)
