@@ -186,3 +186,29 @@ def test_complex_parameters_are_real_pairs_as_in_torch(name: str, options: dict[
         assert fast[0].is_complex()
         torch.testing.assert_close(fast[0], z.detach(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(fast[1], r.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "options"), [c.values for c in grid()[::3]])
+def test_tensor_hyperparameters_give_the_same_trajectory(
+    name: str, options: dict[str, Any]
+) -> None:
+    """Every numeric hyperparameter as a tensor that requires grad: the values are unchanged
+    (a tensor equal to 0 keeps its term, so its hypergradient exists)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # trainable hyperparameters are default-dtype tensors
+    try:
+        params = make_params()
+        opt = getattr(torch.optim, name)(groups(params, options), **options)
+        hyper = higher.optim.get_trainable_opt_params(opt)
+        assert "lr" in hyper and all(t.requires_grad for t in hyper["lr"])
+        diffopt = higher.optim.get_diff_optim(opt, params, override=hyper)
+        fast = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+        for k in range(STEPS):
+            torch_step(opt, params, k)
+            fast = diffopt.step(loss_at(fast, k), params=fast)
+            for ours, theirs in zip(fast, params, strict=True):
+                torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+        (grad,) = torch.autograd.grad(fast[0].sum(), hyper["lr"][0])
+        assert torch.isfinite(grad)
+    finally:
+        torch.set_default_dtype(previous)
