@@ -329,3 +329,19 @@ def test_functional_api_matches_the_class() -> None:
         fast = diffopt.step((fast[0] ** 3).sum(), params=fast)
     assert state.step == 4
     torch.testing.assert_close(params[0], fast[0], rtol=1e-12, atol=0)
+
+
+def test_hyperparameter_tensor_given_directly_to_the_torch_optimizer() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, foreach=False)
+    diffopt = higher.optim.get_diff_optim(opt, [w])
+    assert diffopt.param_groups[0]["lr"] is lr
+    params: list[torch.Tensor] = [w]
+    for _ in range(3):
+        params = diffopt.step((params[0] ** 2).sum(), params=params)
+    first = torch.autograd.grad(params[0][0], lr, retain_graph=True)[0]
+    second = torch.autograd.grad(params[0][1], lr)[0]
+    # Adam moves each entry by about lr per step against the gradient: d/dlr ~ -3 sign(w)
+    assert first.item() == pytest.approx(-3.0, abs=0.05)
+    assert second.item() == pytest.approx(3.0, abs=0.05)
