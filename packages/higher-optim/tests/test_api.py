@@ -345,3 +345,18 @@ def test_hyperparameter_tensor_given_directly_to_the_torch_optimizer() -> None:
     # Adam moves each entry by about lr per step against the gradient: d/dlr ~ -3 sign(w)
     assert first.item() == pytest.approx(-3.0, abs=0.05)
     assert second.item() == pytest.approx(3.0, abs=0.05)
+
+
+def test_scalar_state_given_as_numbers_is_accepted() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = torch.optim.NAdam([w], lr=0.1)
+    torch.autograd.backward((w**2).sum())
+    opt.step()
+    reference = higher.optim.get_diff_optim(opt, [w])
+    opt.state[w]["mu_product"] = float(opt.state[w]["mu_product"])  # as an older torch kept it
+    diffopt = higher.optim.get_diff_optim(opt, [w])
+    assert isinstance(diffopt.state[0][0]["mu_product"], torch.Tensor)
+    start = [w.detach().clone().requires_grad_()]
+    ours = diffopt.step((start[0] ** 2).sum(), params=start)
+    theirs = reference.step((start[0] ** 2).sum(), params=start)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=0)

@@ -10,7 +10,7 @@ from ._base import DifferentiableOptimizer
 from ._errors import HyperparameterTypeError, OptimError
 from ._rule import Rule, check_hyper, check_scalar
 from ._rules_adam import ADAM, ADAMW
-from ._rules_adam_variants import ADAMAX, NADAM, RADAM
+from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
 from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
 from ._rules_other import ADAFACTOR, ASGD, RPROP
 from ._rules_sgd import SGD
@@ -45,6 +45,14 @@ class RuleOptimizer(DifferentiableOptimizer):
     """
 
     rule: ClassVar[Rule]
+
+    def _import_state(self, torch_state: Any, device: Any) -> dict[str, Any]:
+        state = super()._import_state(torch_state, device)
+        for name in self.rule.scalar_state:  # a number in some torch versions' state
+            value = state.get(name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                state[name] = torch.tensor(float(value), dtype=scalar_dtype())
+        return state
 
     def _check_options(self, other: torch.optim.Optimizer) -> None:
         keys = set(other.defaults)
