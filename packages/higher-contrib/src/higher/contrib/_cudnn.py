@@ -30,7 +30,8 @@ _local = threading.local()  # depth: how deeply this thread is nested in cudnn_s
 
 
 def _cudnn_present() -> bool:
-    return bool(torch.backends.cudnn.is_available())
+    # CUDA builds carry cuDNN on machines without a GPU: nothing to intercept there either.
+    return bool(torch.backends.cudnn.is_available()) and torch.cuda.is_available()
 
 
 def _on_cudnn_device(tensor: torch.Tensor) -> bool:
@@ -89,7 +90,7 @@ class cudnn_safe(contextlib.ContextDecorator):  # lower case: it reads like torc
 
     Inside it, each RNN op (`nn.LSTM`, `nn.GRU`, `nn.RNN`, packed sequences too) that builds a
     graph on a CUDA tensor runs without cuDNN; everything else (convolutions, RNNs under
-    `torch.no_grad()`) keeps cuDNN. It is a no-op where cuDNN is absent (CPU builds). It nests,
+    `torch.no_grad()`) keeps cuDNN. It is a no-op (costs nothing) without cuDNN and a GPU. It nests,
     is safe to enter from many threads at once (it acts on the thread that entered it; torch's
     cuDNN switch is process-wide, so it is off while any such RNN op runs and then restored to
     the value it had), and restores everything when the block raises. Wrap the whole unrolled
