@@ -360,3 +360,48 @@ def test_scalar_state_given_as_numbers_is_accepted() -> None:
     ours = diffopt.step((start[0] ** 2).sum(), params=start)
     theirs = reference.step((start[0] ** 2).sum(), params=start)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=0)
+
+
+FACTORIES = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "ASGD",
+    "RMSprop",
+    "Rprop",
+    "NAdam",
+    "RAdam",
+    "Adafactor",
+]
+
+
+@pytest.mark.parametrize("name", [n for n in FACTORIES if hasattr(torch.optim, n)])
+def test_functional_factories_default_like_torch(name: str) -> None:
+    """`functional.<name>(lr=...)` with its defaults steps exactly as `torch.optim.<Name>`."""
+    from higher.optim import functional as F
+
+    tx = getattr(F, name.lower())(lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    start = [
+        torch.randn(3, 2, generator=gen, dtype=torch.float64),
+        torch.randn(4, generator=gen, dtype=torch.float64),
+    ]
+    params = [p.clone().requires_grad_() for p in start]
+    opt = getattr(torch.optim, name)(params, lr=0.05)
+    fast = [p.clone().requires_grad_() for p in start]
+    state = tx.init(fast)
+
+    def loss(ps: list[torch.Tensor], k: int) -> torch.Tensor:
+        return (ps[0].sum(1) * ps[1][:3] - k).pow(2).sum() + ps[1].sin().sum()
+
+    for k in range(6):
+        opt.zero_grad()
+        torch.autograd.backward(loss(params, k))
+        opt.step()
+        grads = list(torch.autograd.grad(loss(fast, k), fast, create_graph=True))
+        fast, state = tx.update(grads, state, fast)
+        for ours, theirs in zip(fast, params, strict=True):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
