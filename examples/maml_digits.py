@@ -25,9 +25,13 @@ The baseline is the same network, inner optimizer and number of steps, but start
 random initialization on each task instead of the meta-learned one (its learning rate is about
 the best for it too: lower ones learn too little in 5 steps, higher ones diverge). Both are
 scored on the same held-out tasks; the script prints their mean query accuracy with a 95 %
-interval and saves a learning curve (held-out accuracy during meta-training) as a PNG. The
-curve's tasks are drawn apart from the final test tasks and nothing is chosen by them: the model
-tested is the last one. Runs are seeded and deterministic.
+interval and saves a learning curve (held-out accuracy during meta-training) as a PNG.
+
+The curve's tasks are drawn apart from the final test tasks, and nothing is chosen by them: the
+model tested is the last one. The curve starts from a single random initialization while the
+baseline averages over one per task, and how well 5 steps do from a random initialization varies
+a lot from draw to draw: the curve's first point need not lie on the baseline's line. Runs are
+seeded and deterministic.
 
 `--smoke` (or the environment variable HIGHER_EXAMPLES_SMOKE=1) shrinks the run to seconds for CI.
 """
