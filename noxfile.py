@@ -200,14 +200,35 @@ def cuda(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Benchmarks against plain modules, torch.func and higher 0.2.1 (in its own venv)."""
+    """Benchmarks: functional-module overhead (plain, torch.func, higher 0.2.1), then the suite
+    against the peers (benchmarks/peers.py: higher 0.2.1 and TorchOpt 0.7.3 each in its own
+    venv, this project, hand-written torch.func) into benchmarks/results/. Arguments after `--`
+    go to peers.py (e.g. `nox -s bench -- --rounds 3`, `-- --device cuda`)."""
     _install_workspace(session, TORCH_AT_HAND)
     tmp = Path(session.create_tmp()).resolve()
-    legacy = _fresh_venv(session, tmp / "legacy-higher")
-    session.run(legacy, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
-    session.run(legacy, "-m", "pip", "install", "-q", "--no-deps", "higher==0.2.1", external=True)
+    peers = {"legacy-higher": "higher==0.2.1", "torchopt": "torchopt==0.7.3"}
+    python = {}
+    for name, requirement in peers.items():
+        venv = tmp / name
+        python[name] = str(venv / "bin" / "python")
+        if not Path(python[name]).exists():
+            _fresh_venv(session, venv)
+        # torch first: the wheel at hand, never a CUDA download chosen by the peer's pins
+        pip = [python[name], "-m", "pip", "install", "-q"]
+        session.run(*pip, f"torch=={TORCH_AT_HAND}", "numpy", external=True)
+        no_deps = ["--no-deps"] if name == "legacy-higher" else []
+        session.run(*pip, *no_deps, requirement, external=True)
     session.run(
-        "python", "benchmarks/patch_overhead.py", "--legacy-python", legacy, *session.posargs
+        "python", "benchmarks/patch_overhead.py", "--legacy-python", python["legacy-higher"]
+    )
+    session.run(
+        "python",
+        "benchmarks/peers.py",
+        "--higher-021-python",
+        python["legacy-higher"],
+        "--torchopt-python",
+        python["torchopt"],
+        *session.posargs,
     )
 
 

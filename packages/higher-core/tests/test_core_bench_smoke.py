@@ -1,0 +1,69 @@
+"""The peer benchmark suite (benchmarks/peers.py) at smoke sizes, so it never rots.
+
+Only this project and hand-written torch.func run here (the peers need their own venvs: the full
+run is `nox -s bench`, by hand). The suite must produce its table, JSON and chart, and our
+meta-gradients must match the float64 reference on every workload.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+BENCH = ROOT / "benchmarks"
+
+
+def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "peers.py"), "--smoke", "--threads", "1", "--out",
+         str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "peers.md").read_text()
+    assert "| workload | contender |" in table
+    assert (tmp_path / "peers.png").stat().st_size > 1000
+    result = json.loads((tmp_path / "peers.json").read_text())
+    workloads = {"conv-sgd", "conv-adam", "sine", "long", "hpo"}
+    assert set(result["rows"]) == workloads
+    for workload, rows in result["rows"].items():
+        assert set(rows) == {"higher (this)", "torch.func"}, workload
+        for name, row in rows.items():
+            # float32 against a float64 reference: round-off only
+            assert row["max_rel_diff"] < 1e-4, (workload, name, row["max_rel_diff"])
+            assert row["median_ms"] > 0 and row["saved_mib"] > 0
+        assert f"| {workload} | **higher (this)** |" in table
+
+
+def test_floor_adam_is_torch_optim_adam() -> None:
+    """The Adam rows' reference (the hand-written torch.func Adam) steps as torch.optim.Adam."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _peer_torchfunc import adam_step
+        from _peers_common import Sizes, make_problem
+    finally:
+        sys.path.remove(str(BENCH))
+    problem = make_problem("long", Sizes.smoke(), dtype=torch.float64)
+    problem.lr = 0.1
+    params = [p.detach().clone() for p in problem.model.parameters()]
+    ours = list(params)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    leaves = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.Adam(leaves, lr=problem.lr, betas=problem.betas, eps=problem.eps)
+    g = torch.Generator().manual_seed(3)
+    for t in range(1, 4):
+        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) * 10.0**-t for p in params]
+        ours, m, v = adam_step(ours, tuple(grads), m, v, t, problem)
+        for leaf, grad in zip(leaves, grads):
+            leaf.grad = grad
+        opt.step()
+    for a, b in zip(ours, leaves):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
