@@ -20,3 +20,25 @@ stateless = higher.patch.make_functional(net)
 tracking: bool = fnet.track_higher_grads
 version: str = higher.__version__
 error: type[ValueError] = higher.patch.PatchError
+
+# higher-core and higher-optim: the 0.2.1 entry points, typed.
+model = torch.nn.Linear(3, 1)
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
+lr = torch.tensor(0.1, requires_grad=True)
+with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": [lr]}) as (
+    fmodel,
+    diffopt,
+):
+    new_params: list[torch.Tensor] = diffopt.step(fmodel(torch.ones(2, 3)).pow(2).sum())
+    twin: higher.optim.DifferentiableOptimizer = diffopt
+created = higher.create_diff_optim(torch.optim.SGD, {"lr": 0.1}, params=list(model.parameters()))
+hypers = higher.optim.get_trainable_opt_params(opt)
+flat: list[object] = higher.utils.flatten([1, [2, 3]])
+base: type[Exception] = higher.HigherError
+
+# higher-contrib: the finite-difference checker.
+import higher.contrib  # noqa: E402  (kept beside its use)
+
+higher.contrib.check_hypergradient(
+    lambda w: (w**2).sum().double(), {"w": torch.ones(3, dtype=torch.float64)}
+)
