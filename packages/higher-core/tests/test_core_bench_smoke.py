@@ -2,7 +2,7 @@
 
 Only this project and hand-written torch.func run here (the peers need their own venvs: the full
 run is `nox -s bench`, by hand). The suite must produce its table, JSON and chart, and our
-meta-gradients must match the float64 reference on every workload.
+meta-gradients must match torch.func's (float32 and float64) on every workload.
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
     assert set(result["rows"]) == workloads
     for workload, rows in result["rows"].items():
         assert set(rows) == {"higher (this)", "torch.func"}, workload
-        for name, row in rows.items():
-            # float32 against a float64 reference: round-off only
-            assert row["max_rel_diff"] < 1e-4, (workload, name, row["max_rel_diff"])
+        ours = rows["higher (this)"]
+        # against the float32 torch.func meta-gradient: round-off only
+        assert ours["max_rel_diff"] < 1e-4, (workload, ours)
+        # against float64 (tiny sizes keep even the Adam rows well conditioned)
+        assert ours["max_rel_diff_f64"] < 1e-3, (workload, ours)
+        for row in rows.values():
             assert row["median_ms"] > 0 and row["saved_mib"] > 0
         assert f"| {workload} | **higher (this)** |" in table
 
