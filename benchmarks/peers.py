@@ -228,7 +228,7 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {workload} | {bold}{name}{bold} | {r['median_ms']:.1f} | {r['best_ms']:.1f} "
                 f"| {fmt(r['vs_fastest_peer'], '.2f')} | {r['vs_floor']:.2f} "
-                f"| {r['rss_peak_mib']:.0f} (+{r['rss_delta_mib']:.0f}) | {r['saved_mib']:.1f} "
+                f"| {r['rss_peak_mib']:.0f} ({r['rss_delta_mib']:+.0f}) | {r['saved_mib']:.1f} "
                 f"| {'reference' if name == FLOOR else format(r['max_rel_diff'], '.1e')} "
                 f"| {r['max_rel_diff_f64']:.1e} |"
             )
