@@ -106,9 +106,19 @@ def torch_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int) -
     opt.step()
 
 
+@pytest.fixture(params=["per-tensor", "fused"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a rule runs: a loop over tensors, or one kernel over their concatenation."""
+    threshold = 2 if request.param == "fused" else 10**9
+    monkeypatch.setattr(higher.optim._kernel, "FUSE_MIN_TENSORS", threshold)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("warm", [0, 3], ids=["fresh", "branched"])
 @pytest.mark.parametrize(("name", "options"), grid())
-def test_trajectory_equals_torch(name: str, options: dict[str, Any], warm: int) -> None:
+def test_trajectory_equals_torch(
+    name: str, options: dict[str, Any], warm: int, kernel_path: str
+) -> None:
     params = make_params()
     opt = getattr(torch.optim, name)(groups(params, options), **options)
     for k in range(warm):  # a torch optimizer that already stepped: its state carries over

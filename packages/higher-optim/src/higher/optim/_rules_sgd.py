@@ -43,6 +43,8 @@ def sgd_update(
             # torch's first buffer is the gradient itself (no dampening)
             new_buf = g if buf is None else buf * momentum + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
+        if isinstance(step_lr, (int, float)):  # one op, as torch.optim's `add_(g, alpha=-lr)`
+            return torch.add(p, g, alpha=-step_lr), new_buf
         return p - step_lr * g, new_buf
 
     new_p, bufs = elementwise(kernel, params, grads, state.momentum_buffer, lrs)

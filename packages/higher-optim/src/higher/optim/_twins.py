@@ -112,6 +112,10 @@ class RuleOptimizer(DifferentiableOptimizer):
             if fresh:
                 for j, state in zip(fresh, self._fresh_states(group, fresh), strict=True):
                     states[j] = state
+            if len(live) <= 1:  # one slot is one bucket: no keys to compute
+                if live:
+                    self._step_bucket(group, states, live, grads)
+                continue
             buckets: dict[tuple[Any, ...], list[int]] = {}
             for j in live:
                 buckets.setdefault(_bucket_key(states[j], rule, params[j]), []).append(j)

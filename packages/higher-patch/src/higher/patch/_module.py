@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Iterator
 from typing import Any
@@ -226,6 +227,48 @@ def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
                 yield v
 
 
+# Attribute values a module copy can share with the original: immutable, nothing to copy.
+_SHARED_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_TENSOR_DICTS = ("_parameters", "_buffers")
+_EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
+
+
+def _copy_tree(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Module:
+    """`copy.deepcopy(module, memo)`, several times faster for plain module trees.
+
+    Each module is copied attribute by attribute: immutable values are shared, parameter and
+    buffer dicts take their tensors from `memo`, submodules recurse (a shared submodule is
+    copied once), and anything else goes through `copy.deepcopy` with the same memo. Modules
+    with a copy protocol of their own (parametrized modules define `__deepcopy__`) use it.
+    """
+    found = memo.get(id(module))
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    cls = type(module)
+    if getattr(cls, "__deepcopy__", None) is not None or "__slots__" in cls.__dict__:
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key in _TENSOR_DICTS:
+            state[key] = type(value)(
+                (name, None if t is None else memo.get(id(t), t)) for name, t in value.items()
+            )
+        elif key == "_modules":
+            state[key] = type(value)(
+                (name, None if m is None else _copy_tree(m, memo)) for name, m in value.items()
+            )
+        elif type(value) in _SHARED_TYPES:
+            state[key] = value
+        elif type(value) in _EMPTY_COPYABLE and not value:  # most hook dicts: a fresh empty one
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
 def functional_tree(
     module: torch.nn.Module,
     initial: list[torch.Tensor] | None,
@@ -247,7 +290,7 @@ def functional_tree(
     for t in _tensors_of(module):  # plain tensor attributes that carry a graph (weight_norm's)
         if id(t) not in memo and not t.is_leaf:
             memo[id(t)] = t.detach()
-    fmodule = copy.deepcopy(module, memo)
+    fmodule = _copy_tree(module, memo)
 
     # Resolve every place each weight occupies, once: tied weights and shared submodules.
     index_of = {id(p): i for i, p in enumerate(unique)}
