@@ -1,7 +1,9 @@
 """Contender: `higher.innerloop_ctx`, the same user code for this project and higher 0.2.1.
 
 The orchestrator runs this file with the session's Python (this project) and with a venv that
-holds higher==0.2.1: the code below is what a user of either writes, unchanged.
+holds higher==0.2.1: the code below is what a user of either writes, unchanged — but for the
+per-parameter learning rates of `hpo`, which this project takes as one group's list of tensors
+(Meta-SGD) and 0.2.1, which has no such form, as one param group per tensor.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,8 +25,13 @@ def build(problem: Problem) -> MetaStep:
     model, lr = problem.model, problem.lr
     params: list[torch.Tensor] = list(model.parameters())
     hpo = problem.wrt == "lr"
-    if hpo:  # one param group per tensor: its lr is overridden by a learnable tensor
-        opt: torch.optim.Optimizer = torch.optim.SGD([{"params": [p]} for p in params], lr=lr)
+    override: dict[str, list[Any]] | None
+    if hpo and hasattr(higher, "UsageError"):  # this project (0.2.1 has no UsageError)
+        # Meta-SGD as its users write it: one group, lr a list of tensors, one per parameter.
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr)
+        wrt, override = problem.lrs, {"lr": [problem.lrs]}
+    elif hpo:  # higher 0.2.1: one param group per tensor, its lr overridden by a tensor
+        opt = torch.optim.SGD([{"params": [p]} for p in params], lr=lr)
         wrt, override = problem.lrs, {"lr": problem.lrs}
     elif problem.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, betas=problem.betas, eps=problem.eps)
