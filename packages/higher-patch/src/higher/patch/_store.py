@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +48,7 @@ class FastWeights:
             _Spec(t.shape, t.dtype, device if device is not None else t.device) for t in references
         ]
         self.writes = [(p.module._parameters, p.name, i) for i, ps in enumerate(places) for p in ps]
+        self.first_places = [(ps[0].module._parameters, ps[0].name) for ps in places]
         # RNNs keep their own list of weights besides `_parameters`: keep it in step.
         self.rnn_writes = [
             (p.module, list(getattr(p.module, "_flat_weights_names", ())).index(p.name), i)
@@ -135,16 +136,7 @@ class FastWeights:
 
     def current(self) -> list[torch.Tensor]:
         """The slot contents now (what a forward would use)."""
-        return [slots[name] for slots, name, _ in self._first_writes()]
-
-    def _first_writes(self) -> list[tuple[dict[str, Any], str, int]]:
-        seen: set[int] = set()
-        out = []
-        for w in self.writes:
-            if w[2] not in seen:
-                seen.add(w[2])
-                out.append(w)
-        return out
+        return [slots[name] for slots, name in self.first_places]  # type: ignore[misc]  (torch types slots as Parameter)
 
     # ---- history ----------------------------------------------------------------------------
 
