@@ -136,7 +136,8 @@ class FastWeights:
 
     def current(self) -> list[torch.Tensor]:
         """The slot contents now (what a forward would use)."""
-        return [slots[name] for slots, name in self.first_places]  # type: ignore[misc]  (torch types slots as Parameter)
+        # torch types the slots as Parameter | None; here they hold the plain fast weights
+        return [slots[name] for slots, name in self.first_places]  # type: ignore[misc]
 
     # ---- history ----------------------------------------------------------------------------
 
