@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import copy
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -86,27 +87,36 @@ class FunctionalModule(torch.nn.Module):
     # ---- calling -----------------------------------------------------------------------------
 
     def __call__(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
-        if params is None:
-            self._higher_require_weights()
-            return super().__call__(*args, **kwargs)
-        store = self._higher_store
-        checked = store.check(params)
-        if store.stateless or _in_functorch_transform():
-            return self._higher_call_with(checked, args, kwargs)
-        store.set(checked)
-        return super().__call__(*args, **kwargs)
+        return self._higher_run(super().__call__, params, args, kwargs)
 
     def forward(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
         """Run the original forward with the current fast weights, or with `params` first set."""
-        if params is not None:
-            store = self._higher_store
-            checked = store.check(params)
-            if store.stateless or _in_functorch_transform():
-                return self._higher_call_with(checked, args, kwargs, forward_only=True)
-            store.set(checked)
-        else:
+        return self._higher_run(super().forward, params, args, kwargs)
+
+    def _higher_run(
+        self,
+        run: Callable[..., Any],
+        params: Params | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        store = self._higher_store
+        if params is None:
             self._higher_require_weights()
-        return super().forward(*args, **kwargs)
+            return run(*args, **kwargs)
+        checked = store.check(params)
+        if not (store.stateless or _in_functorch_transform()):
+            store.set(checked)
+            return run(*args, **kwargs)
+        # Weights for this call only: swapped in, and out again even on error.
+        before = store.current()
+        store.place(checked)
+        store.transient += 1
+        try:
+            return run(*args, **kwargs)
+        finally:
+            store.transient -= 1
+            store.place(before)
 
     def _higher_require_weights(self) -> None:
         store = self._higher_store
@@ -115,25 +125,6 @@ class FunctionalModule(torch.nn.Module):
                 "this functional module has no fast weights of its own (made by make_functional): "
                 "call it with params="
             )
-
-    def _higher_call_with(
-        self,
-        params: list[torch.Tensor],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        forward_only: bool = False,
-    ) -> Any:
-        store = self._higher_store
-        before = store.current()
-        store.place(params)
-        store.transient += 1
-        try:
-            if forward_only:
-                return super().forward(*args, **kwargs)
-            return super().__call__(*args, **kwargs)
-        finally:
-            store.transient -= 1
-            store.place(before)
 
     # ---- fast weights ------------------------------------------------------------------------
 
@@ -198,13 +189,10 @@ class FunctionalModule(torch.nn.Module):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FunctionalModule:
         # Tensors with history cannot be deep-copied: the copy gets detached clones of them.
-        for t in _tensors_of(self):
+        history = itertools.chain.from_iterable(self._higher_store.history)
+        for t in itertools.chain(_tensors_of(self), history):
             if id(t) not in memo and not t.is_leaf:
                 memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
-        for step in self._higher_store.history:
-            for t in step:
-                if id(t) not in memo and not t.is_leaf:
-                    memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         # The instance dict, not __getstate__: parametrized modules refuse the latter.
