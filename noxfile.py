@@ -7,10 +7,13 @@ Everything CI runs:                                  nox -t ci
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nox
@@ -48,6 +51,28 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.error_on_missing_interpreters = True
 
 
+# Under HIGHER_NOX_PRUNE=1 (set by .ci/run) each session deletes its venv when it ends: the
+# matrix venvs hold CUDA builds of torch (about 5 GB each), and CI machines have finite disk.
+PRUNE = os.environ.get("HIGHER_NOX_PRUNE") == "1"
+
+SessionFn = Callable[[nox.Session], None]
+
+
+def _pruned(fn: SessionFn) -> SessionFn:
+    """Wrap a session so that, under HIGHER_NOX_PRUNE=1, its venv is removed when it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(session: nox.Session) -> None:
+        try:
+            fn(session)
+        finally:
+            location = getattr(session.virtualenv, "location", None)
+            if PRUNE and location:
+                shutil.rmtree(location, ignore_errors=True)
+
+    return wrapper
+
+
 def _install_workspace(session: nox.Session, torch: str) -> None:
     session.install(f"torch=={torch}", NUMPY_FOR.get(torch, "numpy"))
     # Editable installs of the four distributions: the namespace spans their src/ folders.
@@ -69,6 +94,7 @@ def _tests(session: nox.Session, torch: str) -> None:
 
 def _make_tests_session(torch: str, name: str, tags: list[str]) -> None:
     @nox.session(name=name, python=_interpreter(TORCH_MATRIX[torch]), tags=tags)
+    @_pruned
     def session_fn(session: nox.Session) -> None:
         _tests(session, torch)
 
@@ -81,6 +107,7 @@ for _torch in TORCH_MATRIX:
 
 
 @nox.session(python="3.11", tags=["ci"])
+@_pruned
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole workspace."""
     session.install("ruff==0.17.6")
@@ -89,6 +116,7 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11", tags=["ci"])
+@_pruned
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the four packages, then a smoke file against the installed wheels."""
     _install_workspace(session, TORCH_AT_HAND)
@@ -99,23 +127,14 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "examples", "benchmarks", "noxfile.py")
     # Against installed wheels: a fresh venv holds the built distributions, never the sources.
     wheels = _build_wheels(session)
-    venv = Path(session.create_tmp()) / "typed-wheels"
-    python = _fresh_venv(session, venv)
-    session.run(python, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
-    session.run(
-        python, "-m", "pip", "install", "-q", *wheels.values(), "mypy==2.4.1", external=True
-    )
-    # Its own config file: the workspace's mypy_path would point mypy back at the sources.
     smoke = ROOT / "tests" / "typing"
-    session.run(
-        python,
-        "-m",
-        "mypy",
-        "--config-file",
-        str(smoke / "mypy.ini"),
-        str(smoke / "smoke.py"),
-        external=True,
-    )
+    with _fresh_venv(session, Path(session.create_tmp()) / "typed-wheels") as python:
+        pip = [python, "-m", "pip", "install", "-q"]
+        session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
+        session.run(*pip, *wheels.values(), "mypy==2.4.1", external=True)
+        # Its own config file: the workspace's mypy_path would point mypy back at the sources.
+        config = ["--config-file", str(smoke / "mypy.ini")]
+        session.run(python, "-m", "mypy", *config, str(smoke / "smoke.py"), external=True)
 
 
 def _build_wheels(session: nox.Session) -> dict[str, str]:
@@ -130,13 +149,24 @@ def _build_wheels(session: nox.Session) -> dict[str, str]:
     return {p: str(next(out.glob(p.replace("-", "_") + "-*.whl"))) for p in PACKAGES}
 
 
-def _fresh_venv(session: nox.Session, path: Path) -> str:
+def _make_venv(session: nox.Session, path: Path) -> str:
+    """A new venv at `path` (any old one there is removed); returns its python."""
     shutil.rmtree(path, ignore_errors=True)
     session.run(sys.executable, "-m", "venv", str(path), external=True)
     return str(path / "bin" / "python")
 
 
+@contextlib.contextmanager
+def _fresh_venv(session: nox.Session, path: Path) -> Iterator[str]:
+    """A new venv at `path` for one block (its python is yielded), deleted when the block ends."""
+    try:
+        yield _make_venv(session, path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @nox.session(python="3.11", tags=["ci"])
+@_pruned
 def isolation(session: nox.Session) -> None:
     """Install each combination users install into fresh venvs; prove each holds only its own."""
     wheels = _build_wheels(session)
@@ -148,23 +178,18 @@ def isolation(session: nox.Session) -> None:
     }
     tmp = Path(session.create_tmp()).resolve()
     # pip resolves sibling pins from the folder of freshly built wheels, never from an index.
+    links = ["--find-links", str(Path(wheels[PACKAGES[0]]).parent)]
     for combo, reqs in combos.items():
-        python = _fresh_venv(session, tmp / f"iso-{combo}")
-        pip = [
-            python,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--find-links",
-            str(Path(wheels[PACKAGES[0]]).parent),
-        ]
-        session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
-        session.run(*pip, *reqs, external=True)
-        session.run(python, str(ROOT / "tests" / "isolation" / "check.py"), combo, external=True)
+        with _fresh_venv(session, tmp / f"iso-{combo}") as python:
+            pip = [python, "-m", "pip", "install", "-q", *links]
+            session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
+            session.run(*pip, *reqs, external=True)
+            check = str(ROOT / "tests" / "isolation" / "check.py")
+            session.run(python, check, combo, external=True)
 
 
 @nox.session(python="3.11", tags=["ci"])
+@_pruned
 def plugin(session: nox.Session) -> None:
     """The example plugin (examples/lion-plugin) as a user installs it: built wheels in a fresh
     venv beside higher-core; then the plugin's own tests (the conformance kit) run there."""
@@ -172,26 +197,28 @@ def plugin(session: nox.Session) -> None:
     plugin_dir = ROOT / "examples" / "lion-plugin"
     with session.chdir(plugin_dir):
         session.run("hatch", "build", "-t", "wheel", str(wheels))
-    python = _fresh_venv(session, Path(session.create_tmp()).resolve() / "plugin-venv")
-    pip = [python, "-m", "pip", "install", "-q"]
-    numpy = NUMPY_FOR.get(TORCH_AT_HAND, "numpy")
-    session.run(*pip, f"torch=={TORCH_AT_HAND}", numpy, "pytest>=8", external=True)
-    # --no-index: every higher distribution and the plugin come from the wheels just built.
-    local = ["--no-index", "--find-links", str(wheels)]
-    session.run(*pip, *local, "higher-core", "higher-lion[test]", external=True)
-    installed = (
-        "import sysconfig, higher.optim, higher.contrib, higher_lion\n"
-        "site = sysconfig.get_paths()['purelib']\n"
-        "for m in (higher.optim, higher.contrib, higher_lion):\n"
-        "    assert m.__file__.startswith(site), f'{m.__name__} from {m.__file__}'\n"
-    )
-    session.run(python, "-c", installed, external=True)
-    with session.chdir(plugin_dir):  # the plugin's own pytest configuration
-        pytest = [python, "-m", "pytest", "-p", "no:cacheprovider"]
-        session.run(*pytest, *session.posargs, external=True)
+    venv = Path(session.create_tmp()).resolve() / "plugin-venv"
+    with _fresh_venv(session, venv) as python:
+        pip = [python, "-m", "pip", "install", "-q"]
+        numpy = NUMPY_FOR.get(TORCH_AT_HAND, "numpy")
+        session.run(*pip, f"torch=={TORCH_AT_HAND}", numpy, "pytest>=8", external=True)
+        # --no-index: every higher distribution and the plugin come from the wheels just built.
+        local = ["--no-index", "--find-links", str(wheels)]
+        session.run(*pip, *local, "higher-core", "higher-lion[test]", external=True)
+        installed = (
+            "import sysconfig, higher.optim, higher.contrib, higher_lion\n"
+            "site = sysconfig.get_paths()['purelib']\n"
+            "for m in (higher.optim, higher.contrib, higher_lion):\n"
+            "    assert m.__file__.startswith(site), f'{m.__name__} from {m.__file__}'\n"
+        )
+        session.run(python, "-c", installed, external=True)
+        with session.chdir(plugin_dir):  # the plugin's own pytest configuration
+            pytest = [python, "-m", "pytest", "-p", "no:cacheprovider"]
+            session.run(*pytest, *session.posargs, external=True)
 
 
 @nox.session(python="3.11")
+@_pruned
 def cuda(session: nox.Session) -> None:
     """Run only the tests marked `cuda` (on a machine with a GPU; they skip elsewhere)."""
     _install_workspace(session, os.environ.get("HIGHER_TORCH", TORCH_AT_HAND))
@@ -199,6 +226,7 @@ def cuda(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+@_pruned
 def bench(session: nox.Session) -> None:
     """Benchmarks: functional-module overhead (plain, torch.func, higher 0.2.1), then the suite
     against the peers (benchmarks/peers.py: higher 0.2.1 and TorchOpt 0.7.3 each in its own
@@ -212,7 +240,7 @@ def bench(session: nox.Session) -> None:
         venv = tmp / name
         python[name] = str(venv / "bin" / "python")
         if not Path(python[name]).exists():
-            _fresh_venv(session, venv)
+            _make_venv(session, venv)
         # torch first: the wheel at hand, never a CUDA download chosen by the peer's pins
         pip = [python[name], "-m", "pip", "install", "-q"]
         session.run(*pip, f"torch=={TORCH_AT_HAND}", "numpy", external=True)
@@ -233,11 +261,12 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(name="bench-optim", python="3.11")
+@_pruned
 def bench_optim(session: nox.Session) -> None:
     """A differentiable Adam unroll: higher.optim vs a per-tensor loop vs TorchOpt (own venv)."""
     _install_workspace(session, TORCH_AT_HAND)
     tmp = Path(session.create_tmp()).resolve()
-    other = _fresh_venv(session, tmp / "torchopt")
+    other = _make_venv(session, tmp / "torchopt")
     # torch first, so the CPU wheel at hand is used, then TorchOpt beside it
     session.run(other, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True)
     session.run(other, "-m", "pip", "install", "-q", "torchopt==0.7.3", external=True)
@@ -245,6 +274,7 @@ def bench_optim(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11", tags=["ci"])
+@_pruned
 def demo(session: nox.Session) -> None:
     """Few-shot MAML on scikit-learn's digits (examples/maml_digits.py); shrunk under CI."""
     _install_workspace(session, TORCH_AT_HAND)
