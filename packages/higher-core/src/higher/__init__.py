@@ -19,6 +19,8 @@ Example:
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
+from higher._compiled import CompiledStep as CompiledStep
+from higher._compiled import compile_step as compile_step
 from higher._context import innerloop_ctx as innerloop_ctx
 from higher._errors import UsageError as UsageError
 from higher.optim import create_diff_optim as create_diff_optim
@@ -31,6 +33,8 @@ __version__ = "0.3.0"
 
 __all__ = [
     "innerloop_ctx",
+    "compile_step",
+    "CompiledStep",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",

@@ -29,8 +29,19 @@ def is_zero(value: object) -> bool:
 FUSE_MIN_TENSORS = 16
 
 
+# torch >= 2.3; on older torch `higher.compile_step` refuses to run, so nothing is ever compiled.
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
+def compiling() -> bool:
+    """Whether `torch.compile` is tracing the caller (then a compiler fuses the kernels)."""
+    return _IS_COMPILING is not None and bool(_IS_COMPILING())
+
+
 def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
     first = tensors[0]
+    if compiling():  # the compiler fuses the per-tensor kernels itself
+        return False
     return len(tensors) >= FUSE_MIN_TENSORS and all(
         t.dtype == first.dtype and t.device == first.device and not t.is_sparse for t in tensors
     )

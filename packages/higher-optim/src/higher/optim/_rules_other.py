@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from ._errors import OptimError
-from ._kernel import elementwise, is_zero, some
+from ._kernel import compiling, elementwise, is_zero, some
 from ._rule import Hyper, Rule, flag, split_lr
 from ._rules_adam_variants import scalar_dtype
 
@@ -48,7 +48,10 @@ def asgd_update(
     step = state.step + 1
     # torch reads eta and mu back from its scalar dtype as Python floats (float64)
     eta = state.eta.to(torch.float64)
-    average = bool(state.mu != 1)
+    # torch averages once mu moves off 1; under torch.compile the test stays a tensor
+    averaging = state.mu != 1
+    traced = compiling()
+    average = traced or bool(averaging)
 
     def kernel(p: T, g: T, ax: T) -> tuple[T, T]:
         g = -g if maximize else g
@@ -56,6 +59,8 @@ def asgd_update(
             g = g + wd * p
         p = p * (1 - lambd * eta)
         p = p - eta * g
+        if traced:
+            return p, torch.where(averaging, ax + (p - ax) * state.mu, p)
         ax = ax + (p - ax) * state.mu if average else p
         return p, ax
 

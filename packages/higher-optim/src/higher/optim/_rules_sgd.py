@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernel import elementwise, is_zero, some
+from ._kernel import compiling, elementwise, is_zero, some
 from ._rule import Hyper, Rule, flag, split_lr
 
 T = torch.Tensor
@@ -43,7 +43,9 @@ def sgd_update(
             # torch's first buffer is the gradient itself (no dampening)
             new_buf = g if buf is None else buf * momentum + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
-        if isinstance(step_lr, (int, float)):  # one op, as torch.optim's `add_(g, alpha=-lr)`
+        if isinstance(step_lr, (int, float)) and not compiling():
+            # one op, as torch.optim's `add_(g, alpha=-lr)`; the same value as `p - lr * g`,
+            # which torch.compile gets right where its `add(..., alpha=)` was seen wrong (2.13)
             return torch.add(p, g, alpha=-step_lr), new_buf
         return p - step_lr * g, new_buf
 

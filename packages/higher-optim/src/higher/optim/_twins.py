@@ -103,33 +103,45 @@ class RuleOptimizer(DifferentiableOptimizer):
             raise HyperparameterTypeError(
                 f"{type(self).__name__}.step() got unexpected keyword arguments {sorted(kwargs)}"
             )
+        for g, slots in self._buckets([[grad is not None for grad in gs] for gs in grouped_grads]):
+            group = self.param_groups[g]
+            grads = grouped_grads[g]
+            state, hyper = self._gather(g, slots)
+            new_params, new_state = self.rule.update(
+                [group["params"][j] for j in slots],
+                [grads[j] for j in slots],  # type: ignore[misc]
+                state,
+                hyper,
+            )
+            self._scatter(g, slots, new_params, new_state)
+
+    def _buckets(self, live: list[list[bool]]) -> list[tuple[int, list[int]]]:
+        """`(group, slots)` for each run of `rule.update` a step makes: the slots flagged in
+        `live` of a group, split by step count, dtype, device and state present. Slots without
+        state get their initial state first."""
         rule = self.rule
-        for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
+        out: list[tuple[int, list[int]]] = []
+        for g, (group, flags) in enumerate(zip(self.param_groups, live, strict=True)):
             params: list[torch.Tensor] = group["params"]
             states = self.state[g]
-            live = [j for j, grad in enumerate(grads) if grad is not None]
-            fresh = [j for j in live if not states.get(j)]
+            slots = [j for j, flag in enumerate(flags) if flag]
+            fresh = [j for j in slots if not states.get(j)]
             if fresh:
                 for j, state in zip(fresh, self._fresh_states(group, fresh), strict=True):
                     states[j] = state
-            if len(live) <= 1:  # one slot is one bucket: no keys to compute
-                if live:
-                    self._step_bucket(group, states, live, grads)
+            if len(slots) <= 1:  # one slot is one bucket: no keys to compute
+                out.extend((g, [j]) for j in slots)
                 continue
             buckets: dict[tuple[Any, ...], list[int]] = {}
-            for j in live:
+            for j in slots:
                 buckets.setdefault(_bucket_key(states[j], rule, params[j]), []).append(j)
-            for slots in buckets.values():
-                self._step_bucket(group, states, slots, grads)
+            out.extend((g, bucket) for bucket in buckets.values())
+        return out
 
-    def _step_bucket(
-        self,
-        group: dict[str, Any],
-        states: dict[int, dict[str, Any]],
-        slots: list[int],
-        grads: list[torch.Tensor | None],
-    ) -> None:
-        rule, params = self.rule, group["params"]
+    def _gather(self, g: int, slots: list[int]) -> tuple[Any, dict[str, Any]]:
+        """The rule's state of `slots` of group `g`, and the group's options (`lr` narrowed
+        to `slots` where it is a list), without the parameters."""
+        rule, group, states = self.rule, self.param_groups[g], self.state[g]
         first = states[slots[0]]
         values: dict[str, Any] = {}
         for name in rule.state_type._fields:
@@ -138,15 +150,16 @@ class RuleOptimizer(DifferentiableOptimizer):
             else:
                 column = [states[j].get(name) for j in slots]
                 values[name] = None if all(v is None for v in column) else column
-        hyper = group
-        if isinstance(group.get("lr"), (list, tuple)):
-            hyper = {**group, "lr": [group["lr"][j] for j in slots]}
-        new_params, new_state = rule.update(
-            [params[j] for j in slots],
-            [grads[j] for j in slots],  # type: ignore[misc]
-            rule.state_type(**values),
-            hyper,
-        )
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        if isinstance(hyper.get("lr"), (list, tuple)):
+            hyper["lr"] = [hyper["lr"][j] for j in slots]
+        return rule.state_type(**values), hyper
+
+    def _scatter(
+        self, g: int, slots: list[int], new_params: list[torch.Tensor], new_state: Any
+    ) -> None:
+        """Store what `rule.update` returned for `slots` of group `g`."""
+        rule, params, states = self.rule, self.param_groups[g]["params"], self.state[g]
         for k, j in enumerate(slots):
             params[j] = new_params[k]
             slot = states[j]

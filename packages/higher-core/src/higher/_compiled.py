@@ -1,0 +1,264 @@
+"""`compile_step`: one inner step (forward, loss, gradient, update) as one compiled function."""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from higher.optim import DifferentiableOptimizer, RuleOptimizer
+from higher.patch import FunctionalModule
+
+from ._errors import UsageError
+
+LossFn = Callable[..., torch.Tensor]
+
+# What `torch.compile` needs to trace `torch.func.grad` into one graph with the update after it.
+_MIN_TORCH = (2, 3)
+_NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+_TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the torch in use."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+class CompiledStep:
+    """An inner-loop step run as one compiled function: `step(fmodel, diffopt, *batch)` does
+    what `diffopt.step(loss_fn(fmodel, *batch))` does, and returns the loss.
+
+    The model's forward, the loss, its gradient and the optimizer's update are traced once by
+    `torch.compile` (through `torch.func.grad`) into a single graph whose backward is the
+    meta-gradient; the functional model's fast weights (and their history) and the optimizer's
+    state advance exactly as with `diffopt.step`. Made by `higher.compile_step`.
+
+    `loss_fn(model, *batch, **kwargs)` gets `model`: a callable that runs the functional
+    model's forward with this step's weights (call it as `model(x)`; it has no attributes).
+    Everything else the loss reads (data, targets, tensors it closes over) is an input of the
+    graph.
+
+    Limits, each refused with a clear error: the optimizer is a rule-based twin (every
+    built-in one; `RuleOptimizer`); the functional model has fast weights of its own (not one
+    from `make_functional`); torch 2.3 or newer. The compiled backward is differentiable once:
+    a meta-gradient through the unroll, yes; a gradient of that meta-gradient, no (use
+    `diffopt.step` for third-order terms).
+
+    Example:
+        >>> import torch, higher
+        >>> import torch.nn.functional as F
+        >>> net = torch.nn.Linear(3, 1)
+        >>> step = higher.compile_step(lambda m, x, y: F.mse_loss(m(x), y), backend="eager")
+        >>> x, y = torch.ones(4, 3), torch.zeros(4, 1)
+        >>> with higher.innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1)) as (
+        ...     fmodel, diffopt):
+        ...     loss = step(fmodel, diffopt, x, y)
+        ...     meta = F.mse_loss(fmodel(x), y)
+        >>> len(list(fmodel.parameters(time=1))), meta.item() < loss.item()
+        (2, True)
+    """
+
+    def __init__(self, loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any) -> None:
+        if not callable(loss_fn):
+            raise UsageError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if compile and torch_version() < _MIN_TORCH:
+            raise UsageError(
+                f"compile_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (torch.compile "
+                f"of torch.func.grad); this is torch {torch.__version__}. Use diffopt.step, or "
+                "compile_step(..., compile=False) for the same step uncompiled"
+            )
+        self._loss_fn = loss_fn
+        # A frozen or unused parameter gets no update (as in diffopt.step); which ones are
+        # unused is found once per architecture, by one eager gradient.
+        self._unused: dict[tuple[str, ...], frozenset[int]] = {}
+        self._fn: Callable[..., Any] = self._pure
+        if compile:
+            # torch.compile keeps its graphs (at most 8) on the code object: each step gets a
+            # copy of `_pure`'s, so steps for other models or optimizers never evict its graphs.
+            pure = CompiledStep._pure
+            own = types.FunctionType(
+                pure.__code__.replace(), pure.__globals__, pure.__name__, pure.__defaults__
+            )
+            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+
+    def __call__(
+        self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Take one step of `diffopt` on `loss_fn(model, *batch, **kwargs)`; return the loss."""
+        if not isinstance(fmodel, FunctionalModule):
+            raise UsageError(
+                "the first argument must be a functional model (from innerloop_ctx or "
+                f"higher.patch.monkeypatch), got {type(fmodel).__name__}"
+            )
+        if not isinstance(diffopt, RuleOptimizer):
+            raise UsageError(
+                "compile_step runs rule-based differentiable optimizers (every built-in twin); "
+                f"{type(diffopt).__name__} is not one: use diffopt.step for it"
+            )
+        named = fmodel.named_fast_params()  # raises for a module without fast weights
+        names = tuple(named)
+        params = list(named.values())
+        diffopt._check_step_params(params)
+        buffers = dict(fmodel.named_buffers())
+        unused = self._unused.get(names)
+        if unused is None:
+            unused = self._unused[names] = self._find_unused(fmodel, names, params, batch, kwargs)
+        trainable = [i for i, p in enumerate(params) if p.requires_grad and i not in unused]
+        position = {i: k for k, i in enumerate(trainable)}
+        live = [[i in position for i in mapping] for mapping in diffopt._group_to_param_list]
+        for group, mapping in zip(diffopt.param_groups, diffopt._group_to_param_list, strict=True):
+            group["params"] = [params[i] for i in mapping]
+        buckets = diffopt._buckets(live)
+        plan = []  # per bucket: (positions among the trainable, state, options)
+        for g, slots in buckets:
+            state, hyper = diffopt._gather(g, slots)
+            mapping = diffopt._group_to_param_list[g]
+            plan.append(([position[mapping[j]] for j in slots], state, hyper))
+        with warnings.catch_warnings():
+            # torch.compile reads `.grad` of every input tensor while it traces; the weights of
+            # an unroll are not leaves, and torch warns of that read (an error under -W error).
+            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            # and the compiler imports modules of torch's that warn of their own deprecation
+            warnings.filterwarnings(
+                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
+            )
+            new_params, new_states, loss = self._fn(
+                fmodel,
+                names,
+                params,
+                trainable,
+                buffers,
+                diffopt.rule,
+                plan,
+                diffopt._grad_callback,
+                batch,
+                kwargs,
+            )
+        for (g, slots), out, new_state in zip(buckets, new_params, new_states, strict=True):
+            diffopt._scatter(g, slots, out, new_state)
+        updated = list(params)
+        for group, mapping in zip(diffopt.param_groups, diffopt._group_to_param_list, strict=True):
+            for j, i in enumerate(mapping):
+                updated[i] = group["params"][j]
+        if not (diffopt.track_higher_grads and torch.is_grad_enabled()):
+            # first order, or no graph at all: the weights stay trainable for the next step
+            updated = [
+                q.detach().requires_grad_(p.requires_grad)
+                for q, p in zip(updated, params, strict=True)
+            ]
+            diffopt._detach_state()
+            for group, mapping in zip(
+                diffopt.param_groups, diffopt._group_to_param_list, strict=True
+            ):
+                group["params"] = [updated[i] for i in mapping]
+        fmodel.update_params(updated)
+        return loss  # type: ignore[no-any-return]
+
+    def _find_unused(
+        self,
+        fmodel: FunctionalModule,
+        names: tuple[str, ...],
+        params: list[torch.Tensor],
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> frozenset[int]:
+        """The parameters the loss does not depend on (one eager forward and gradient, with
+        the buffers restored afterwards, so running statistics move only once per step)."""
+        saved = {k: b.detach().clone() for k, b in fmodel.named_buffers()}
+        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
+
+        def model(*args: Any, **kw: Any) -> Any:
+            return torch.func.functional_call(fmodel, dict(zip(names, probe)), args, kw)
+
+        try:
+            loss = self._loss_fn(model, *batch, **kwargs)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+                raise UsageError(f"loss_fn must return a scalar tensor, got {shape}")
+            wanted = [i for i, p in enumerate(probe) if p.requires_grad]
+            if not wanted:
+                return frozenset()
+            if not loss.requires_grad:
+                raise UsageError(
+                    "the loss does not depend on the model's parameters: loss_fn must compute "
+                    "it from what model(...) returns"
+                )
+            grads = torch.autograd.grad(loss, [probe[i] for i in wanted], allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for k, b in fmodel.named_buffers():
+                    b.copy_(saved[k])
+        return frozenset(i for i, g in zip(wanted, grads, strict=True) if g is None)
+
+    def _pure(
+        self,
+        module: torch.nn.Module,
+        names: tuple[str, ...],
+        params: list[torch.Tensor],
+        trainable: list[int],
+        buffers: dict[str, torch.Tensor],
+        rule: Any,
+        plan: Sequence[tuple[list[int], Any, dict[str, Any]]],
+        callback: Callable[[list[torch.Tensor | None]], Any] | None,
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[list[list[torch.Tensor]], list[Any], torch.Tensor]:
+        """The step as a pure function of its inputs (what `torch.compile` traces)."""
+
+        # The buffers are an input of the transformed function (not captured): BatchNorm
+        # updates its running statistics in place, which torch.func allows only on inputs.
+        def loss_of(
+            live: list[torch.Tensor], buffers: dict[str, torch.Tensor]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            current = list(params)
+            for k, i in enumerate(trainable):
+                current[i] = live[k]
+            tensors = {**buffers, **dict(zip(names, current))}
+
+            def model(*args: Any, **kw: Any) -> Any:
+                return torch.func.functional_call(module, tensors, args, kw)
+
+            loss = self._loss_fn(model, *batch, **kwargs)
+            return loss, loss
+
+        live = [params[i] for i in trainable]
+        grads, loss = torch.func.grad(loss_of, has_aux=True)(live, buffers)
+        if callback is not None:
+            full: list[torch.Tensor | None] = [None] * len(params)
+            for k, i in enumerate(trainable):
+                full[i] = grads[k]
+            full = list(callback(full))
+            grads = [full[i] for i in trainable]
+        new_params, new_states = [], []
+        for slots, state, hyper in plan:
+            out, new_state = rule.update(
+                [live[k] for k in slots], [grads[k] for k in slots], state, hyper
+            )
+            new_params.append(out)
+            new_states.append(new_state)
+        return new_params, new_states, loss
+
+
+def compile_step(loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any) -> CompiledStep:
+    """Make a `CompiledStep`: `step(fmodel, diffopt, *batch)` is `diffopt.step(loss_fn(fmodel,
+    *batch))` traced by `torch.compile` into one graph (forward, loss, gradient and update).
+
+    Make it once, outside the task loop, and call it in every inner loop: the graph is
+    compiled on the first calls (seconds) and reused by every later task of the same model.
+    `compile_kwargs` go to `torch.compile` (`backend=`, `mode=`, `dynamic=`); `compile=False`
+    runs the same step through `torch.func` without compiling.
+
+    Example:
+        >>> import torch, higher
+        >>> step = higher.compile_step(lambda m, x: m(x).pow(2).mean(), backend="eager")
+        >>> isinstance(step, higher.CompiledStep)
+        True
+    """
+    return CompiledStep(loss_fn, compile=compile, **compile_kwargs)
+
+
+__all__ = ["CompiledStep", "compile_step"]

@@ -1,0 +1,287 @@
+"""`higher.compile_step`: the compiled step matches `diffopt.step` step for step, meta-gradient
+and hypergradient included (float64), and refuses what it cannot run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import higher
+from higher._compiled import torch_version
+
+COMPILES = torch_version() >= (2, 3)
+# aot_eager traces exactly what inductor compiles (dynamo + AOTAutograd), in seconds; the
+# inductor backend itself is checked once below.
+BACKEND = "aot_eager"
+
+
+def make_step(loss_fn: Callable[..., torch.Tensor], **kwargs: Any) -> higher.CompiledStep:
+    """A compiled step where this torch can compile one; else the refusal is checked and the
+    same step runs uncompiled."""
+    if COMPILES:
+        return higher.compile_step(loss_fn, backend=kwargs.pop("backend", BACKEND), **kwargs)
+    with pytest.raises(higher.UsageError, match=r"needs torch >= 2\.3"):
+        higher.compile_step(loss_fn)
+    kwargs.pop("backend", None)
+    return higher.compile_step(loss_fn, compile=False, **kwargs)
+
+
+def mse(model: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model(x), y)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+    )
+
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-nesterov-wd": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01
+    ),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.05, amsgrad=True, weight_decay=0.1),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05),
+    "rmsprop-centered": lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True, momentum=0.5),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=0.5),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=0.05),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=0.05),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=0.05),
+    "asgd": lambda ps: torch.optim.ASGD(ps, lr=0.05),
+    "rprop": lambda ps: torch.optim.Rprop(ps, lr=0.05),
+}
+
+
+def unroll(
+    model: nn.Module,
+    make_opt: Callable[[Any], torch.optim.Optimizer],
+    step: higher.CompiledStep | None,
+    steps: int = 4,
+    **ctx: Any,
+) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
+    """Unroll with the compiled step (or `diffopt.step` for None); return the final weights,
+    the losses and the meta-gradient with respect to the model's parameters."""
+    x, y = data()
+    xq, yq = data(2)
+    losses = []
+    with higher.innerloop_ctx(model, make_opt(model.parameters()), **ctx) as (fmodel, diffopt):
+        for _ in range(steps):
+            if step is None:
+                loss = mse(fmodel, x, y)
+                diffopt.step(loss)
+            else:
+                loss = step(fmodel, diffopt, x, y)
+            losses.append(loss.item())
+        final = [p.detach() for p in fmodel.parameters()]
+        meta = mse(fmodel, xq, yq)
+        grads = torch.autograd.grad(meta, list(fmodel.parameters(time=0)))
+    return final, losses, list(grads)
+
+
+def assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_matches_diffopt_step_and_its_meta_gradient(name: str) -> None:
+    model = mlp()
+    step = make_step(mse)
+    ref_final, ref_losses, ref_grads = unroll(model, OPTIMIZERS[name], None)
+    final, losses, grads = unroll(model, OPTIMIZERS[name], step)
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    assert_close(final, ref_final)
+    assert_close(grads, ref_grads)
+    assert ref_losses[-1] < ref_losses[0]  # the unroll trains: the comparison is not vacuous
+
+
+def test_inductor_backend_matches() -> None:
+    model = mlp()
+    step = make_step(mse, backend="inductor")
+    for name in ("sgd", "adam"):
+        ref_final, ref_losses, ref_grads = unroll(model, OPTIMIZERS[name], None)
+        final, losses, grads = unroll(model, OPTIMIZERS[name], step)
+        assert losses == pytest.approx(ref_losses, rel=1e-10)
+        for u, v in zip(final + grads, ref_final + ref_grads, strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
+
+
+def test_history_and_state_advance_as_with_diffopt_step() -> None:
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(3):
+            step(fmodel, diffopt, x, y)
+        assert len(list(fmodel.parameters(time=3))) == 4
+        assert diffopt.state[0][0]["step"] == 3
+        exported = torch.optim.Adam(model.parameters(), lr=0.05)
+        diffopt.copy_state_to(exported)
+        assert int(exported.state[next(model.parameters())]["step"]) == 3
+        with pytest.raises(higher.HigherError):
+            fmodel.parameters(time=4).__next__()
+
+
+def test_learning_rate_hypergradient_matches_finite_differences() -> None:
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+    xq, yq = data(2)
+
+    def meta_loss(lr: torch.Tensor, compiled: bool) -> torch.Tensor:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        with higher.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+            for _ in range(3):
+                if compiled:
+                    step(fmodel, diffopt, x, y)
+                else:
+                    diffopt.step(mse(fmodel, x, y))
+            return mse(fmodel, xq, yq)
+
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(meta_loss(lr, True), lr)
+    (ref,) = torch.autograd.grad(meta_loss(lr, False), lr)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (meta_loss(lr + h, True) - meta_loss(lr - h, True)) / (2 * h)
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
+    assert abs(grad.item()) > 1e-4
+
+
+def test_per_parameter_learning_rates_meta_sgd() -> None:
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+    xq, yq = data(2)
+    lrs = [torch.full_like(p, 0.1, requires_grad=True) for p in model.parameters()]
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with higher.innerloop_ctx(model, opt, override={"lr": [lrs]}) as (fmodel, diffopt):
+            for _ in range(3):
+                if compiled:
+                    step(fmodel, diffopt, x, y)
+                else:
+                    diffopt.step(mse(fmodel, x, y))
+            return list(torch.autograd.grad(mse(fmodel, xq, yq), lrs))
+
+    assert_close(run(True), run(False))
+
+
+def test_batchnorm_buffers_move_once_per_step() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4).double()
+    model = nn.Sequential(nn.Linear(3, 4), bn, nn.ReLU(), nn.Linear(4, 2)).double()
+    step = make_step(mse)
+    x, y = data()
+    results = []
+    for compiled in (True, False):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(3):
+                if compiled:
+                    step(fmodel, diffopt, x, y)
+                else:
+                    diffopt.step(mse(fmodel, x, y))
+            stats = [b.clone() for b in fmodel.buffers()]
+            grads = list(torch.autograd.grad(mse(fmodel, x, y), list(fmodel.parameters(time=0))))
+        results.append((stats, grads))
+    (stats, grads), (ref_stats, ref_grads) = results
+    assert_close(stats[:2], ref_stats[:2])
+    assert int(stats[2]) == int(ref_stats[2]) == 3  # num_batches_tracked
+    assert_close(grads, ref_grads)
+    assert bn.running_mean is not None  # the user's model is untouched:
+    assert float(bn.running_mean.abs().sum()) == 0
+
+
+def test_frozen_and_unused_parameters_are_not_stepped() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)}).double()
+    model["used"].bias.requires_grad_(False)
+    step = make_step(mse)
+    x, y = data()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.inner["used"](x)
+            return out
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    with higher.innerloop_ctx(net, opt) as (fmodel, diffopt):
+        before = [p.detach().clone() for p in fmodel.parameters()]
+        step(fmodel, diffopt, x, y)
+        after = [p.detach() for p in fmodel.parameters()]
+    changed = [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]
+    assert changed == [True, False, False, False]  # used.weight; frozen bias; unused pair
+
+
+def test_grad_callback_and_first_order_mode() -> None:
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+
+    def clip(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        return [None if g is None else g.clamp(-0.01, 0.01) for g in grads]
+
+    finals = []
+    for compiled in (True, False):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ctx = higher.innerloop_ctx(model, opt, track_higher_grads=False)
+        with ctx as (fmodel, diffopt):
+            diffopt._grad_callback = clip
+            for _ in range(2):
+                if compiled:
+                    step(fmodel, diffopt, x, y)
+                else:
+                    diffopt.step(mse(fmodel, x, y))
+            finals.append([p.detach() for p in fmodel.parameters()])
+            assert all(p.grad_fn is None for p in fmodel.parameters())
+    assert_close(finals[0], finals[1])
+
+
+def test_refusals_are_clear() -> None:
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(higher.UsageError, match="functional model"):
+            step(model, diffopt, x, y)  # type: ignore[arg-type]
+
+        class Custom(higher.optim.DifferentiableOptimizer):
+            def _update(self, grouped_grads: Any, **kwargs: Any) -> None:
+                pass
+
+        custom = Custom(opt, model.parameters())
+        with pytest.raises(higher.UsageError, match="rule-based"):
+            step(fmodel, custom, x, y)
+        bad = make_step(lambda m, x, y: (m(x) - y) ** 2)
+        with pytest.raises(higher.UsageError, match="scalar"):
+            bad(fmodel, diffopt, x, y)
+        constant = make_step(lambda m, x, y: y.sum())
+        with pytest.raises(higher.UsageError, match="does not depend"):
+            constant(fmodel, diffopt, x, y)
+    with pytest.raises(higher.UsageError, match="callable"):
+        higher.compile_step(3)  # type: ignore[arg-type]
