@@ -232,6 +232,7 @@ def worker_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--compiled", action="store_true", help="this project: compile_step")
     return parser.parse_args()
 
 

@@ -38,7 +38,11 @@ from _peers_common import WORKLOADS, contender_env
 
 HERE = Path(__file__).parent
 OURS, FLOOR, LEGACY, TORCHOPT = "higher (this)", "torch.func", "higher 0.2.1", "TorchOpt 0.7.3"
+COMPILED = "higher (this), compile_step"
 PEERS = (LEGACY, TORCHOPT)  # the libraries the targets compare against
+#: compile_step refuses BatchNorm with batch statistics (its compiled second-order gradient is
+#: wrong in torch 2.13/2.14), so its contender sits out the conv workloads
+COMPILED_SKIPS = ("conv-sgd", "conv-adam")
 #: seconds per meta-step are averaged over this many back-to-back steps per round
 REPS = {"conv-sgd": 1, "conv-adam": 1, "sine": 3, "long": 2, "hpo": 3}
 
@@ -48,6 +52,7 @@ class Contender:
     name: str
     python: str
     script: str
+    flags: tuple[str, ...] = ()
 
 
 class Worker:
@@ -55,7 +60,7 @@ class Worker:
 
     def __init__(self, contender: Contender, args: argparse.Namespace) -> None:
         command = [contender.python, str(HERE / contender.script), "--threads", str(args.threads)]
-        command += ["--device", args.device] + (["--smoke"] if args.smoke else [])
+        command += ["--device", args.device, *contender.flags] + (["--smoke"] if args.smoke else [])
         self.name = contender.name
         self.proc = subprocess.Popen(
             command,
@@ -114,6 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Contender(OURS, sys.executable, "_peer_higher.py"),
         Contender(FLOOR, sys.executable, "_peer_torchfunc.py"),
     ]
+    if args.compiled:
+        contenders.append(Contender(COMPILED, sys.executable, "_peer_higher.py", ("--compiled",)))
     if args.higher_021_python:
         contenders.append(Contender(LEGACY, args.higher_021_python, "_peer_higher.py"))
     if args.torchopt_python:
@@ -125,12 +132,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # ---- timing: all workers alive, taking turns ----------------------------------------------
     workers = [Worker(c, args) for c in contenders]
     versions = {w.name: w.ask(op="versions") for w in workers}
-    samples: dict[str, dict[str, list[float]]] = {w: {c.name: [] for c in contenders}
-                                                  for w in workloads}  # fmt: skip
+
+    def runs(name: str, workload: str) -> bool:
+        return not (name == COMPILED and workload in COMPILED_SKIPS)
+
+    samples: dict[str, dict[str, list[float]]] = {
+        w: {c.name: [] for c in contenders if runs(c.name, w)} for w in workloads
+    }
     for r in range(args.rounds):
         for k, workload in enumerate(workloads):
             shift = (r + k) % len(workers)
             for worker in workers[shift:] + workers[:shift]:
+                if not runs(worker.name, workload):
+                    continue
                 reps = 1 if args.smoke else REPS[workload]
                 seconds = worker.ask(op="time", workload=workload, reps=reps)["seconds"]
                 samples[workload][worker.name].append(seconds)
@@ -143,6 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     grads: dict[str, dict[str, list[torch.Tensor]]] = {w: {} for w in workloads}
     for workload in workloads:
         for c, timing_worker in zip(contenders, workers):
+            if not runs(c.name, workload):
+                continue
             worker = timing_worker if args.smoke else Worker(c, args)
             path = tmp / f"{workload}-{len(grads[workload])}.pt"
             memory[workload][c.name] = worker.ask(op="memory", workload=workload, path=str(path))
@@ -222,9 +238,17 @@ def table(result: dict[str, Any]) -> str:
         "| saved MiB | max rel. diff | vs f64 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if any(COMPILED in rows for rows in result["rows"].values()):
+        lines[-3:-3] = [
+            f"{COMPILED}: the same user code with each inner step made by `higher.compile_step` "
+            "(compiled in a warm-up that no measurement includes; peak RSS includes the "
+            "compiler). It sits out the conv workloads: it refuses BatchNorm with batch "
+            "statistics, whose compiled second-order gradient torch gets wrong.",
+            "",
+        ]
     for workload, rows in result["rows"].items():
         for name, r in rows.items():
-            bold = "**" if name == OURS else ""
+            bold = "**" if name in (OURS, COMPILED) else ""
             lines.append(
                 f"| {workload} | {bold}{name}{bold} | {r['median_ms']:.1f} | {r['best_ms']:.1f} "
                 f"| {fmt(r['vs_fastest_peer'], '.2f')} | {r['vs_floor']:.2f} "
@@ -244,11 +268,11 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(result["rows"])
-    names = list(next(iter(result["rows"].values())))
+    names = list(dict.fromkeys(n for rows in result["rows"].values() for n in rows))
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(workloads), 4.2))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [result["rows"][w][name]["vs_floor"] for w in workloads]
+        values = [result["rows"][w].get(name, {}).get("vs_floor", 0.0) for w in workloads]
         xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(workloads))]
         ax.bar(xs, values, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
@@ -270,6 +294,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument(
+        "--compiled", action="store_true", help="add this project with higher.compile_step"
+    )
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()

@@ -44,7 +44,9 @@ class CompiledStep:
 
     Limits, each refused with a clear error: the optimizer is a rule-based twin (every
     built-in one; `RuleOptimizer`); the functional model has fast weights of its own (not one
-    from `make_functional`); torch 2.3 or newer. The compiled backward is differentiable once:
+    from `make_functional`); no BatchNorm or InstanceNorm layer normalizes by batch statistics
+    (torch.compile's second-order gradient through them is wrong; in eval mode they run);
+    torch 2.3 or newer. The compiled backward is differentiable once:
     a meta-gradient through the unroll, yes; a gradient of that meta-gradient, no (use
     `diffopt.step` for third-order terms).
 
@@ -99,6 +101,7 @@ class CompiledStep:
                 "compile_step runs rule-based differentiable optimizers (every built-in twin); "
                 f"{type(diffopt).__name__} is not one: use diffopt.step for it"
             )
+        _refuse_batch_statistics(fmodel)
         named = fmodel.named_fast_params()  # raises for a module without fast weights
         names = tuple(named)
         params = list(named.values())
@@ -126,7 +129,7 @@ class CompiledStep:
             warnings.filterwarnings(
                 "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
             )
-            new_params, new_states, loss = self._fn(
+            new_params, new_states, loss, moved = self._fn(
                 fmodel,
                 names,
                 params,
@@ -138,6 +141,9 @@ class CompiledStep:
                 batch,
                 kwargs,
             )
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                buffer.copy_(moved[name])
         for (g, slots), out, new_state in zip(buckets, new_params, new_states, strict=True):
             diffopt._scatter(g, slots, out, new_state)
         updated = list(params)
@@ -206,27 +212,29 @@ class CompiledStep:
         callback: Callable[[list[torch.Tensor | None]], Any] | None,
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> tuple[list[list[torch.Tensor]], list[Any], torch.Tensor]:
+    ) -> tuple[list[list[torch.Tensor]], list[Any], torch.Tensor, dict[str, torch.Tensor]]:
         """The step as a pure function of its inputs (what `torch.compile` traces)."""
 
-        # The buffers are an input of the transformed function (not captured): BatchNorm
-        # updates its running statistics in place, which torch.func allows only on inputs.
+        # BatchNorm updates its running statistics in place: on copies here, returned and
+        # copied into the module's buffers after the step (traced in-place updates of the
+        # buffers themselves came out wrong under torch.compile, torch 2.13).
         def loss_of(
-            live: list[torch.Tensor], buffers: dict[str, torch.Tensor]
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+            live: list[torch.Tensor],
+        ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
             current = list(params)
             for k, i in enumerate(trainable):
                 current[i] = live[k]
-            tensors = {**buffers, **dict(zip(names, current))}
+            moved = {k: b.clone() for k, b in buffers.items()}
+            tensors = {**moved, **dict(zip(names, current))}
 
             def model(*args: Any, **kw: Any) -> Any:
                 return torch.func.functional_call(module, tensors, args, kw)
 
             loss = self._loss_fn(model, *batch, **kwargs)
-            return loss, loss
+            return loss, (loss, moved)
 
         live = [params[i] for i in trainable]
-        grads, loss = torch.func.grad(loss_of, has_aux=True)(live, buffers)
+        grads, (loss, moved) = torch.func.grad(loss_of, has_aux=True)(live)
         if callback is not None:
             full: list[torch.Tensor | None] = [None] * len(params)
             for k, i in enumerate(trainable):
@@ -240,7 +248,23 @@ class CompiledStep:
             )
             new_params.append(out)
             new_states.append(new_state)
-        return new_params, new_states, loss
+        return new_params, new_states, loss, moved
+
+
+def _refuse_batch_statistics(module: torch.nn.Module) -> None:
+    """Refuse normalization layers that normalize by the batch's own statistics: the
+    second-order gradient torch.compile gives through them was wrong (torch 2.13 and 2.14,
+    BatchNorm2d: off by a factor, while the forward values matched)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and (
+            sub.training or not sub.track_running_stats
+        ):
+            raise UsageError(
+                f"compile_step does not run {type(sub).__name__} ({name or 'the model'}) with "
+                "batch statistics (training mode): torch.compile's second-order gradient "
+                "through them is wrong. Use diffopt.step for this model, or put the "
+                "normalization layers in eval mode"
+            )
 
 
 def compile_step(loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any) -> CompiledStep:
