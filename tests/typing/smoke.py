@@ -31,6 +31,9 @@ with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr"
 ):
     new_params: list[torch.Tensor] = diffopt.step(fmodel(torch.ones(2, 3)).pow(2).sum())
     twin: higher.optim.DifferentiableOptimizer = diffopt
+step: higher.CompiledStep = higher.compile_step(lambda m, x: m(x).sum(), backend="eager")
+with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+    inner_loss: torch.Tensor = step(fmodel, diffopt, torch.ones(2, 3))
 created = higher.create_diff_optim(torch.optim.SGD, {"lr": 0.1}, params=list(model.parameters()))
 hypers = higher.optim.get_trainable_opt_params(opt)
 flat: list[object] = higher.utils.flatten([1, [2, 3]])

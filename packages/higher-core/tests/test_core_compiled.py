@@ -195,9 +195,9 @@ def test_batchnorm_in_eval_mode_runs_and_batch_statistics_are_refused() -> None:
     step = make_step(mse)
     x, y = data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
-        with pytest.raises(higher.UsageError, match=r"BatchNorm1d \(1\).*eval mode"):
-            step(fmodel, diffopt, x, y)
+    refused = pytest.raises(higher.UsageError, match=r"BatchNorm1d \(1\).*eval mode")
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt), refused:
+        step(fmodel, diffopt, x, y)
     model.eval()
     ref_final, ref_losses, ref_grads = unroll(model, OPTIMIZERS["adam"], None)
     final, losses, grads = unroll(model, OPTIMIZERS["adam"], step)
@@ -272,11 +272,41 @@ def test_refusals_are_clear() -> None:
         custom = Custom(opt, model.parameters())
         with pytest.raises(higher.UsageError, match="rule-based"):
             step(fmodel, custom, x, y)
+        other = higher.patch.monkeypatch(model)
+        with pytest.raises(higher.UsageError, match="another functional model"):
+            step(other, diffopt, x, y)
         bad = make_step(lambda m, x, y: (m(x) - y) ** 2)
         with pytest.raises(higher.UsageError, match="scalar"):
             bad(fmodel, diffopt, x, y)
         constant = make_step(lambda m, x, y: y.sum())
         with pytest.raises(higher.UsageError, match="does not depend"):
             constant(fmodel, diffopt, x, y)
+    stateless = higher.patch.make_functional(model)
+    alone = higher.get_diff_optim(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters())
+    with pytest.raises(higher.HigherError, match="no fast weights"):
+        step(stateless, alone, x, y)
     with pytest.raises(higher.UsageError, match="callable"):
         higher.compile_step(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not COMPILES, reason="counts torch.compile graphs; older torch is refused")
+def test_one_step_object_compiles_once_for_every_task() -> None:
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = mlp()
+    step = higher.compile_step(mse, backend=counting)
+    x, y = data()
+    for task in range(4):
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(3):
+                step(fmodel, diffopt, x + task, y)
+        if task == 0:
+            after_first = len(graphs)
+    # Adam's first step (fresh state) and its later steps: a graph or two, all made in task 0
+    assert 1 <= after_first <= 3
+    assert len(graphs) == after_first

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 
 from higher.optim import DifferentiableOptimizer, RuleOptimizer
 from higher.patch import FunctionalModule
@@ -28,6 +31,25 @@ def torch_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
+@dataclasses.dataclass
+class _Context:
+    """What the steps of one functional model and optimizer pair share."""
+
+    diffopt: RuleOptimizer
+    names: tuple[str, ...]
+    #: indices of the parameters that are stepped (trainable and used by the loss)
+    trainable: list[int]
+    position: dict[int, int]
+    #: per param group, per slot: whether the slot is stepped
+    live: list[list[bool]]
+    #: (qualified name, module, key) of each buffer
+    buffers: list[tuple[str, torch.nn.Module, str]]
+    norms: list[tuple[str, _NormBase]]
+    #: the last step's (group, slots) runs of the rule; see `_reuse_buckets`
+    buckets: list[tuple[int, list[int]]] | None = None
+    stateless: bool = False
+
+
 class CompiledStep:
     """An inner-loop step run as one compiled function: `step(fmodel, diffopt, *batch)` does
     what `diffopt.step(loss_fn(fmodel, *batch))` does, and returns the loss.
@@ -35,7 +57,8 @@ class CompiledStep:
     The model's forward, the loss, its gradient and the optimizer's update are traced once by
     `torch.compile` (through `torch.func.grad`) into a single graph whose backward is the
     meta-gradient; the functional model's fast weights (and their history) and the optimizer's
-    state advance exactly as with `diffopt.step`. Made by `higher.compile_step`.
+    state advance as with `diffopt.step`, to the round-off of the compiled kernels (random
+    ops such as dropout draw other numbers than eager torch). Made by `higher.compile_step`.
 
     `loss_fn(model, *batch, **kwargs)` gets `model`: a callable that runs the functional
     model's forward with this step's weights (call it as `model(x)`; it has no attributes).
@@ -52,14 +75,13 @@ class CompiledStep:
 
     Example:
         >>> import torch, higher
-        >>> import torch.nn.functional as F
         >>> net = torch.nn.Linear(3, 1)
-        >>> step = higher.compile_step(lambda m, x, y: F.mse_loss(m(x), y), backend="eager")
+        >>> step = higher.compile_step(lambda m, x, y: (m(x) - y).pow(2).mean(), backend="eager")
         >>> x, y = torch.ones(4, 3), torch.zeros(4, 1)
         >>> with higher.innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1)) as (
         ...     fmodel, diffopt):
         ...     loss = step(fmodel, diffopt, x, y)
-        ...     meta = F.mse_loss(fmodel(x), y)
+        ...     meta = (fmodel(x) - y).pow(2).mean()
         >>> len(list(fmodel.parameters(time=1))), meta.item() < loss.item()
         (2, True)
     """
@@ -77,6 +99,8 @@ class CompiledStep:
         # A frozen or unused parameter gets no update (as in diffopt.step); which ones are
         # unused is found once per architecture, by one eager gradient.
         self._unused: dict[tuple[str, ...], frozenset[int]] = {}
+        self._contexts: weakref.WeakKeyDictionary[FunctionalModule, _Context]
+        self._contexts = weakref.WeakKeyDictionary()
         self._fn: Callable[..., Any] = self._pure
         if compile:
             # torch.compile keeps its graphs (at most 8) on the code object: each step gets a
@@ -91,36 +115,31 @@ class CompiledStep:
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Take one step of `diffopt` on `loss_fn(model, *batch, **kwargs)`; return the loss."""
-        if not isinstance(fmodel, FunctionalModule):
-            raise UsageError(
-                "the first argument must be a functional model (from innerloop_ctx or "
-                f"higher.patch.monkeypatch), got {type(fmodel).__name__}"
-            )
-        if not isinstance(diffopt, RuleOptimizer):
-            raise UsageError(
-                "compile_step runs rule-based differentiable optimizers (every built-in twin); "
-                f"{type(diffopt).__name__} is not one: use diffopt.step for it"
-            )
-        _refuse_batch_statistics(fmodel)
-        named = fmodel.named_fast_params()  # raises for a module without fast weights
-        names = tuple(named)
-        params = list(named.values())
-        diffopt._check_step_params(params)
-        buffers = dict(fmodel.named_buffers())
-        unused = self._unused.get(names)
-        if unused is None:
-            unused = self._unused[names] = self._find_unused(fmodel, names, params, batch, kwargs)
-        trainable = [i for i, p in enumerate(params) if p.requires_grad and i not in unused]
-        position = {i: k for k, i in enumerate(trainable)}
-        live = [[i in position for i in mapping] for mapping in diffopt._group_to_param_list]
-        for group, mapping in zip(diffopt.param_groups, diffopt._group_to_param_list, strict=True):
+        ctx = self._contexts.get(fmodel) if isinstance(fmodel, FunctionalModule) else None
+        if ctx is None or ctx.diffopt is not diffopt:
+            ctx = self._contexts[fmodel] = self._context(fmodel, diffopt, batch, kwargs)
+        opt = ctx.diffopt  # diffopt itself, checked to be a RuleOptimizer
+        for name, norm in ctx.norms:  # their mode may change between steps
+            _refuse_batch_statistics(name, norm)
+        store = fmodel._higher_store
+        params = store.at(None)
+        buffers: dict[str, torch.Tensor] = {}
+        for name, module, key in ctx.buffers:
+            buffer = module._buffers[key]
+            if buffer is not None:
+                buffers[name] = buffer
+        mappings = opt._group_to_param_list
+        for group, mapping in zip(opt.param_groups, mappings, strict=True):
             group["params"] = [params[i] for i in mapping]
-        buckets = diffopt._buckets(live)
+        buckets = ctx.buckets
+        if buckets is None or not _reuse_buckets(opt, buckets, ctx.stateless):
+            buckets = ctx.buckets = opt._buckets(ctx.live)
+            ctx.stateless = not any(opt.state[g].get(j) for g, slots in buckets for j in slots)
         plan = []  # per bucket: (positions among the trainable, state, options)
         for g, slots in buckets:
-            state, hyper = diffopt._gather(g, slots)
-            mapping = diffopt._group_to_param_list[g]
-            plan.append(([position[mapping[j]] for j in slots], state, hyper))
+            state, hyper = opt._gather(g, slots)
+            mapping = mappings[g]
+            plan.append(([ctx.position[mapping[j]] for j in slots], state, hyper))
         with warnings.catch_warnings():
             # torch.compile reads `.grad` of every input tensor while it traces; the weights of
             # an unroll are not leaves, and torch warns of that read (an error under -W error).
@@ -131,38 +150,84 @@ class CompiledStep:
             )
             new_params, new_states, loss, moved = self._fn(
                 fmodel,
-                names,
+                ctx.names,
                 params,
-                trainable,
+                ctx.trainable,
                 buffers,
-                diffopt.rule,
+                opt.rule,
                 plan,
-                diffopt._grad_callback,
+                opt._grad_callback,
                 batch,
                 kwargs,
             )
-        with torch.no_grad():
-            for name, buffer in buffers.items():
-                buffer.copy_(moved[name])
+        if moved:
+            with torch.no_grad():
+                for name, buffer in buffers.items():
+                    buffer.copy_(moved[name])
         for (g, slots), out, new_state in zip(buckets, new_params, new_states, strict=True):
-            diffopt._scatter(g, slots, out, new_state)
+            opt._scatter(g, slots, out, new_state)
         updated = list(params)
-        for group, mapping in zip(diffopt.param_groups, diffopt._group_to_param_list, strict=True):
+        for group, mapping in zip(opt.param_groups, mappings, strict=True):
             for j, i in enumerate(mapping):
                 updated[i] = group["params"][j]
-        if not (diffopt.track_higher_grads and torch.is_grad_enabled()):
+        if not (opt.track_higher_grads and torch.is_grad_enabled()):
             # first order, or no graph at all: the weights stay trainable for the next step
             updated = [
                 q.detach().requires_grad_(p.requires_grad)
                 for q, p in zip(updated, params, strict=True)
             ]
-            diffopt._detach_state()
-            for group, mapping in zip(
-                diffopt.param_groups, diffopt._group_to_param_list, strict=True
-            ):
+            opt._detach_state()
+            for group, mapping in zip(opt.param_groups, mappings, strict=True):
                 group["params"] = [updated[i] for i in mapping]
-        fmodel.update_params(updated)
+        store.set(updated)  # shapes, dtypes and devices are the rule's: as checked at first
         return loss  # type: ignore[no-any-return]
+
+    def _context(
+        self,
+        fmodel: FunctionalModule,
+        diffopt: DifferentiableOptimizer,
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _Context:
+        """Check the pair once and work out what every later step of it reuses."""
+        if not isinstance(fmodel, FunctionalModule):
+            raise UsageError(
+                "the first argument must be a functional model (from innerloop_ctx or "
+                f"higher.patch.monkeypatch), got {type(fmodel).__name__}"
+            )
+        if not isinstance(diffopt, RuleOptimizer):
+            raise UsageError(
+                "compile_step runs rule-based differentiable optimizers (every built-in twin); "
+                f"{type(diffopt).__name__} is not one: use diffopt.step for it"
+            )
+        if diffopt._fmodel is not None and diffopt._fmodel is not fmodel:
+            raise UsageError(
+                "diffopt was built for another functional model: pass the pair innerloop_ctx "
+                "gave (or the fmodel the optimizer was built with)"
+            )
+        named = fmodel.named_fast_params()  # raises for a module without fast weights
+        names = tuple(named)
+        params = list(named.values())
+        diffopt._check_step_params(params)
+        unused = self._unused.get(names)
+        if unused is None:
+            unused = self._unused[names] = self._find_unused(fmodel, names, params, batch, kwargs)
+        trainable = [i for i, p in enumerate(params) if p.requires_grad and i not in unused]
+        position = {i: k for k, i in enumerate(trainable)}
+        places = []
+        for prefix, module in fmodel.named_modules(remove_duplicate=True):
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    places.append((f"{prefix}.{key}" if prefix else key, module, key))
+        return _Context(
+            diffopt=diffopt,
+            names=names,
+            trainable=trainable,
+            position=position,
+            live=[[i in position for i in mapping] for mapping in diffopt._group_to_param_list],
+            buffers=places,
+            norms=[(n, m) for n, m in fmodel.named_modules() if isinstance(m, _NormBase)],
+        )
 
     def _find_unused(
         self,
@@ -251,20 +316,39 @@ class CompiledStep:
         return new_params, new_states, loss, moved
 
 
-def _refuse_batch_statistics(module: torch.nn.Module) -> None:
-    """Refuse normalization layers that normalize by the batch's own statistics: the
+def _reuse_buckets(
+    opt: RuleOptimizer, buckets: list[tuple[int, list[int]]], stateless: bool
+) -> bool:
+    """Whether last step's buckets still split the slots as `opt._buckets` would: the slots of
+    a bucket are stepped together, so they keep one step count and the same state fields;
+    this checks both (a step taken elsewhere, or state set by hand, makes it recompute).
+    `stateless`: the rule's initial state of these slots was empty, so empty is not fresh."""
+    for g, slots in buckets:
+        states = opt.state[g]
+        first = states.get(slots[0])
+        if not first:  # no state: fresh, or a rule that keeps none (SGD without momentum)
+            if stateless and not any(states.get(j) for j in slots):
+                continue
+            return False
+        step, size = first.get("step"), len(first)
+        for j in slots:
+            state = states.get(j)
+            if not state or state.get("step") != step or len(state) != size:
+                return False
+    return True
+
+
+def _refuse_batch_statistics(name: str, sub: _NormBase) -> None:
+    """Refuse a normalization layer that normalizes by the batch's own statistics: the
     second-order gradient torch.compile gives through them was wrong (torch 2.13 and 2.14,
     BatchNorm2d: off by a factor, while the forward values matched)."""
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and (
-            sub.training or not sub.track_running_stats
-        ):
-            raise UsageError(
-                f"compile_step does not run {type(sub).__name__} ({name or 'the model'}) with "
-                "batch statistics (training mode): torch.compile's second-order gradient "
-                "through them is wrong. Use diffopt.step for this model, or put the "
-                "normalization layers in eval mode"
-            )
+    if sub.training or not sub.track_running_stats:
+        raise UsageError(
+            f"compile_step does not run {type(sub).__name__} ({name or 'the model'}) with "
+            "batch statistics (training mode): torch.compile's second-order gradient "
+            "through them is wrong. Use diffopt.step for this model, or put the "
+            "normalization layers in eval mode"
+        )
 
 
 def compile_step(loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any) -> CompiledStep:
