@@ -189,6 +189,7 @@ def test_batchnorm_in_eval_mode_runs_and_batch_statistics_are_refused() -> None:
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(4).double()
     model = nn.Sequential(nn.Linear(3, 4), bn, nn.ReLU(), nn.Linear(4, 2)).double()
+    assert bn.running_mean is not None and bn.running_var is not None
     with torch.no_grad():  # running statistics that are not the identity
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
