@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from higher._compiled import torch_version
 
 ROOT = Path(__file__).resolve().parents[3]
 BENCH = ROOT / "benchmarks"
@@ -43,6 +46,27 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
         for row in rows.values():
             assert row["median_ms"] > 0 and row["saved_mib"] > 0
         assert f"| {workload} | **higher (this)** |" in table
+
+
+@pytest.mark.skipif(torch_version() < (2, 3), reason="compile_step needs torch >= 2.3")
+def test_compiled_contender_smoke(tmp_path: Path) -> None:
+    """The compile_step contender (inductor) runs the workloads it accepts and its meta-gradients
+    match torch.func's."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "peers.py"), "--smoke", "--threads", "1", "--compiled",
+         "--workloads", "conv-sgd", "long", "hpo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    assert "higher (this), compile_step" not in rows["conv-sgd"]  # it refuses BatchNorm here
+    for workload in ("long", "hpo"):
+        compiled = rows[workload]["higher (this), compile_step"]
+        assert compiled["max_rel_diff"] < 1e-4, (workload, compiled)
+        assert compiled["max_rel_diff_f64"] < 1e-3, (workload, compiled)
+        assert compiled["median_ms"] > 0
 
 
 def test_floor_adam_is_torch_optim_adam() -> None:

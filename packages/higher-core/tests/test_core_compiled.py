@@ -311,3 +311,26 @@ def test_one_step_object_compiles_once_for_every_task() -> None:
     # Adam's first step (fresh state) and its later steps: a graph or two, all made in task 0
     assert 1 <= after_first <= 3
     assert len(graphs) == after_first
+
+
+@pytest.mark.skipif(not COMPILES, reason="inspects torch.compile graphs; older torch is refused")
+def test_steps_of_different_models_keep_static_shapes() -> None:
+    """torch.compile remembers input shapes per code location: one step's shapes must not make
+    another step (another model) compile for dynamic shapes."""
+    symbolic: list[bool] = []
+
+    def inspecting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        symbolic.append(any(isinstance(v, torch.SymInt) for v in values))
+        return gm.forward
+
+    for width in (5, 7):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).double()
+        step = higher.compile_step(mse, backend=inspecting)
+        x, y = data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(2):
+                step(fmodel, diffopt, x, y)
+    assert symbolic and not any(symbolic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import warnings
 import weakref
@@ -21,6 +22,7 @@ LossFn = Callable[..., torch.Tensor]
 
 # What `torch.compile` needs to trace `torch.func.grad` into one graph with the update after it.
 _MIN_TORCH = (2, 3)
+_STEP_IDS = itertools.count()
 _NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
 _TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
 
@@ -103,12 +105,14 @@ class CompiledStep:
         self._contexts = weakref.WeakKeyDictionary()
         self._fn: Callable[..., Any] = self._pure
         if compile:
-            # torch.compile keeps its graphs (at most 8) on the code object: each step gets a
-            # copy of `_pure`'s, so steps for other models or optimizers never evict its graphs.
+            # torch.compile keeps its graphs (at most 8) on the code object, and what it learnt
+            # of input shapes under the code's file, line and name: each step gets a copy of
+            # `_pure`'s code under a name of its own, so steps for other models or optimizers
+            # neither evict its graphs nor turn its static shapes dynamic.
             pure = CompiledStep._pure
-            own = types.FunctionType(
-                pure.__code__.replace(), pure.__globals__, pure.__name__, pure.__defaults__
-            )
+            name = f"_pure_{next(_STEP_IDS)}"
+            code = pure.__code__.replace(co_name=name)
+            own = types.FunctionType(code, pure.__globals__, name, pure.__defaults__)
             self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
 
     def __call__(
