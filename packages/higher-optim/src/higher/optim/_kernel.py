@@ -40,9 +40,9 @@ def compiling() -> bool:
 
 def _fusable(tensors: Sequence[torch.Tensor]) -> bool:
     first = tensors[0]
-    if compiling():  # the compiler fuses the per-tensor kernels itself
+    if len(tensors) < FUSE_MIN_TENSORS or compiling():  # the compiler fuses kernels itself
         return False
-    return len(tensors) >= FUSE_MIN_TENSORS and all(
+    return all(
         t.dtype == first.dtype and t.device == first.device and not t.is_sparse for t in tensors
     )
 

@@ -32,6 +32,9 @@ def sgd_update(
     wd, momentum, dampening = hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
     nesterov, maximize = flag(SGD, hyper, "nesterov"), flag(SGD, hyper, "maximize")
     use_momentum = not is_zero(momentum)
+    # one op, as torch.optim's `add_(g, alpha=-lr)`; the same value as `p - lr * g`, which
+    # torch.compile gets right where its `add(..., alpha=)` was seen wrong (torch 2.13)
+    fused_lr = not compiling()
 
     def kernel(p: T, g: T, buf: T | None, lr_t: T | None) -> tuple[T, T | None]:
         step_lr = lr if lr_t is None else lr_t
@@ -43,9 +46,7 @@ def sgd_update(
             # torch's first buffer is the gradient itself (no dampening)
             new_buf = g if buf is None else buf * momentum + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
-        if isinstance(step_lr, (int, float)) and not compiling():
-            # one op, as torch.optim's `add_(g, alpha=-lr)`; the same value as `p - lr * g`,
-            # which torch.compile gets right where its `add(..., alpha=)` was seen wrong (2.13)
+        if fused_lr and isinstance(step_lr, (int, float)):
             return torch.add(p, g, alpha=-step_lr), new_buf
         return p - step_lr * g, new_buf
 

@@ -106,7 +106,7 @@ class RuleOptimizer(DifferentiableOptimizer):
         for g, slots in self._buckets([[grad is not None for grad in gs] for gs in grouped_grads]):
             group = self.param_groups[g]
             grads = grouped_grads[g]
-            state, hyper = self._gather(g, slots)
+            state, hyper = self._gather(g, slots, keep_params=True)
             new_params, new_state = self.rule.update(
                 [group["params"][j] for j in slots],
                 [grads[j] for j in slots],  # type: ignore[misc]
@@ -138,9 +138,12 @@ class RuleOptimizer(DifferentiableOptimizer):
             out.extend((g, bucket) for bucket in buckets.values())
         return out
 
-    def _gather(self, g: int, slots: list[int]) -> tuple[Any, dict[str, Any]]:
+    def _gather(
+        self, g: int, slots: list[int], keep_params: bool = False
+    ) -> tuple[Any, dict[str, Any]]:
         """The rule's state of `slots` of group `g`, and the group's options (`lr` narrowed
-        to `slots` where it is a list), without the parameters."""
+        to `slots` where it is a list; the group itself, `params` and all, where that leaves
+        it unchanged and `keep_params`)."""
         rule, group, states = self.rule, self.param_groups[g], self.state[g]
         first = states[slots[0]]
         values: dict[str, Any] = {}
@@ -150,8 +153,11 @@ class RuleOptimizer(DifferentiableOptimizer):
             else:
                 column = [states[j].get(name) for j in slots]
                 values[name] = None if all(v is None for v in column) else column
+        per_param = isinstance(group.get("lr"), (list, tuple))
+        if keep_params and not per_param:
+            return rule.state_type(**values), group
         hyper = {k: v for k, v in group.items() if k != "params"}
-        if isinstance(hyper.get("lr"), (list, tuple)):
+        if per_param:
             hyper["lr"] = [hyper["lr"][j] for j in slots]
         return rule.state_type(**values), hyper
 
