@@ -334,3 +334,22 @@ def test_steps_of_different_models_keep_static_shapes() -> None:
             for _ in range(2):
                 step(fmodel, diffopt, x, y)
     assert symbolic and not any(symbolic)
+
+
+def test_an_error_inside_the_step_leaves_the_model_usable() -> None:
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        step(fmodel, diffopt, x, y)
+        before = [p.detach().clone() for p in fmodel.parameters()]
+        with pytest.raises(Exception, match="shape|size"):
+            step(fmodel, diffopt, torch.ones(6, 4, dtype=torch.float64), y)  # 4 features, not 3
+        out = fmodel(x)  # the slots hold the weights again
+        assert out.shape == (6, 2)
+        after = [p.detach() for p in fmodel.parameters()]
+        assert_close(after, before)
+        assert len(list(fmodel.parameters(time=1))) == 4  # the failed step added no weights
+        with pytest.raises(higher.HigherError):
+            next(fmodel.parameters(time=2))

@@ -47,6 +47,8 @@ class _Context:
     #: (qualified name, module, key) of each buffer
     buffers: list[tuple[str, torch.nn.Module, str]]
     norms: list[tuple[str, _NormBase]]
+    #: one None per fast weight: what the slots hold during the compiled call
+    blank: list[None]
     #: the last step's (group, slots) runs of the rule; see `_reuse_buckets`
     buckets: list[tuple[int, list[int]]] | None = None
     stateless: bool = False
@@ -152,18 +154,25 @@ class CompiledStep:
             warnings.filterwarnings(
                 "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
             )
-            new_params, new_states, loss, moved = self._fn(
-                fmodel,
-                ctx.names,
-                params,
-                ctx.trainable,
-                buffers,
-                opt.rule,
-                plan,
-                opt._grad_callback,
-                batch,
-                kwargs,
-            )
+            # The slots are emptied for the call: weights the module holds would alias the
+            # inputs, which torch.compile guards by identity, in Python, at every call.
+            store.place(ctx.blank)
+            try:
+                new_params, new_states, loss, moved = self._fn(
+                    fmodel,
+                    ctx.names,
+                    params,
+                    ctx.trainable,
+                    buffers,
+                    opt.rule,
+                    plan,
+                    opt._grad_callback,
+                    batch,
+                    kwargs,
+                )
+            except BaseException:
+                store.place(params)
+                raise
         if moved:
             with torch.no_grad():
                 for name, buffer in buffers.items():
@@ -231,6 +240,7 @@ class CompiledStep:
             live=[[i in position for i in mapping] for mapping in diffopt._group_to_param_list],
             buffers=places,
             norms=[(n, m) for n, m in fmodel.named_modules() if isinstance(m, _NormBase)],
+            blank=[None] * len(names),
         )
 
     def _find_unused(
