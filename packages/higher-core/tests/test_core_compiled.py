@@ -344,7 +344,7 @@ def test_an_error_inside_the_step_leaves_the_model_usable() -> None:
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
         step(fmodel, diffopt, x, y)
         before = [p.detach().clone() for p in fmodel.parameters()]
-        with pytest.raises(Exception, match="shape|size"):
+        with pytest.raises(Exception, match=r"shape|size"):
             step(fmodel, diffopt, torch.ones(6, 4, dtype=torch.float64), y)  # 4 features, not 3
         out = fmodel(x)  # the slots hold the weights again
         assert out.shape == (6, 2)
