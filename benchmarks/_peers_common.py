@@ -215,7 +215,11 @@ def sync(device: str) -> None:
 
 
 def time_step(step: MetaStep, device: str, reps: int) -> float:
-    """Mean seconds of one meta-step over `reps` back-to-back runs."""
+    """Mean seconds of one meta-step over `reps` back-to-back runs, after one untimed run: the
+    worker has been idle while the others ran, and a training loop runs its steps back to back
+    (thread pools asleep and caches taken by another process cost every contender, but not
+    equally)."""
+    step()
     sync(device)
     start = time.perf_counter()
     for _ in range(reps):

@@ -224,7 +224,8 @@ def table(result: dict[str, Any]) -> str:
         ),
         "",
         "Time: median milliseconds of one meta-iteration (inner loops of every task, second order, "
-        "and the meta-gradient); best: the fastest round. × peer: over the fastest of higher 0.2.1 "
+        "and the meta-gradient), each round's figure the mean of a few back-to-back meta-steps "
+        "after an untimed one; best: the fastest round. × peer: over the fastest of higher 0.2.1 "
         "and TorchOpt in this run; "
         "× floor: over hand-written torch.func. RSS: peak of one meta-step in a fresh process "
         "(+growth during it). Saved: MiB of unique storages saved for backward during the step. "

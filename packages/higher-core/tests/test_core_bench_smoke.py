@@ -69,6 +69,24 @@ def test_compiled_contender_smoke(tmp_path: Path) -> None:
         assert compiled["median_ms"] > 0
 
 
+@pytest.mark.skipif(torch_version() < (2, 3), reason="compile_step needs torch >= 2.3")
+def test_compiled_step_breakdown_smoke() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "compiled_step.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [" ".join(r[:-3]) for r in rows] == [
+        "eager diffopt.step",
+        "higher.compile_step",
+        "torch.func + torch.compile",
+    ]
+    assert all(float(r[-1]) > 0 for r in rows)
+
+
 def test_floor_adam_is_torch_optim_adam() -> None:
     """The Adam rows' reference (the hand-written torch.func Adam) steps as torch.optim.Adam."""
     sys.path.insert(0, str(BENCH))
