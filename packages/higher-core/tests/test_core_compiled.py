@@ -67,6 +67,27 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
+def advance(
+    step: higher.CompiledStep | None,
+    fmodel: Any,
+    diffopt: Any,
+    n: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> list[float]:
+    """`n` inner steps on `mse`: by the compiled step, or by `diffopt.step` for None; the
+    losses."""
+    losses = []
+    for _ in range(n):
+        if step is None:
+            loss = mse(fmodel, x, y)
+            diffopt.step(loss)
+        else:
+            loss = step(fmodel, diffopt, x, y)
+        losses.append(loss.item())
+    return losses
+
+
 def unroll(
     model: nn.Module,
     make_opt: Callable[[Any], torch.optim.Optimizer],
@@ -78,19 +99,21 @@ def unroll(
     the losses and the meta-gradient with respect to the model's parameters."""
     x, y = data()
     xq, yq = data(2)
-    losses = []
     with higher.innerloop_ctx(model, make_opt(model.parameters()), **ctx) as (fmodel, diffopt):
-        for _ in range(steps):
-            if step is None:
-                loss = mse(fmodel, x, y)
-                diffopt.step(loss)
-            else:
-                loss = step(fmodel, diffopt, x, y)
-            losses.append(loss.item())
+        losses = advance(step, fmodel, diffopt, steps, x, y)
         final = [p.detach() for p in fmodel.parameters()]
         meta = mse(fmodel, xq, yq)
         grads = torch.autograd.grad(meta, list(fmodel.parameters(time=0)))
     return final, losses, list(grads)
+
+
+Case = tuple[nn.Module, higher.CompiledStep, tuple[torch.Tensor, torch.Tensor]]
+
+
+@pytest.fixture
+def case() -> Case:
+    """The MLP, a compiled step on `mse` (or its uncompiled form on an older torch), data."""
+    return mlp(), make_step(mse), data()
 
 
 def assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
@@ -121,14 +144,11 @@ def test_inductor_backend_matches() -> None:
             torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
 
 
-def test_history_and_state_advance_as_with_diffopt_step() -> None:
-    model = mlp()
-    step = make_step(mse)
-    x, y = data()
+def test_history_and_state_advance_as_with_diffopt_step(case: Case) -> None:
+    model, step, (x, y) = case
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
-        for _ in range(3):
-            step(fmodel, diffopt, x, y)
+        advance(step, fmodel, diffopt, 3, x, y)
         assert len(list(fmodel.parameters(time=3))) == 4
         assert diffopt.state[0][0]["step"] == 3
         exported = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -138,51 +158,39 @@ def test_history_and_state_advance_as_with_diffopt_step() -> None:
             fmodel.parameters(time=4).__next__()
 
 
-def test_learning_rate_hypergradient_matches_finite_differences() -> None:
-    model = mlp()
-    step = make_step(mse)
-    x, y = data()
+def test_learning_rate_hypergradient_matches_finite_differences(case: Case) -> None:
+    model, step, (x, y) = case
     xq, yq = data(2)
 
-    def meta_loss(lr: torch.Tensor, compiled: bool) -> torch.Tensor:
+    def meta_loss(lr: torch.Tensor, by: higher.CompiledStep | None) -> torch.Tensor:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
         with higher.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
-            for _ in range(3):
-                if compiled:
-                    step(fmodel, diffopt, x, y)
-                else:
-                    diffopt.step(mse(fmodel, x, y))
+            advance(by, fmodel, diffopt, 3, x, y)
             return mse(fmodel, xq, yq)
 
     lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(meta_loss(lr, True), lr)
-    (ref,) = torch.autograd.grad(meta_loss(lr, False), lr)
+    (grad,) = torch.autograd.grad(meta_loss(lr, step), lr)
+    (ref,) = torch.autograd.grad(meta_loss(lr, None), lr)
     h = 1e-6
-    with torch.no_grad():
-        fd = (meta_loss(lr + h, True) - meta_loss(lr - h, True)) / (2 * h)
+    with torch.no_grad():  # the compiled step also runs without a graph
+        fd = (meta_loss(lr + h, step) - meta_loss(lr - h, step)) / (2 * h)
     torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
     assert abs(grad.item()) > 1e-4
 
 
-def test_per_parameter_learning_rates_meta_sgd() -> None:
-    model = mlp()
-    step = make_step(mse)
-    x, y = data()
+def test_per_parameter_learning_rates_meta_sgd(case: Case) -> None:
+    model, step, (x, y) = case
     xq, yq = data(2)
     lrs = [torch.full_like(p, 0.1, requires_grad=True) for p in model.parameters()]
 
-    def run(compiled: bool) -> list[torch.Tensor]:
+    def run(by: higher.CompiledStep | None) -> list[torch.Tensor]:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with higher.innerloop_ctx(model, opt, override={"lr": [lrs]}) as (fmodel, diffopt):
-            for _ in range(3):
-                if compiled:
-                    step(fmodel, diffopt, x, y)
-                else:
-                    diffopt.step(mse(fmodel, x, y))
+            advance(by, fmodel, diffopt, 3, x, y)
             return list(torch.autograd.grad(mse(fmodel, xq, yq), lrs))
 
-    assert_close(run(True), run(False))
+    assert_close(run(step), run(None))
 
 
 def test_batchnorm_in_eval_mode_runs_and_batch_statistics_are_refused() -> None:
@@ -233,34 +241,26 @@ def test_frozen_and_unused_parameters_are_not_stepped() -> None:
     assert changed == [True, False, False, False]  # used.weight; frozen bias; unused pair
 
 
-def test_grad_callback_and_first_order_mode() -> None:
-    model = mlp()
-    step = make_step(mse)
-    x, y = data()
+def test_grad_callback_and_first_order_mode(case: Case) -> None:
+    model, step, (x, y) = case
 
     def clip(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         return [None if g is None else g.clamp(-0.01, 0.01) for g in grads]
 
     finals = []
-    for compiled in (True, False):
+    for by in (step, None):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ctx = higher.innerloop_ctx(model, opt, track_higher_grads=False)
         with ctx as (fmodel, diffopt):
             diffopt._grad_callback = clip
-            for _ in range(2):
-                if compiled:
-                    step(fmodel, diffopt, x, y)
-                else:
-                    diffopt.step(mse(fmodel, x, y))
+            advance(by, fmodel, diffopt, 2, x, y)
             finals.append([p.detach() for p in fmodel.parameters()])
             assert all(p.grad_fn is None for p in fmodel.parameters())
     assert_close(finals[0], finals[1])
 
 
-def test_refusals_are_clear() -> None:
-    model = mlp()
-    step = make_step(mse)
-    x, y = data()
+def test_refusals_are_clear(case: Case) -> None:
+    model, step, (x, y) = case
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
         with pytest.raises(higher.UsageError, match="functional model"):
@@ -336,10 +336,8 @@ def test_steps_of_different_models_keep_static_shapes() -> None:
     assert symbolic and not any(symbolic)
 
 
-def test_an_error_inside_the_step_leaves_the_model_usable() -> None:
-    model = mlp()
-    step = make_step(mse)
-    x, y = data()
+def test_an_error_inside_the_step_leaves_the_model_usable(case: Case) -> None:
+    model, step, (x, y) = case
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
         step(fmodel, diffopt, x, y)

@@ -49,9 +49,6 @@ class _Context:
     norms: list[tuple[str, _NormBase]]
     #: one None per fast weight: what the slots hold during the compiled call
     blank: list[None]
-    #: the last step's (group, slots) runs of the rule; see `_reuse_buckets`
-    buckets: list[tuple[int, list[int]]] | None = None
-    stateless: bool = False
 
 
 class CompiledStep:
@@ -137,10 +134,7 @@ class CompiledStep:
         mappings = opt._group_to_param_list
         for group, mapping in zip(opt.param_groups, mappings, strict=True):
             group["params"] = [params[i] for i in mapping]
-        buckets = ctx.buckets
-        if buckets is None or not _reuse_buckets(opt, buckets, ctx.stateless):
-            buckets = ctx.buckets = opt._buckets(ctx.live)
-            ctx.stateless = not any(opt.state[g].get(j) for g, slots in buckets for j in slots)
+        buckets = opt._buckets(ctx.live)
         plan = []  # per bucket: (positions among the trainable, state, options)
         for g, slots in buckets:
             state, hyper = opt._gather(g, slots)
@@ -328,28 +322,6 @@ class CompiledStep:
             new_params.append(out)
             new_states.append(new_state)
         return new_params, new_states, loss, moved
-
-
-def _reuse_buckets(
-    opt: RuleOptimizer, buckets: list[tuple[int, list[int]]], stateless: bool
-) -> bool:
-    """Whether last step's buckets still split the slots as `opt._buckets` would: the slots of
-    a bucket are stepped together, so they keep one step count and the same state fields;
-    this checks both (a step taken elsewhere, or state set by hand, makes it recompute).
-    `stateless`: the rule's initial state of these slots was empty, so empty is not fresh."""
-    for g, slots in buckets:
-        states = opt.state[g]
-        first = states.get(slots[0])
-        if not first:  # no state: fresh, or a rule that keeps none (SGD without momentum)
-            if stateless and not any(states.get(j) for j in slots):
-                continue
-            return False
-        step, size = first.get("step"), len(first)
-        for j in slots:
-            state = states.get(j)
-            if not state or state.get("step") != step or len(state) != size:
-                return False
-    return True
 
 
 def _refuse_batch_statistics(name: str, sub: _NormBase) -> None:

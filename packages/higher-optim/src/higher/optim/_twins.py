@@ -118,7 +118,15 @@ class RuleOptimizer(DifferentiableOptimizer):
     def _buckets(self, live: list[list[bool]]) -> list[tuple[int, list[int]]]:
         """`(group, slots)` for each run of `rule.update` a step makes: the slots flagged in
         `live` of a group, split by step count, dtype, device and state present. Slots without
-        state get their initial state first."""
+        state get their initial state first.
+
+        The slots of a bucket are stepped together, so they keep one step count and the same
+        state fields: the last step's buckets are reused while that still holds for the same
+        `live` (a step on other slots, or state set by hand, makes them computed again)."""
+        key = tuple(map(tuple, live))
+        cached = self.__dict__.get("_bucket_cache")
+        if cached is not None and cached[0] == key and self._buckets_hold(*cached[1:]):
+            return cached[1]  # type: ignore[no-any-return]
         rule = self.rule
         out: list[tuple[int, list[int]]] = []
         for g, (group, flags) in enumerate(zip(self.param_groups, live, strict=True)):
@@ -136,7 +144,25 @@ class RuleOptimizer(DifferentiableOptimizer):
             for j in slots:
                 buckets.setdefault(_bucket_key(states[j], rule, params[j]), []).append(j)
             out.extend((g, bucket) for bucket in buckets.values())
+        # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
+        stateless = not any(self.state[g].get(j) for g, slots in out for j in slots)
+        self.__dict__["_bucket_cache"] = (key, out, stateless)
         return out
+
+    def _buckets_hold(self, buckets: list[tuple[int, list[int]]], stateless: bool) -> bool:
+        for g, slots in buckets:
+            states = self.state[g]
+            first = states.get(slots[0])
+            if not first:  # fresh, or a rule that keeps no state
+                if stateless and not any(states.get(j) for j in slots):
+                    continue
+                return False
+            step, size = first.get("step"), len(first)
+            for j in slots:
+                state = states.get(j)
+                if not state or state.get("step") != step or len(state) != size:
+                    return False
+        return True
 
     def _gather(
         self, g: int, slots: list[int], keep_params: bool = False
