@@ -8,7 +8,8 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
+
+from higher._compiled import torch_version
 
 ROOT = Path(__file__).resolve().parents[3]
 READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md"))]
@@ -16,13 +17,6 @@ READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md"))]
 
 def _blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-
-
-def _torch_older_than(major: int, minor: int) -> bool:
-    found = tuple(
-        int("".join(c for c in p if c.isdigit()) or 0) for p in torch.__version__.split(".")[:2]
-    )
-    return found < (major, minor)
 
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -35,7 +29,7 @@ def test_readme_code_blocks_run(
     monkeypatch.setitem(sys.modules, module.__name__, module)
     namespace = module.__dict__
     for i, block in enumerate(blocks):
-        if block.startswith("# torch >= 2.3") and _torch_older_than(2, 3):
+        if block.startswith("# torch >= 2.3") and torch_version() < (2, 3):
             continue  # higher.compile_step refuses such a torch (its own tests check that)
         code = compile(block, f"{readme.name} block {i + 1}", "exec")
         exec(code, namespace)

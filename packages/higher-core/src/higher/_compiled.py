@@ -132,8 +132,7 @@ class CompiledStep:
             if buffer is not None:
                 buffers[name] = buffer
         mappings = opt._group_to_param_list
-        for group, mapping in zip(opt.param_groups, mappings, strict=True):
-            group["params"] = [params[i] for i in mapping]
+        opt._load_params(params)
         buckets = opt._buckets(ctx.live)
         plan = []  # per bucket: (positions among the trainable, state, options)
         for g, slots in buckets:
@@ -173,19 +172,9 @@ class CompiledStep:
                     buffer.copy_(moved[name])
         for (g, slots), out, new_state in zip(buckets, new_params, new_states, strict=True):
             opt._scatter(g, slots, out, new_state)
-        updated = list(params)
-        for group, mapping in zip(opt.param_groups, mappings, strict=True):
-            for j, i in enumerate(mapping):
-                updated[i] = group["params"][j]
-        if not (opt.track_higher_grads and torch.is_grad_enabled()):
-            # first order, or no graph at all: the weights stay trainable for the next step
-            updated = [
-                q.detach().requires_grad_(p.requires_grad)
-                for q, p in zip(updated, params, strict=True)
-            ]
-            opt._detach_state()
-            for group, mapping in zip(opt.param_groups, mappings, strict=True):
-                group["params"] = [updated[i] for i in mapping]
+        # first order, or no graph at all: the weights stay trainable for the next step
+        first_order = not (opt.track_higher_grads and torch.is_grad_enabled())
+        updated = opt._collect_params(params, first_order)
         store.set(updated)  # shapes, dtypes and devices are the rule's: as checked at first
         return loss  # type: ignore[no-any-return]
 
@@ -221,8 +210,10 @@ class CompiledStep:
             unused = self._unused[names] = self._find_unused(fmodel, names, params, batch, kwargs)
         trainable = [i for i, p in enumerate(params) if p.requires_grad and i not in unused]
         position = {i: k for k, i in enumerate(trainable)}
-        places = []
-        for prefix, module in fmodel.named_modules(remove_duplicate=True):
+        places, norms = [], []
+        for prefix, module in fmodel.named_modules():
+            if isinstance(module, _NormBase):
+                norms.append((prefix, module))
             for key, buffer in module._buffers.items():
                 if buffer is not None:
                     places.append((f"{prefix}.{key}" if prefix else key, module, key))
@@ -233,7 +224,7 @@ class CompiledStep:
             position=position,
             live=[[i in position for i in mapping] for mapping in diffopt._group_to_param_list],
             buffers=places,
-            norms=[(n, m) for n, m in fmodel.named_modules() if isinstance(m, _NormBase)],
+            norms=norms,
             blank=[None] * len(names),
         )
 
@@ -288,9 +279,9 @@ class CompiledStep:
     ) -> tuple[list[list[torch.Tensor]], list[Any], torch.Tensor, dict[str, torch.Tensor]]:
         """The step as a pure function of its inputs (what `torch.compile` traces)."""
 
-        # BatchNorm updates its running statistics in place: on copies here, returned and
-        # copied into the module's buffers after the step (traced in-place updates of the
-        # buffers themselves came out wrong under torch.compile, torch 2.13).
+        # A module may update its buffers in place (running averages); torch.func.grad refuses
+        # in-place updates of tensors captured from outside the function it transforms. The
+        # forward updates copies made inside it, which are copied into the buffers afterwards.
         def loss_of(
             live: list[torch.Tensor],
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:

@@ -257,25 +257,34 @@ class DifferentiableOptimizer(abc.ABC):
                 raise OptimError(
                     f"grad_callback returned {len(grads)} gradients; expected {len(param_list)}"
                 )
-        grouped: list[list[torch.Tensor | None]] = []
-        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
-            group["params"] = [param_list[i] for i in mapping]
-            grouped.append([grads[i] for i in mapping])
+        self._load_params(param_list)
+        grouped = [[grads[i] for i in mapping] for mapping in self._group_to_param_list]
         self._update(grouped, **kwargs)
-        new_params = list(param_list)
+        new_params = self._collect_params(param_list, first_order=not self._track_higher_grads)
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _load_params(self, params: list[torch.Tensor]) -> None:
+        """Put `params` (in the order of `reference_params`) into the groups' slots."""
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            group["params"] = [params[i] for i in mapping]
+
+    def _collect_params(self, params: list[torch.Tensor], first_order: bool) -> list[torch.Tensor]:
+        """The slots after an update, in the order of `params` (which fills the slots of no
+        group). `first_order`: detached (each keeping its `requires_grad`), the state too, and
+        the slots hold the detached ones."""
+        new_params = list(params)
         for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
             for j, i in enumerate(mapping):
                 new_params[i] = group["params"][j]
-        if not self._track_higher_grads:
+        if first_order:
             new_params = [
                 q.detach().requires_grad_(p.requires_grad)
-                for q, p in zip(new_params, param_list, strict=True)
+                for q, p in zip(new_params, params, strict=True)
             ]
             self._detach_state()
-            for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
-                group["params"] = [new_params[i] for i in mapping]
-        if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+            self._load_params(new_params)
         return new_params
 
     def _detach_state(self) -> None:

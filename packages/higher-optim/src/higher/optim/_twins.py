@@ -45,6 +45,10 @@ class RuleOptimizer(DifferentiableOptimizer):
     """
 
     rule: ClassVar[Rule]
+    #: the last `_buckets` call: its `live` key, its buckets, and whether their state was empty
+    _bucket_cache: tuple[tuple[tuple[bool, ...], ...], list[tuple[int, list[int]]], bool] | None = (
+        None
+    )
 
     def _import_state(self, torch_state: Any, device: Any) -> dict[str, Any]:
         state = super()._import_state(torch_state, device)
@@ -124,9 +128,9 @@ class RuleOptimizer(DifferentiableOptimizer):
         state fields: the last step's buckets are reused while that still holds for the same
         `live` (a step on other slots, or state set by hand, makes them computed again)."""
         key = tuple(map(tuple, live))
-        cached = self.__dict__.get("_bucket_cache")
+        cached = self._bucket_cache
         if cached is not None and cached[0] == key and self._buckets_hold(*cached[1:]):
-            return cached[1]  # type: ignore[no-any-return]
+            return cached[1]
         rule = self.rule
         out: list[tuple[int, list[int]]] = []
         for g, (group, flags) in enumerate(zip(self.param_groups, live, strict=True)):
@@ -146,10 +150,11 @@ class RuleOptimizer(DifferentiableOptimizer):
             out.extend((g, bucket) for bucket in buckets.values())
         # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
         stateless = not any(self.state[g].get(j) for g, slots in out for j in slots)
-        self.__dict__["_bucket_cache"] = (key, out, stateless)
+        self._bucket_cache = (key, out, stateless)
         return out
 
     def _buckets_hold(self, buckets: list[tuple[int, list[int]]], stateless: bool) -> bool:
+        """Whether each bucket's slots still share one step count and the same state fields."""
         for g, slots in buckets:
             states = self.state[g]
             first = states.get(slots[0])
