@@ -125,6 +125,7 @@ def typecheck(session: nox.Session) -> None:
     for pkg in PACKAGES:  # one run per test folder: test modules are top-level names
         session.run("mypy", f"packages/{pkg}/tests")
     session.run("mypy", "examples", "benchmarks", "noxfile.py")
+    session.run("mypy", "tests/repo")
     # Against installed wheels: a fresh venv holds the built distributions, never the sources.
     wheels = _build_wheels(session)
     smoke = ROOT / "tests" / "typing"
@@ -276,6 +277,15 @@ def bench_optim(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11", tags=["ci"])
+@_pruned
+def repo(session: nox.Session) -> None:
+    """Repository-level tests (tests/repo: READMEs, examples, benchmark smokes), once, on the
+    torch at hand: they check the documents and scripts, not the library across torch versions."""
+    _install_workspace(session, TORCH_AT_HAND)
+    _pytest(session, "tests/repo")
+
+
+@nox.session(python="3.11")
 @_pruned
 def demo(session: nox.Session) -> None:
     """Few-shot MAML on scikit-learn's digits (examples/maml_digits.py); shrunk under CI."""

@@ -17,7 +17,7 @@ import torch
 
 from higher._compiled import torch_version
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "maml_digits.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "maml_digits.py"
 ACCURACY = re.compile(r"^\s+(MAML|baseline)\b.*?([\d.]+) % ± ([\d.]+)$", re.MULTILINE)
 
 
