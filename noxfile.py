@@ -19,7 +19,7 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).parent
-PACKAGES = ("higher-patch", "higher-optim", "higher-core", "higher-contrib")
+PACKAGES = ("higher-errors", "higher-patch", "higher-optim", "higher-core", "higher-contrib")
 SRC_DIRS = [f"packages/{p}/src" for p in PACKAGES]
 
 # torch version -> the Python that runs it. The oldest torch runs on the oldest Python we support.

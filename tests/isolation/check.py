@@ -10,13 +10,15 @@ import importlib.metadata as md
 import subprocess
 import sys
 
+# higher-errors (the one HigherError) comes with every distribution.
 EXPECT = {
-    "patch-only": {"higher-patch"},
-    "optim-only": {"higher-optim"},
-    "core": {"higher-patch", "higher-optim", "higher-core"},
-    "core-all": {"higher-patch", "higher-optim", "higher-core", "higher-contrib"},
+    "patch-only": {"higher-errors", "higher-patch"},
+    "optim-only": {"higher-errors", "higher-optim"},
+    "core": {"higher-errors", "higher-patch", "higher-optim", "higher-core"},
+    "core-all": {"higher-errors", "higher-patch", "higher-optim", "higher-core", "higher-contrib"},
 }
 MODULE_OF = {
+    "higher-errors": "higher.errors",
     "higher-patch": "higher.patch",
     "higher-optim": "higher.optim",
     "higher-core": "higher.utils",
@@ -58,6 +60,7 @@ def main(combo: str) -> None:
             "f = hp.monkeypatch(torch.nn.Linear(2, 1))\n"
             "assert f(torch.ones(1, 2)).shape == (1, 1)\n"
             "assert 'higher.optim' not in sys.modules, 'higher.patch loaded higher.optim'\n"
+            "assert issubclass(hp.PatchError, __import__('higher.errors').errors.HigherError)\n"
         )
     if "higher-optim" in wanted and alone:
         _run(

@@ -39,6 +39,18 @@ hypers = higher.optim.get_trainable_opt_params(opt)
 flat: list[object] = higher.utils.flatten([1, [2, 3]])
 base: type[Exception] = higher.HigherError
 
+
+# One HigherError for the type checker too: every distribution's errors are subclasses of it.
+def describe(error: higher.HigherError) -> str:
+    return type(error).__name__
+
+
+described = [
+    describe(higher.optim.OptimError("bad lr")),
+    describe(higher.patch.PatchError("bad params")),
+    describe(higher.UsageError("bad model")),
+]
+
 # higher-contrib: the finite-difference checker.
 import higher.contrib  # noqa: E402  (kept beside its use)
 

@@ -307,7 +307,7 @@ def test_bad_input_errors() -> None:
 def test_errors_share_one_base_and_the_builtins() -> None:
     import higher.patch
 
-    assert higher.optim.HigherError is higher.patch.HigherError  # type: ignore[comparison-overlap]
+    assert higher.optim.HigherError is higher.patch.HigherError
     assert issubclass(higher.optim.OptimError, ValueError)
     assert issubclass(higher.optim.UnsupportedOptimizerError, higher.optim.HigherError)
     assert issubclass(higher.optim.HyperparameterTypeError, TypeError)

@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 import torch
 
+import higher.errors
 import higher.optim
 from higher.optim import functional
 
 SRC = Path(higher.optim.__file__).parent
 MODULES = sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__")
 PUBLIC_MODULES = {"functional"}
+# the higher namespace folder of higher-errors, which every distribution depends on
+ERRORS = str(Path(higher.errors.__file__).parent.parent)
 
 
 def _public_names() -> list[tuple[Any, str]]:
@@ -71,7 +74,7 @@ def test_import_loads_neither_patch_nor_plugins() -> None:
         f"""
         import sys, types
         namespace = types.ModuleType("higher")
-        namespace.__path__ = [{str(SRC.parent)!r}]
+        namespace.__path__ = [{str(SRC.parent)!r}, {ERRORS!r}]
         sys.modules["higher"] = namespace
         import higher.optim
         higher.optim.twin_of(higher.optim.DifferentiableSGD.rule and __import__("torch").optim.SGD)
@@ -116,7 +119,7 @@ def test_every_torch_optimizer_is_either_a_twin_or_a_clear_error() -> None:
     assert {"SGD", "Adam", "LBFGS", "SparseAdam"} <= seen
 
 
-def test_imports_only_torch_at_import_time() -> None:
+def test_imports_only_torch_and_the_error_base_at_import_time() -> None:
     stdlib = set(sys.stdlib_module_names)
     for path in SRC.glob("*.py"):
         for node in ast.parse(path.read_text()).body:  # module level: lazy imports are allowed
@@ -127,7 +130,10 @@ def test_imports_only_torch_at_import_time() -> None:
                 names = [node.module]
             for module in names:
                 root = module.split(".")[0]
-                assert root in stdlib | {"torch", "__future__"}, (path.name, module)
+                assert root in stdlib | {"torch", "__future__"} or module == "higher.errors", (
+                    path.name,
+                    module,
+                )
 
 
 def test_ships_py_typed() -> None:

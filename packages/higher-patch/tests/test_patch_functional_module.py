@@ -365,4 +365,4 @@ def test_bad_modules_and_arguments_are_refused(net: Net) -> None:
 def test_errors_share_the_library_base() -> None:
     assert issubclass(hp.PatchError, hp.HigherError)
     assert issubclass(hp.PatchError, ValueError)
-    assert hp.HigherError.__module__ == "higher"
+    assert hp.HigherError.__module__ == "higher.errors"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import higher.errors
 import higher.patch
 
 
@@ -20,10 +21,11 @@ def test_every_public_name_imports_and_is_documented() -> None:
 def test_importing_patch_loads_no_optimizer_code() -> None:
     # A `higher` namespace holding only this distribution, as a `pip install higher-patch` has.
     namespace = str(Path(higher.patch.__file__).parent.parent)
+    errors = str(Path(higher.errors.__file__).parent.parent)  # every distribution depends on it
     code = (
         "import sys, types\n"
         "pkg = types.ModuleType('higher')\n"
-        f"pkg.__path__ = [{namespace!r}]\n"
+        f"pkg.__path__ = [{namespace!r}, {errors!r}]\n"
         "sys.modules['higher'] = pkg\n"
         "import higher.patch\n"
         "print(sorted(m for m in sys.modules if m.startswith('higher')))\n"

@@ -16,6 +16,7 @@ Example:
     True
 """
 
+from higher import errors as errors
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
@@ -23,10 +24,11 @@ from higher._compiled import CompiledStep as CompiledStep
 from higher._compiled import compile_step as compile_step
 from higher._context import innerloop_ctx as innerloop_ctx
 from higher._errors import UsageError as UsageError
+from higher.errors import HigherError as HigherError
+from higher.errors import HigherWarning as HigherWarning
 from higher.optim import create_diff_optim as create_diff_optim
 from higher.optim import get_diff_optim as get_diff_optim
 from higher.optim import register_optim as register_optim
-from higher.patch import HigherError as HigherError
 from higher.patch import monkeypatch as monkeypatch
 
 __version__ = "0.3.0"
@@ -40,7 +42,9 @@ __all__ = [
     "create_diff_optim",
     "register_optim",
     "HigherError",
+    "HigherWarning",
     "UsageError",
+    "errors",
     "patch",
     "optim",
     "utils",

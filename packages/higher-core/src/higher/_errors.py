@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from higher.patch import HigherError
+from higher.errors import HigherError
 
 
 class UsageError(HigherError, TypeError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from higher.optim import HigherError as HigherError  # contrib depends on optim: one base
+from higher.errors import HigherError as HigherError
 
 
 class ContribError(HigherError, ValueError):

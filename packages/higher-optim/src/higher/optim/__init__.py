@@ -16,6 +16,8 @@ Example:
     -2.0
 """
 
+from higher.errors import HigherError as HigherError
+
 from . import functional as functional
 from ._api import apply_trainable_opt_params as apply_trainable_opt_params
 from ._api import create_diff_optim as create_diff_optim
@@ -24,7 +26,6 @@ from ._api import get_trainable_opt_params as get_trainable_opt_params
 from ._base import DifferentiableOptimizer as DifferentiableOptimizer
 from ._clip import clip_grad_norm as clip_grad_norm
 from ._clip import clip_grad_value as clip_grad_value
-from ._errors import HigherError as HigherError
 from ._errors import HyperparameterTypeError as HyperparameterTypeError
 from ._errors import OptimError as OptimError
 from ._errors import PluginError as PluginError

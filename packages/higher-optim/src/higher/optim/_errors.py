@@ -1,31 +1,8 @@
-"""The error types of `higher.optim` (`higher.HigherError` is the base of every error we raise)."""
+"""The error types of `higher.optim` (`higher.errors.HigherError` is the base of every error)."""
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import TYPE_CHECKING
-
-
-def _shared_base() -> type[Exception]:
-    # One base for all distributions without an import between them: the first to load creates it
-    # in a private module of the `higher` namespace; every other one reuses that very class.
-    shared = sys.modules.setdefault("higher._error_base", types.ModuleType("higher._error_base"))
-    base: type[Exception] | None = getattr(shared, "HigherError", None)
-    if base is None:
-        doc = "Base of every error `higher` raises; each also subclasses the builtin 0.2.1 raised."
-        base = type("HigherError", (Exception,), {"__doc__": doc, "__module__": "higher"})
-        shared.__dict__["HigherError"] = base
-    return base
-
-
-if TYPE_CHECKING:
-
-    class HigherError(Exception):
-        """Base of every error `higher` raises."""
-
-else:
-    HigherError = _shared_base()
+from higher.errors import HigherError
 
 
 class OptimError(HigherError, ValueError):

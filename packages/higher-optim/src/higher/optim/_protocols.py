@@ -1,4 +1,4 @@
-"""The structural types `higher.optim` sees: a functional model, a hyperparameter value."""
+"""The structural types `higher.optim` sees: a functional model, a gradient callback."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import Protocol, TypeAlias, runtime_checkable
 
 import torch
 
-#: A hyperparameter: a number, or a tensor (that may require grad: a learnable hyperparameter).
-Scalar: TypeAlias = "float | torch.Tensor"
 #: What `grad_callback` receives and returns: one gradient (or None) per parameter.
 GradCallback: TypeAlias = "Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | None]]"
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from higher.errors import HigherWarning
+
 from . import _twins as t
 from ._base import DifferentiableOptimizer
 from ._errors import HyperparameterTypeError, PluginError, UnsupportedOptimizerError
@@ -26,7 +28,7 @@ _NO_TWIN = {
 }
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(HigherWarning):
     """A plugin claims a torch optimizer that has a built-in twin; the built-in is used.
 
     Example:

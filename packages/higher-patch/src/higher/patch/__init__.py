@@ -12,11 +12,12 @@ Example:
     >>> loss = fnet(torch.ones(1, 2), params=[w - 0.1, b]).sum()
 """
 
+from higher.errors import HigherError as HigherError
+
 from ._api import buffer_sync as buffer_sync
 from ._api import make_functional as make_functional
 from ._api import monkeypatch as monkeypatch
 from ._api import write_back_buffers as write_back_buffers
-from ._errors import HigherError as HigherError
 from ._errors import PatchError as PatchError
 from ._module import FunctionalModule as FunctionalModule
 
