@@ -298,9 +298,9 @@ def test_bad_input_errors() -> None:
         higher.optim.get_diff_optim(opt, [w], override={"nesterov": [1]})
     with pytest.raises(higher.optim.OptimError, match="does not require grad"):
         diffopt.step(torch.tensor(1.0), params=[w])
-    with pytest.raises(higher.optim.HyperparameterTypeError, match="unexpected keyword"):
+    with pytest.raises(higher.optim.ArgumentTypeError, match="unexpected keyword"):
         diffopt.step(w.sum(), params=[w], unknown=1)
-    with pytest.raises(higher.optim.HyperparameterTypeError, match=r"torch\.optim\.Optimizer"):
+    with pytest.raises(higher.optim.ArgumentTypeError, match=r"torch\.optim\.Optimizer"):
         higher.optim.get_diff_optim("SGD", [w])  # type: ignore[arg-type]
 
 

@@ -7,13 +7,13 @@ import itertools
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
-from higher.optim import DifferentiableOptimizer, RuleOptimizer
+from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
 from higher.patch import FunctionalModule
 
 from ._errors import UsageError
@@ -35,44 +35,50 @@ def torch_version() -> tuple[int, int]:
 
 @dataclasses.dataclass
 class _Context:
-    """What the steps of one functional model and optimizer pair share."""
+    """What the steps of one functional model share. It holds the model and the optimizer only
+    weakly: it lives in a cache keyed by the model, which it must not keep alive."""
 
-    diffopt: RuleOptimizer
+    diffopt: weakref.ref[DifferentiableOptimizer]
     names: tuple[str, ...]
-    #: indices of the parameters that are stepped (trainable and used by the loss)
-    trainable: list[int]
-    position: dict[int, int]
-    #: per param group, per slot: whether the slot is stepped
-    live: list[list[bool]]
+    #: indices of the parameters that require grad (the candidates for a step)
+    requires: list[int]
     #: (qualified name, module, key) of each buffer
-    buffers: list[tuple[str, torch.nn.Module, str]]
-    norms: list[tuple[str, _NormBase]]
-    #: one None per fast weight: what the slots hold during the compiled call
-    blank: list[None]
+    buffers: list[tuple[str, weakref.ref[torch.nn.Module], str]]
+    norms: list[tuple[str, weakref.ref[_NormBase]]]
+    #: what the set of parameters a loss uses can depend on, besides the batch
+    architecture: Hashable
 
 
 class CompiledStep:
     """An inner-loop step run as one compiled function: `step(fmodel, diffopt, *batch)` does
     what `diffopt.step(loss_fn(fmodel, *batch))` does, and returns the loss.
 
-    The model's forward, the loss, its gradient and the optimizer's update are traced once by
-    `torch.compile` (through `torch.func.grad`) into a single graph whose backward is the
-    meta-gradient; the functional model's fast weights (and their history) and the optimizer's
-    state advance as with `diffopt.step`, to the round-off of the compiled kernels (random
-    ops such as dropout draw other numbers than eager torch). Made by `higher.compile_step`.
+    The model's forward, the loss, its gradient and the optimizer's update (`StepPlan.update`
+    of the step protocol) are traced once by `torch.compile` (through `torch.func.grad`) into a
+    single graph whose backward is the meta-gradient; the functional model's fast weights (and
+    their history) and the optimizer's state advance as with `diffopt.step`, to the round-off of
+    the compiled kernels (random ops such as dropout draw other numbers than eager torch).
+    Made by `higher.compile_step`.
 
     `loss_fn(model, *batch, **kwargs)` gets `model`: a callable that runs the functional
     model's forward with this step's weights (call it as `model(x)`; it has no attributes).
     Everything else the loss reads (data, targets, tensors it closes over) is an input of the
     graph.
 
-    Limits, each refused with a clear error: the optimizer is a rule-based twin (every
-    built-in one; `RuleOptimizer`); the functional model has fast weights of its own (not one
-    from `make_functional`); no BatchNorm or InstanceNorm layer normalizes by batch statistics
-    (torch.compile's second-order gradient through them is wrong; in eval mode they run);
-    torch 2.3 or newer. The compiled backward is differentiable once:
-    a meta-gradient through the unroll, yes; a gradient of that meta-gradient, no (use
-    `diffopt.step` for third-order terms).
+    A parameter the loss does not use gets no update, as with `diffopt.step`. Which ones it
+    uses is found by one eager gradient for each model architecture and batch signature (shapes,
+    dtypes, keyword values); every compiled step also checks it (a parameter thought unused that
+    gets a gradient, or thought used whose gradient is exactly zero, is looked at again, and the
+    step is redone if that changes anything).
+
+    Limits, each refused with a clear error: the optimizer is rule-based (every built-in twin
+    and every plugin written as a `Rule`); the functional model has fast weights of its own
+    (not one from `make_functional`); no BatchNorm or InstanceNorm layer normalizes by batch
+    statistics (torch.compile's second-order gradient through them is wrong; with running
+    statistics, in eval mode, they run); control flow that depends on tensor values cannot be
+    traced as one graph; torch 2.3 or newer. The compiled backward is differentiable once: a
+    meta-gradient through the unroll, yes; a gradient of that meta-gradient, no (use
+    `diffopt.step` for third-order terms). `compile=False` runs `diffopt.step` itself.
 
     Example:
         >>> import torch, higher
@@ -94,12 +100,14 @@ class CompiledStep:
             raise UsageError(
                 f"compile_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (torch.compile "
                 f"of torch.func.grad); this is torch {torch.__version__}. Use diffopt.step, or "
-                "compile_step(..., compile=False) for the same step uncompiled"
+                "compile_step(..., compile=False), which runs it"
             )
         self._loss_fn = loss_fn
-        # A frozen or unused parameter gets no update (as in diffopt.step); which ones are
-        # unused is found once per architecture, by one eager gradient.
-        self._unused: dict[tuple[str, ...], frozenset[int]] = {}
+        self._compiled = compile
+        # (architecture, batch signature) -> indices of the parameters the loss does not use
+        self._unused: dict[Hashable, frozenset[int]] = {}
+        # indices the loss uses whose gradient was seen exactly zero (a dead unit, not a change)
+        self._zero_ok: dict[Hashable, frozenset[int]] = {}
         self._contexts: weakref.WeakKeyDictionary[FunctionalModule, _Context]
         self._contexts = weakref.WeakKeyDictionary()
         self._fn: Callable[..., Any] = self._pure
@@ -118,27 +126,67 @@ class CompiledStep:
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Take one step of `diffopt` on `loss_fn(model, *batch, **kwargs)`; return the loss."""
-        ctx = self._contexts.get(fmodel) if isinstance(fmodel, FunctionalModule) else None
-        if ctx is None or ctx.diffopt is not diffopt:
-            ctx = self._contexts[fmodel] = self._context(fmodel, diffopt, batch, kwargs)
-        opt = ctx.diffopt  # diffopt itself, checked to be a RuleOptimizer
-        for name, norm in ctx.norms:  # their mode may change between steps
-            _refuse_batch_statistics(name, norm)
-        store = fmodel._higher_store
-        params = store.at(None)
+        if not self._compiled:
+            loss = self._loss_fn(fmodel, *batch, **kwargs)
+            diffopt.step(loss)
+            return loss
+        ctx = self._context(fmodel, diffopt)
+        for name, ref in ctx.norms:  # their mode may change between steps
+            norm = ref()
+            if norm is not None:
+                _refuse_batch_statistics(name, norm)
+        params = fmodel.fast_params
+        key = (ctx.architecture, _signature(batch), _signature(kwargs))
+        unused = self._unused.get(key)
+        if unused is None:
+            unused = self._unused[key] = self._find_unused(fmodel, ctx, params, batch, kwargs)
+        run = self._run
+        result, loss, moved, nonzero = run(fmodel, diffopt, ctx, params, unused, batch, kwargs)
+        if self._usage_changed(ctx, key, unused, nonzero):
+            found = self._find_unused(fmodel, ctx, params, batch, kwargs)
+            self._unused[key] = found
+            self._zero_ok[key] = frozenset(
+                i for k, i in enumerate(ctx.requires) if i not in found and not nonzero[k]
+            )
+            if found != unused:  # what the step ran with was wrong: nothing is committed yet
+                result, loss, moved, _ = run(fmodel, diffopt, ctx, params, found, batch, kwargs)
+        plan, new = result
+        if moved:
+            with torch.no_grad():
+                for name, module, key_ in ctx.buffers:
+                    owner = module()
+                    if owner is not None and name in moved:
+                        buffer = owner._buffers[key_]
+                        assert buffer is not None
+                        buffer.copy_(moved[name])
+        # first order, or no graph at all: the weights stay trainable for the next step
+        first_order = not (diffopt.track_higher_grads and torch.is_grad_enabled())
+        diffopt.commit(plan, new, first_order=first_order)
+        return loss
+
+    def _run(
+        self,
+        fmodel: FunctionalModule,
+        diffopt: DifferentiableOptimizer,
+        ctx: _Context,
+        params: list[torch.Tensor],
+        unused: frozenset[int],
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[StepPlan, StepResult], torch.Tensor, dict[str, torch.Tensor], list[bool]]:
+        """Plan the step and run the compiled function; nothing is changed yet."""
+        flags = [False] * len(params)
+        for i in ctx.requires:
+            flags[i] = i not in unused
+        plan = diffopt.plan(params, stepped=flags)
         buffers: dict[str, torch.Tensor] = {}
         for name, module, key in ctx.buffers:
-            buffer = module._buffers[key]
+            owner = module()
+            buffer = None if owner is None else owner._buffers[key]
             if buffer is not None:
                 buffers[name] = buffer
-        mappings = opt._group_to_param_list
-        opt._load_params(params)
-        buckets = opt._buckets(ctx.live)
-        plan = []  # per bucket: (positions among the trainable, state, options)
-        for g, slots in buckets:
-            state, hyper = opt._gather(g, slots)
-            mapping = mappings[g]
-            plan.append(([ctx.position[mapping[j]] for j in slots], state, hyper))
+        # what the graph reads of the plan: its buckets (states, options) and rule
+        traced = plan._replace(options=[], requires_grad=[])
         with warnings.catch_warnings():
             # torch.compile reads `.grad` of every input tensor while it traces; the weights of
             # an unroll are not leaves, and torch warns of that read (an error under -W error).
@@ -147,91 +195,97 @@ class CompiledStep:
             warnings.filterwarnings(
                 "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
             )
-            # The slots are emptied for the call: weights the module holds would alias the
+            # The slots are empty during the call: weights the module holds would alias the
             # inputs, which torch.compile guards by identity, in Python, at every call.
-            store.place(ctx.blank)
-            try:
-                new_params, new_states, loss, moved = self._fn(
-                    fmodel,
-                    ctx.names,
-                    params,
-                    ctx.trainable,
-                    buffers,
-                    opt.rule,
-                    plan,
-                    opt._grad_callback,
-                    batch,
-                    kwargs,
-                )
-            except BaseException:
-                store.place(params)
-                raise
-        if moved:
-            with torch.no_grad():
-                for name, buffer in buffers.items():
-                    buffer.copy_(moved[name])
-        for (g, slots), out, new_state in zip(buckets, new_params, new_states, strict=True):
-            opt._scatter(g, slots, out, new_state)
-        # first order, or no graph at all: the weights stay trainable for the next step
-        first_order = not (opt.track_higher_grads and torch.is_grad_enabled())
-        updated = opt._collect_params(params, first_order)
-        store.set(updated)  # shapes, dtypes and devices are the rule's: as checked at first
-        return loss  # type: ignore[no-any-return]
+            with fmodel.vacated():
+                try:
+                    result, loss, moved, nonzero = self._fn(
+                        fmodel,
+                        ctx.names,
+                        params,
+                        ctx.requires,
+                        buffers,
+                        traced,
+                        diffopt.grad_callback,
+                        batch,
+                        kwargs,
+                    )
+                except torch._dynamo.exc.Unsupported as err:
+                    raise UsageError(
+                        "compile_step could not trace the step as one graph (control flow that "
+                        "depends on tensor values, or an op torch.compile does not support): "
+                        f"{str(err).splitlines()[0]}. Use compile_step(..., compile=False) or "
+                        "diffopt.step for this loss"
+                    ) from err
+        # the parameters not stepped are the inputs themselves (not what the graph passed on)
+        new = [q if flags[i] else params[i] for i, q in enumerate(result.params)]
+        used = nonzero.tolist() if isinstance(nonzero, torch.Tensor) else []
+        return (plan, result._replace(params=new)), loss, moved, used
 
-    def _context(
-        self,
-        fmodel: FunctionalModule,
-        diffopt: DifferentiableOptimizer,
-        batch: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> _Context:
-        """Check the pair once and work out what every later step of it reuses."""
+    def _usage_changed(
+        self, ctx: _Context, key: Hashable, unused: frozenset[int], nonzero: list[bool]
+    ) -> bool:
+        """Whether the gradients contradict the parameters thought used: one thought unused
+        got a gradient, or one thought used got an exactly-zero one (not seen before)."""
+        zero_ok = self._zero_ok.get(key, frozenset())
+        for k, i in enumerate(ctx.requires):
+            if (i in unused) == nonzero[k] and (i in unused or i not in zero_ok):
+                return True
+        return False
+
+    def _context(self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer) -> _Context:
+        """The checks and layout of a functional model, worked out once per model."""
+        ctx = self._contexts.get(fmodel) if isinstance(fmodel, FunctionalModule) else None
+        if ctx is not None and ctx.diffopt() is diffopt:
+            return ctx
         if not isinstance(fmodel, FunctionalModule):
             raise UsageError(
                 "the first argument must be a functional model (from innerloop_ctx or "
                 f"higher.patch.monkeypatch), got {type(fmodel).__name__}"
             )
-        if not isinstance(diffopt, RuleOptimizer):
+        if not isinstance(diffopt, DifferentiableOptimizer):
             raise UsageError(
-                "compile_step runs rule-based differentiable optimizers (every built-in twin); "
-                f"{type(diffopt).__name__} is not one: use diffopt.step for it"
+                f"the second argument must be a differentiable optimizer, got "
+                f"{type(diffopt).__name__}"
             )
-        if diffopt._fmodel is not None and diffopt._fmodel is not fmodel:
+        if diffopt.fmodel is not None and diffopt.fmodel is not fmodel:
             raise UsageError(
                 "diffopt was built for another functional model: pass the pair innerloop_ctx "
                 "gave (or the fmodel the optimizer was built with)"
             )
         named = fmodel.named_fast_params()  # raises for a module without fast weights
-        names = tuple(named)
-        params = list(named.values())
-        diffopt._check_step_params(params)
-        unused = self._unused.get(names)
-        if unused is None:
-            unused = self._unused[names] = self._find_unused(fmodel, names, params, batch, kwargs)
-        trainable = [i for i, p in enumerate(params) if p.requires_grad and i not in unused]
-        position = {i: k for k, i in enumerate(trainable)}
-        places, norms = [], []
+        if diffopt.plan(list(named.values())).rule is None:
+            raise UsageError(
+                "compile_step runs rule-based differentiable optimizers (every built-in twin, "
+                f"and plugins written as a Rule); {type(diffopt).__name__} implements _update "
+                "by hand: use diffopt.step for it"
+            )
+        places, norms, shape = [], [], []
         for prefix, module in fmodel.named_modules():
             if isinstance(module, _NormBase):
-                norms.append((prefix, module))
+                norms.append((prefix, weakref.ref(module)))
             for key, buffer in module._buffers.items():
                 if buffer is not None:
-                    places.append((f"{prefix}.{key}" if prefix else key, module, key))
-        return _Context(
-            diffopt=diffopt,
-            names=names,
-            trainable=trainable,
-            position=position,
-            live=[[i in position for i in mapping] for mapping in diffopt._group_to_param_list],
+                    places.append((f"{prefix}.{key}" if prefix else key, weakref.ref(module), key))
+            config = tuple(
+                (k, v) for k, v in vars(module).items() if type(v) in _CONFIG_TYPES and k[0] != "_"
+            )
+            shape.append((prefix, type(module), config))
+        ctx = _Context(
+            diffopt=weakref.ref(diffopt),
+            names=tuple(named),
+            requires=[i for i, p in enumerate(named.values()) if p.requires_grad],
             buffers=places,
             norms=norms,
-            blank=[None] * len(names),
+            architecture=(tuple(named), tuple(shape)),
         )
+        self._contexts[fmodel] = ctx
+        return ctx
 
     def _find_unused(
         self,
         fmodel: FunctionalModule,
-        names: tuple[str, ...],
+        ctx: _Context,
         params: list[torch.Tensor],
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -242,14 +296,14 @@ class CompiledStep:
         probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
 
         def model(*args: Any, **kw: Any) -> Any:
-            return torch.func.functional_call(fmodel, dict(zip(names, probe)), args, kw)
+            return torch.func.functional_call(fmodel, dict(zip(ctx.names, probe)), args, kw)
 
         try:
             loss = self._loss_fn(model, *batch, **kwargs)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
                 raise UsageError(f"loss_fn must return a scalar tensor, got {shape}")
-            wanted = [i for i, p in enumerate(probe) if p.requires_grad]
+            wanted = [probe[i] for i in ctx.requires]
             if not wanted:
                 return frozenset()
             if not loss.requires_grad:
@@ -257,26 +311,25 @@ class CompiledStep:
                     "the loss does not depend on the model's parameters: loss_fn must compute "
                     "it from what model(...) returns"
                 )
-            grads = torch.autograd.grad(loss, [probe[i] for i in wanted], allow_unused=True)
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
         finally:
             with torch.no_grad():
                 for k, b in fmodel.named_buffers():
                     b.copy_(saved[k])
-        return frozenset(i for i, g in zip(wanted, grads, strict=True) if g is None)
+        return frozenset(i for i, g in zip(ctx.requires, grads, strict=True) if g is None)
 
     def _pure(
         self,
         module: torch.nn.Module,
         names: tuple[str, ...],
         params: list[torch.Tensor],
-        trainable: list[int],
+        requires: list[int],
         buffers: dict[str, torch.Tensor],
-        rule: Any,
-        plan: Sequence[tuple[list[int], Any, dict[str, Any]]],
+        plan: StepPlan,
         callback: Callable[[list[torch.Tensor | None]], Any] | None,
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> tuple[list[list[torch.Tensor]], list[Any], torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[StepResult, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """The step as a pure function of its inputs (what `torch.compile` traces)."""
 
         # A module may update its buffers in place (running averages); torch.func.grad refuses
@@ -286,7 +339,7 @@ class CompiledStep:
             live: list[torch.Tensor],
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
             current = list(params)
-            for k, i in enumerate(trainable):
+            for k, i in enumerate(requires):
                 current[i] = live[k]
             moved = {k: b.clone() for k, b in buffers.items()}
             tensors = {**moved, **dict(zip(names, current))}
@@ -297,34 +350,55 @@ class CompiledStep:
             loss = self._loss_fn(model, *batch, **kwargs)
             return loss, (loss, moved)
 
-        live = [params[i] for i in trainable]
+        live = [params[i] for i in requires]
         grads, (loss, moved) = torch.func.grad(loss_of, has_aux=True)(live)
-        if callback is not None:
-            full: list[torch.Tensor | None] = [None] * len(params)
-            for k, i in enumerate(trainable):
+        # whether each gradient is nonzero: the check of which parameters the loss uses
+        nonzero = torch.stack([g.ne(0).any() for g in grads]) if grads else None
+        stepped = {i for bucket in plan.buckets for i in bucket.indices}
+        full: list[torch.Tensor | None] = [None] * len(params)
+        for k, i in enumerate(requires):
+            if i in stepped:
                 full[i] = grads[k]
+        if callback is not None:
             full = list(callback(full))
-            grads = [full[i] for i in trainable]
-        new_params, new_states = [], []
-        for slots, state, hyper in plan:
-            out, new_state = rule.update(
-                [live[k] for k in slots], [grads[k] for k in slots], state, hyper
-            )
-            new_params.append(out)
-            new_states.append(new_state)
-        return new_params, new_states, loss, moved
+        return plan.update(params, full), loss, moved, nonzero
+
+
+# Attribute values that describe a module's configuration (what a forward may branch on).
+_CONFIG_TYPES = (bool, int, float, str, type(None))
+
+
+def _signature(value: Any) -> Hashable:
+    """What a loss's set of used parameters can depend on in `value`: tensors by shape, dtype
+    and device; numbers, strings and the like by value; containers item by item."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((k, _signature(v)) for k, v in value.items()))
+    if isinstance(value, Hashable):
+        return (type(value), value)
+    return (type(value), id(value))
 
 
 def _refuse_batch_statistics(name: str, sub: _NormBase) -> None:
     """Refuse a normalization layer that normalizes by the batch's own statistics: the
     second-order gradient torch.compile gives through them was wrong (torch 2.13 and 2.14,
     BatchNorm2d: off by a factor, while the forward values matched)."""
-    if sub.training or not sub.track_running_stats:
+    where = f"{type(sub).__name__} ({name or 'the model'})"
+    if not sub.track_running_stats:
         raise UsageError(
-            f"compile_step does not run {type(sub).__name__} ({name or 'the model'}) with "
-            "batch statistics (training mode): torch.compile's second-order gradient "
-            "through them is wrong. Use diffopt.step for this model, or put the "
-            "normalization layers in eval mode"
+            f"compile_step does not run {where}: with track_running_stats=False it normalizes "
+            "by batch statistics in every mode, and torch.compile's second-order gradient "
+            "through them is wrong. Use diffopt.step for this model, or build the layer with "
+            "track_running_stats=True and put it in eval mode"
+        )
+    if sub.training:
+        raise UsageError(
+            f"compile_step does not run {where} with batch statistics (training mode): "
+            "torch.compile's second-order gradient through them is wrong. Use diffopt.step "
+            "for this model, or put the normalization layers in eval mode"
         )
 
 
@@ -335,13 +409,17 @@ def compile_step(loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any
     Make it once, outside the task loop, and call it in every inner loop: the graph is
     compiled on the first calls (seconds) and reused by every later task of the same model.
     `compile_kwargs` go to `torch.compile` (`backend=`, `mode=`, `dynamic=`); `compile=False`
-    runs the same step through `torch.func` without compiling.
+    runs `diffopt.step` itself (any torch, any optimizer, any model).
 
     Example:
         >>> import torch, higher
         >>> step = higher.compile_step(lambda m, x: m(x).pow(2).mean(), backend="eager")
-        >>> isinstance(step, higher.CompiledStep)
-        True
+        >>> net = torch.nn.Linear(2, 1)
+        >>> with higher.innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1)) as (
+        ...     fmodel, diffopt):
+        ...     loss = step(fmodel, diffopt, torch.ones(3, 2))
+        >>> type(step).__name__, loss.shape
+        ('CompiledStep', torch.Size([]))
     """
     return CompiledStep(loss_fn, compile=compile, **compile_kwargs)
 

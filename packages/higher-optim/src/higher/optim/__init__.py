@@ -26,6 +26,7 @@ from ._api import get_trainable_opt_params as get_trainable_opt_params
 from ._base import DifferentiableOptimizer as DifferentiableOptimizer
 from ._clip import clip_grad_norm as clip_grad_norm
 from ._clip import clip_grad_value as clip_grad_value
+from ._errors import ArgumentTypeError as ArgumentTypeError
 from ._errors import HyperparameterTypeError as HyperparameterTypeError
 from ._errors import OptimError as OptimError
 from ._errors import PluginError as PluginError
@@ -36,6 +37,9 @@ from ._registry import clear_plugin_cache as clear_plugin_cache
 from ._registry import register_optim as register_optim
 from ._registry import twin_of as twin_of
 from ._rule import Rule as Rule
+from ._step import Bucket as Bucket
+from ._step import StepPlan as StepPlan
+from ._step import StepResult as StepResult
 from ._twins import DifferentiableAdadelta as DifferentiableAdadelta
 from ._twins import DifferentiableAdafactor as DifferentiableAdafactor
 from ._twins import DifferentiableAdagrad as DifferentiableAdagrad
@@ -70,6 +74,9 @@ __all__ = [
     "DifferentiableNAdam",
     "DifferentiableRAdam",
     "DifferentiableAdafactor",
+    "StepPlan",
+    "StepResult",
+    "Bucket",
     "RuleOptimizer",
     "Rule",
     "FunctionalModel",
@@ -82,6 +89,7 @@ __all__ = [
     "OptimError",
     "UnsupportedOptimizerError",
     "UnsupportedOptionError",
+    "ArgumentTypeError",
     "HyperparameterTypeError",
     "PluginError",
     "PluginWarning",

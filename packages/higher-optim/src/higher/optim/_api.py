@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._base import DifferentiableOptimizer
-from ._errors import HyperparameterTypeError, OptimError
+from ._errors import ArgumentTypeError, OptimError
 from ._protocols import FunctionalModel
 from ._registry import twin_of
 
@@ -37,7 +37,7 @@ def get_diff_optim(
         'DifferentiableAdam'
     """
     if not isinstance(opt, torch.optim.Optimizer):
-        raise HyperparameterTypeError(
+        raise ArgumentTypeError(
             f"expected a torch.optim.Optimizer instance, got {type(opt).__name__}"
         )
     twin = twin_of(type(opt))
@@ -85,7 +85,7 @@ def create_diff_optim(
 
     def placeholder(p: Any) -> torch.Tensor:
         if not isinstance(p, torch.Tensor):
-            raise HyperparameterTypeError(
+            raise ArgumentTypeError(
                 f"params must hold tensors or param-group dicts, got {type(p).__name__}"
             )
         return torch.zeros(p.shape, dtype=p.dtype, device=p.device, requires_grad=True)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ._errors import HyperparameterTypeError, OptimError
+from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
 from ._protocols import FunctionalModel, GradCallback
+from ._step import Bucket, StepPlan, StepResult
 
 _GroupState = defaultdict[int, dict[str, Any]]
 
@@ -30,10 +33,15 @@ class DifferentiableOptimizer(abc.ABC):
     hold the current parameters of the group, and its state is cloned and detached into
     `state[g][i]`, so a torch optimizer that already stepped carries its moments over.
 
-    Subclass it and implement `_update(grouped_grads, **kwargs)`: for each group, for each slot
-    with a gradient, compute the new parameter without in-place ops and assign it to
-    `group["params"][i]`; keep per-slot state in `self.state[g][i]`; then
-    `register_optim(TorchOptType, DiffOptType)`.
+    A step is three phases anything can drive (the step protocol): `plan` checks it and gathers
+    what it needs, `StepPlan.update` computes it as a pure function, `commit` stores it; `step`
+    runs the three with the loss's gradients.
+
+    New twins are best written as a pure `Rule` under `RuleOptimizer` (see `higher.optim.rule`).
+    The 0.2.1 way works too: subclass this class and implement `_update(grouped_grads,
+    **kwargs)`: for each group, for each slot with a gradient, compute the new parameter without
+    in-place ops and assign it to `group["params"][i]`; keep per-slot state in
+    `self.state[g][i]`; then `register_optim(TorchOptType, DiffOptType)`.
 
     Args:
         other: the torch optimizer to mirror.
@@ -71,16 +79,17 @@ class DifferentiableOptimizer(abc.ABC):
         **kwargs: Any,
     ) -> None:
         if kwargs:
-            raise HyperparameterTypeError(
+            raise ArgumentTypeError(
                 f"{type(self).__name__}() got unexpected keyword arguments {sorted(kwargs)}"
             )
         if not isinstance(other, torch.optim.Optimizer):
-            raise HyperparameterTypeError(
+            raise ArgumentTypeError(
                 f"expected a torch.optim.Optimizer to mirror, got {type(other).__name__}"
             )
         reference = list(reference_params)
         position = {id(p): i for i, p in enumerate(reference)}
         self._reference = reference
+        self._specs = [(p.shape, p.dtype) for p in reference]
         self._fmodel = fmodel
         self._device = device
         self._grad_callback = grad_callback
@@ -88,6 +97,7 @@ class DifferentiableOptimizer(abc.ABC):
         self.param_groups = []
         self._group_to_param_list: list[list[int]] = []
         self.state = []
+        seen: dict[int, tuple[int, int]] = {}
         for g, group in enumerate(other.param_groups):
             mapping: list[int] = []
             for j, p in enumerate(group["params"]):
@@ -97,6 +107,13 @@ class DifferentiableOptimizer(abc.ABC):
                         f"(shape {tuple(p.shape)}) is not among reference_params; pass the "
                         "parameters the optimizer was built on (e.g. model.parameters())"
                     )
+                if id(p) in seen:  # torch steps it twice (and warns that this will be an error)
+                    raise OptimError(
+                        f"parameter {j} of param group {g} of the {type(other).__name__} is the "
+                        f"same tensor as parameter {seen[id(p)][1]} of group {seen[id(p)][0]}: "
+                        "give each parameter to the optimizer once"
+                    )
+                seen[id(p)] = (g, j)
                 mapping.append(position[id(p)])
             copied = {k: v for k, v in group.items() if k != "params"}
             copied["params"] = [reference[i] for i in mapping]
@@ -124,8 +141,8 @@ class DifferentiableOptimizer(abc.ABC):
     def _check_options(self, other: torch.optim.Optimizer) -> None:  # noqa: B027
         """Refuse options the twin does not honour (a hand-written subclass accepts all)."""
 
-    def _check_groups(self) -> None:  # noqa: B027
-        """Check the type of every hyperparameter (a hand-written subclass accepts all)."""
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:  # noqa: B027
+        """Check every hyperparameter of `groups` (a hand-written subclass accepts all)."""
 
     @abc.abstractmethod
     def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
@@ -135,16 +152,54 @@ class DifferentiableOptimizer(abc.ABC):
 
     @property
     def track_higher_grads(self) -> bool:
-        """Whether steps keep their graph (False: each step's new parameters are detached)."""
+        """Whether steps keep their graph (False: each step's new parameters are detached).
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> opt = torch.optim.SGD([w], lr=0.1)
+            >>> higher.optim.get_diff_optim(opt, [w], track_higher_grads=False).track_higher_grads
+            False
+        """
         return self._track_higher_grads
 
-    def _apply_override(self, override: Mapping[str, Sequence[Any]]) -> None:
+    @property
+    def fmodel(self) -> FunctionalModel | None:
+        """The functional model each `step` updates (None when steps are given `params=`).
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> print(higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w]).fmodel)
+            None
+        """
+        return self._fmodel
+
+    @property
+    def grad_callback(self) -> GradCallback | None:
+        """The constructor's `grads -> grads` callback, run before each update (or None).
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> clip = higher.optim.clip_grad_value(1.0)
+            >>> diffopt = higher.optim.get_diff_optim(
+            ...     torch.optim.SGD([w], lr=0.1), [w], grad_callback=clip)
+            >>> diffopt.grad_callback is clip
+            True
+        """
+        return self._grad_callback
+
+    def _validated_options(self, override: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+        """The param groups' options with `override` applied, every value checked; nothing is
+        changed (a rejected override leaves the optimizer as it was)."""
         if not isinstance(override, Mapping):
             raise HyperparameterTypeError(
                 f"override must be a dict of hyperparameter -> list of values, got {override!r}"
             )
         n_groups = len(self.param_groups)
         known = set().union(*(g.keys() for g in self.param_groups)) - {"params"}
+        options = [dict(group) for group in self.param_groups]
         for name, values in override.items():
             if name not in known:
                 raise OptimError(
@@ -161,9 +216,14 @@ class DifferentiableOptimizer(abc.ABC):
                     f"override[{name!r}] has {len(values)} values; expected 1 (all groups) or "
                     f"{n_groups} (one per param group)"
                 )
-            for g, group in enumerate(self.param_groups):
+            for g, group in enumerate(options):
                 group[name] = values[0] if len(values) == 1 else values[g]
-        self._check_groups()
+        self._check_groups(options)
+        return options
+
+    def _apply_override(self, override: Mapping[str, Sequence[Any]]) -> None:
+        for group, options in zip(self.param_groups, self._validated_options(override)):
+            group.update((k, v) for k, v in options.items() if k != "params")
 
     def _gradients(
         self, loss: torch.Tensor, params: list[torch.Tensor]
@@ -183,11 +243,59 @@ class DifferentiableOptimizer(abc.ABC):
             create_graph=self._track_higher_grads,
             allow_unused=True,
         )
+        if all(g is None for g in found):
+            raise OptimError(self._unrelated_loss(loss, params))
         for i, grad in zip(trainable, found, strict=True):
             grads[i] = grad
         return grads
 
+    def _unrelated_loss(self, loss: torch.Tensor, params: list[torch.Tensor]) -> str:
+        """Why a loss that requires grad depends on none of the step's parameters."""
+        what = "the parameters given to step" if self._fmodel is None else "the fast weights"
+        suspects = [("the original model's parameters", self._reference)]
+        history = getattr(self._fmodel, "parameters", None)
+        if callable(history):  # a higher.patch module: the weights before the last step
+            with contextlib.suppress(Exception):
+                suspects.append(("the fast weights of an earlier step", list(history(time=-2))))
+        for name, tensors in suspects:
+            tensors = [t for t in tensors if t.requires_grad and all(t is not p for p in params)]
+            if tensors and any(
+                g is not None for g in torch.autograd.grad(loss, tensors, allow_unused=True)
+            ):
+                return (
+                    f"the loss depends on none of {what} but on {name}: compute it from the "
+                    "current weights (fmodel(...) after the last step, not the model itself or a "
+                    "loss computed before a step), then call step"
+                )
+        return (
+            f"the loss depends on none of {what}: compute it from the current weights "
+            "(fmodel(...) or the params given to step), not from other tensors"
+        )
+
+    def _current_params(self, params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
+        if params is not None:
+            return params if isinstance(params, list) else list(params)
+        if self._fmodel is None:
+            raise OptimError(
+                "step() needs the current parameters: pass params=[...] or build the "
+                "optimizer with fmodel="
+            )
+        fast = self._fmodel.fast_params
+        if fast is None:
+            raise OptimError("the functional model has no fast weights; pass params=[...]")
+        return list(fast)
+
     def _check_step_params(self, params: list[torch.Tensor]) -> None:
+        specs = self._specs
+        if len(params) == len(specs):
+            try:
+                if all(
+                    p.shape == shape and p.dtype == dtype
+                    for p, (shape, dtype) in zip(params, specs)
+                ):
+                    return
+            except AttributeError:  # not a tensor: said below
+                pass
         if len(params) != len(self._reference):
             raise OptimError(
                 f"step got {len(params)} parameters; expected {len(self._reference)} "
@@ -195,14 +303,171 @@ class DifferentiableOptimizer(abc.ABC):
             )
         for i, (p, ref) in enumerate(zip(params, self._reference, strict=True)):
             if not isinstance(p, torch.Tensor):
-                raise HyperparameterTypeError(
-                    f"params[{i}] must be a tensor, got {type(p).__name__}"
-                )
+                raise ArgumentTypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
             if p.shape != ref.shape:
                 raise OptimError(
                     f"params[{i}] has shape {tuple(p.shape)}; expected {tuple(ref.shape)} "
                     f"(the shape of reference parameter {i})"
                 )
+            if p.dtype != ref.dtype:
+                raise OptimError(
+                    f"params[{i}] has dtype {p.dtype}; expected {ref.dtype} (the dtype of "
+                    f"reference parameter {i}, which the optimizer state follows)"
+                )
+
+    # -- the step protocol: plan -> update -> commit ------------------------------------------
+
+    def plan(
+        self,
+        params: Iterable[torch.Tensor] | None = None,
+        *,
+        stepped: Sequence[bool] | None = None,
+        override: Mapping[str, Sequence[Any]] | None = None,
+        **kwargs: Any,
+    ) -> StepPlan:
+        """Check one step and gather what it needs; nothing is changed.
+
+        Args:
+            params: the current parameters, in the order of `reference_params` (default: the
+                functional model's fast weights).
+            stepped: per parameter, whether it is updated (default: whether it requires grad);
+                a parameter the loss does not use has no gradient and is not stepped.
+            override: hyperparameters for this step and, once committed, the later ones.
+            **kwargs: passed to a hand-written `_update`.
+
+        Returns:
+            A `StepPlan`: run it with `plan.update(params, grads)`, then `commit` the result.
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+            >>> plan = diffopt.plan([w], override={"lr": [0.25]})
+            >>> result = plan.update([w], [torch.ones(2)])
+            >>> diffopt.commit(plan, result)[0].tolist(), diffopt.param_groups[0]["lr"]
+            ([0.75, 0.75], 0.25)
+        """
+        param_list = self._current_params(params)
+        self._check_step_params(param_list)
+        return self._plan(param_list, stepped, override, kwargs)
+
+    def _plan(
+        self,
+        param_list: list[torch.Tensor],
+        stepped: Sequence[bool] | None,
+        override: Mapping[str, Sequence[Any]] | None,
+        kwargs: dict[str, Any],
+    ) -> StepPlan:
+        """`plan` for parameters already checked."""
+        options = self.param_groups if override is None else self._validated_options(override)
+        if stepped is None:
+            stepped = [p.requires_grad for p in param_list]
+        elif len(stepped) != len(param_list):
+            raise OptimError(
+                f"stepped has {len(stepped)} entries; expected {len(param_list)} (one per "
+                "parameter)"
+            )
+        live = [[bool(stepped[i]) for i in mapping] for mapping in self._group_to_param_list]
+        return self._make_plan(param_list, live, options, kwargs)
+
+    def _make_plan(
+        self,
+        params: list[torch.Tensor],
+        live: list[list[bool]],
+        options: list[dict[str, Any]],
+        kwargs: dict[str, Any],
+    ) -> StepPlan:
+        """A plan that runs the hand-written `_update` (one bucket per group) on copies."""
+        buckets = []
+        for g, (flags, mapping) in enumerate(zip(live, self._group_to_param_list, strict=True)):
+            slots = tuple(j for j, flag in enumerate(flags) if flag)
+            if slots:
+                states = [dict(self.state[g].get(j, ())) for j in slots]
+                indices = tuple(mapping[j] for j in slots)
+                buckets.append(Bucket(g, slots, indices, states, options[g]))
+        requires_grad = [p.requires_grad for p in params]
+        fallback = functools.partial(self._run_update, kwargs=kwargs)
+        return StepPlan(buckets, options, requires_grad, None, fallback, type(self).__name__)
+
+    def _run_update(
+        self,
+        plan: StepPlan,
+        params: Sequence[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        states: list[Any],
+        kwargs: dict[str, Any],
+    ) -> StepResult:
+        """Run `_update` on scratch param groups and state: this optimizer is left unchanged."""
+        mappings = self._group_to_param_list
+        groups = [
+            {**options, "params": [params[i] for i in mapping]}
+            for options, mapping in zip(plan.options, mappings, strict=True)
+        ]
+        state = [defaultdict(dict, {j: dict(s) for j, s in gs.items()}) for gs in self.state]
+        for bucket, bucket_states in zip(plan.buckets, states, strict=True):
+            for j, slot in zip(bucket.slots, bucket_states, strict=True):
+                state[bucket.group][j] = dict(slot)
+        stepped = {i for bucket in plan.buckets for i in bucket.indices}
+        grouped = [[grads[i] if i in stepped else None for i in mapping] for mapping in mappings]
+        saved = self.param_groups, self.state
+        self.param_groups, self.state = groups, state
+        try:
+            self._update(grouped, **kwargs)
+        finally:
+            self.param_groups, self.state = saved
+        new_params = list(params)
+        for group, mapping in zip(groups, mappings, strict=True):
+            for j, i in enumerate(mapping):
+                new_params[i] = group["params"][j]
+        new_states = [[state[b.group][j] for j in b.slots] for b in plan.buckets]
+        return StepResult(new_params, new_states)
+
+    def _store_state(self, bucket: Bucket, new_state: Any) -> None:
+        """Keep what `update` returned for a bucket (here: one dict per slot)."""
+        for j, slot in zip(bucket.slots, new_state, strict=True):
+            self.state[bucket.group][j] = slot
+
+    def commit(
+        self, plan: StepPlan, result: StepResult, *, first_order: bool | None = None
+    ) -> list[torch.Tensor]:
+        """Store a step's outcome: the new parameters (into the functional model, when there is
+        one), the new state, and the step's override. Returns the new parameters.
+
+        Args:
+            plan: the plan `result` came from.
+            result: what `plan.update` returned.
+            first_order: detach the new parameters and the state (default: when this optimizer
+                does not track higher-order gradients).
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+            >>> plan = diffopt.plan([w])
+            >>> diffopt.commit(plan, plan.update([w], [torch.ones(1)]))[0].item()
+            0.5
+        """
+        if first_order is None:
+            first_order = not self._track_higher_grads
+        new_params = result.params
+        if first_order:
+            new_params = [
+                q.detach().requires_grad_(r)
+                for q, r in zip(new_params, plan.requires_grad, strict=True)
+            ]
+        if (
+            self._fmodel is not None
+        ):  # the one write that checks: first, so a refusal changes nothing
+            self._fmodel.update_params(new_params)
+        for group, options in zip(self.param_groups, plan.options, strict=True):
+            if options is not group:
+                group.update((k, v) for k, v in options.items() if k != "params")
+        for bucket, new_state in zip(plan.buckets, result.states, strict=True):
+            self._store_state(bucket, new_state)
+        if first_order:
+            self._detach_state()
+        self._load_params(new_params)
+        return new_params
 
     def step(
         self,
@@ -213,6 +478,9 @@ class DifferentiableOptimizer(abc.ABC):
         **kwargs: Any,
     ) -> list[torch.Tensor]:
         """Take one step from `params` (or the functional model's fast weights).
+
+        `plan`, `StepPlan.update` and `commit` in one call, with the gradients of `loss`: a
+        step that raises changes nothing.
 
         Args:
             loss: a scalar tensor computed from the current parameters.
@@ -232,60 +500,34 @@ class DifferentiableOptimizer(abc.ABC):
             >>> diffopt.step((w**2).sum(), params=[w])[0].item()
             0.5
         """
-        if params is None:
-            if self._fmodel is None:
-                raise OptimError(
-                    "step() needs the current parameters: pass params=[...] or build the "
-                    "optimizer with fmodel="
-                )
-            fast = self._fmodel.fast_params
-            if fast is None:
-                raise OptimError("the functional model has no fast weights; pass params=[...]")
-            params = fast
-        param_list = list(params)
+        param_list = self._current_params(params)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise OptimError(f"the loss must be a scalar tensor (one element), got {shape}")
         self._check_step_params(param_list)
-        if override is not None:
-            self._apply_override(override)
         grads = self._gradients(loss, param_list)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
-            grads = list(callback(grads))
+            returned = callback(grads)
+            if not isinstance(returned, (list, tuple)):
+                raise OptimError(
+                    "grad_callback must return a list of gradients (one per parameter, None "
+                    f"where there is none), got {type(returned).__name__}"
+                )
+            grads = list(returned)
             if len(grads) != len(param_list):
                 raise OptimError(
                     f"grad_callback returned {len(grads)} gradients; expected {len(param_list)}"
                 )
-        self._load_params(param_list)
-        grouped = [[grads[i] for i in mapping] for mapping in self._group_to_param_list]
-        self._update(grouped, **kwargs)
-        new_params = self._collect_params(param_list, first_order=not self._track_higher_grads)
-        if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
-        return new_params
+        plan = self._plan(param_list, [g is not None for g in grads], override, kwargs)
+        if callback is None and not any(g is not None and g.is_sparse for g in grads):
+            return self.commit(plan, plan.run(param_list, grads))  # autograd's own gradients
+        return self.commit(plan, plan.update(param_list, grads))
 
     def _load_params(self, params: list[torch.Tensor]) -> None:
         """Put `params` (in the order of `reference_params`) into the groups' slots."""
         for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
             group["params"] = [params[i] for i in mapping]
-
-    def _collect_params(self, params: list[torch.Tensor], first_order: bool) -> list[torch.Tensor]:
-        """The slots after an update, in the order of `params` (which fills the slots of no
-        group). `first_order`: detached (each keeping its `requires_grad`), the state too, and
-        the slots hold the detached ones."""
-        new_params = list(params)
-        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
-            for j, i in enumerate(mapping):
-                new_params[i] = group["params"][j]
-        if first_order:
-            new_params = [
-                q.detach().requires_grad_(p.requires_grad)
-                for q, p in zip(new_params, params, strict=True)
-            ]
-            self._detach_state()
-            self._load_params(new_params)
-        return new_params
 
     def _detach_state(self) -> None:
         for group_state in self.state:

@@ -35,7 +35,22 @@ class UnsupportedOptimizerError(OptimError):
     """
 
 
-class HyperparameterTypeError(HigherError, TypeError):
+class ArgumentTypeError(HigherError, TypeError):
+    """An argument of the wrong kind: not a torch optimizer, not a tensor, an unknown keyword.
+
+    It is a `TypeError`, so `except TypeError` catches it.
+
+    Example:
+        >>> import higher.optim
+        >>> try:
+        ...     higher.optim.get_diff_optim("SGD", [])  # type: ignore[arg-type]
+        ... except higher.optim.ArgumentTypeError as err:
+        ...     print(err)
+        expected a torch.optim.Optimizer instance, got str
+    """
+
+
+class HyperparameterTypeError(ArgumentTypeError):
     """A hyperparameter, flag or option has a value of the wrong type.
 
     It is a `TypeError`, so `except TypeError` catches it.

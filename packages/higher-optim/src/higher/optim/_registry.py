@@ -18,7 +18,7 @@ from higher.errors import HigherWarning
 
 from . import _twins as t
 from ._base import DifferentiableOptimizer
-from ._errors import HyperparameterTypeError, PluginError, UnsupportedOptimizerError
+from ._errors import ArgumentTypeError, PluginError, UnsupportedOptimizerError
 
 GROUP = "higher.optimizers"
 
@@ -82,13 +82,13 @@ def register_optim(
         >>> higher.optim.register_optim(MySGD, higher.optim.DifferentiableSGD)
     """
     if not (isinstance(optim_type, type) and issubclass(optim_type, torch.optim.Optimizer)):
-        raise HyperparameterTypeError(
+        raise ArgumentTypeError(
             f"optim_type must be a torch.optim.Optimizer subclass, got {optim_type!r}"
         )
     if not (
         isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)
     ):
-        raise HyperparameterTypeError(
+        raise ArgumentTypeError(
             f"diff_optim_type must be a DifferentiableOptimizer subclass, got {diff_optim_type!r}"
         )
     _registered[optim_type] = diff_optim_type

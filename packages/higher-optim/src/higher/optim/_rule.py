@@ -54,6 +54,9 @@ class Rule(NamedTuple):
     extra: tuple[str, ...] = ()
     #: Whether `lr` may be a list of tensors, one per parameter (Meta-SGD).
     per_param_lr: bool = True
+    #: Whether sparse gradients are taken (made dense first: torch's sparse path computes the
+    #: same), as torch.optim's SGD and Adagrad take them; other rules refuse them as torch does.
+    sparse: bool = False
 
     @property
     def options(self) -> frozenset[str]:
@@ -106,18 +109,43 @@ def check_flag(name: str, value: object) -> None:
         )
 
 
-def check_hyper(rule: Rule, hyper: Hyper, n_params: int | None = None) -> None:
-    """Check every option of `hyper` that `rule` reads has a value of the right type."""
+def check_hyper(rule: Rule, hyper: Hyper, params: Sequence[torch.Tensor] | None = None) -> None:
+    """Check every option of `hyper` that `rule` reads has a value of the right type (and, for
+    tensors, shape: one value, or with `params` a per-parameter `lr` shaped like its parameter)."""
     for name in rule.hypers:
-        if name in hyper:
-            per_param = n_params if name == "lr" and rule.per_param_lr else None
-            check_scalar(name, hyper[name], per_param=per_param)
+        if name not in hyper:
+            continue
+        value = hyper[name]
+        per_param = (
+            len(params) if params is not None and name == "lr" and rule.per_param_lr else None
+        )
+        check_scalar(name, value, per_param=per_param)
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise HyperparameterTypeError(
+                f"hyperparameter {name!r} is a tensor of shape {tuple(value.shape)}; expected "
+                "one value (a 0-d tensor)"
+                + (", or a list of tensors, one per parameter" if per_param is not None else "")
+            )
+        if isinstance(value, (list, tuple)) and params is not None:
+            for i, (v, p) in enumerate(zip(value, params, strict=True)):
+                if not _broadcasts_to(v.shape, p.shape):
+                    raise HyperparameterTypeError(
+                        f"hyperparameter {name!r}[{i}] has shape {tuple(v.shape)}; it must "
+                        f"broadcast to parameter {i}'s shape {tuple(p.shape)}"
+                    )
     for name in rule.pairs:
         if name in hyper:
             check_pair(name, hyper[name])
     for name in rule.flags:
         if name in hyper:
             check_flag(name, hyper[name])
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return bool(torch.broadcast_shapes(shape, target) == target)
+    except RuntimeError:
+        return False
 
 
 def flag(rule: Rule, hyper: Hyper, name: str) -> bool:

@@ -59,6 +59,7 @@ ADAGRAD = Rule(
     update=adagrad_update,
     hypers=("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value"),
     flags={"maximize": False},
+    sparse=True,
 )
 
 

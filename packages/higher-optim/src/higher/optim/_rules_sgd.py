@@ -61,4 +61,5 @@ SGD = Rule(
     update=sgd_update,
     hypers=("lr", "momentum", "dampening", "weight_decay"),
     flags={"nesterov": False, "maximize": False},
+    sparse=True,
 )

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from ._base import DifferentiableOptimizer
-from ._errors import HyperparameterTypeError, OptimError
+from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
 from ._rule import Rule, check_hyper, check_scalar
 from ._rules_adam import ADAM, ADAMW
 from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
 from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
 from ._rules_other import ADAFACTOR, ASGD, RPROP
 from ._rules_sgd import SGD
+from ._step import Bucket, StepPlan
 
 
 class UnsupportedOptionError(OptimError):
@@ -24,6 +26,10 @@ class UnsupportedOptionError(OptimError):
         >>> issubclass(higher.optim.UnsupportedOptionError, ValueError)
         True
     """
+
+
+#: (group, slots, positions of the slots among the step's parameters): one run of the rule
+_Run = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
 def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any, ...]:
@@ -45,10 +51,8 @@ class RuleOptimizer(DifferentiableOptimizer):
     """
 
     rule: ClassVar[Rule]
-    #: the last `_buckets` call: its `live` key, its buckets, and whether their state was empty
-    _bucket_cache: tuple[tuple[tuple[bool, ...], ...], list[tuple[int, list[int]]], bool] | None = (
-        None
-    )
+    #: the last `_runs` call: its `live` key, its runs, and whether their state was empty
+    _bucket_cache: tuple[list[list[bool]], list[_Run], bool] | None = None
 
     def _import_state(self, torch_state: Any, device: Any) -> dict[str, Any]:
         state = super()._import_state(torch_state, device)
@@ -69,12 +73,12 @@ class RuleOptimizer(DifferentiableOptimizer):
                 f"{type(self).__name__} (it honours {sorted(self.rule.options)}); "
                 "upgrade higher or open an issue"
             )
-        self._check_groups()
+        self._check_groups(self.param_groups)
 
-    def _check_groups(self) -> None:
-        for g, group in enumerate(self.param_groups):
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        for g, group in enumerate(groups):
             try:
-                check_hyper(self.rule, group, len(group["params"]))
+                check_hyper(self.rule, group, group["params"])
                 if "eps" in self.rule.extra and "eps" in group:
                     eps = group["eps"]
                     if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
@@ -87,12 +91,38 @@ class RuleOptimizer(DifferentiableOptimizer):
             except HyperparameterTypeError as err:
                 raise HyperparameterTypeError(f"param group {g}: {err}") from None
 
-    def _fresh_states(self, group: dict[str, Any], slots: list[int]) -> list[dict[str, Any]]:
-        """The initial state of `slots` (one `rule.init` call for all of them)."""
-        hyper = group
-        if isinstance(group.get("lr"), (list, tuple)):
-            hyper = {**group, "lr": [group["lr"][j] for j in slots]}
-        init = self.rule.init([group["params"][j] for j in slots], hyper)
+    def _uses_rule(self) -> bool:
+        # a subclass that overrides `_update` runs it (the hand-written path), not the rule
+        return type(self)._update is RuleOptimizer._update
+
+    def _make_plan(
+        self,
+        params: list[torch.Tensor],
+        live: list[list[bool]],
+        options: list[dict[str, Any]],
+        kwargs: dict[str, Any],
+    ) -> StepPlan:
+        if not self._uses_rule():
+            return super()._make_plan(params, live, options, kwargs)
+        if kwargs:
+            raise ArgumentTypeError(
+                f"{type(self).__name__}.step() got unexpected keyword arguments {sorted(kwargs)}"
+            )
+        runs, fresh = self._runs(live, params, options)
+        buckets = [
+            Bucket(g, slots, indices, self._gather(g, slots, fresh), _hyper(options[g], slots))
+            for g, slots, indices in runs
+        ]
+        requires_grad = [p.requires_grad for p in params]
+        rule = self.rule
+        return StepPlan(buckets, options, requires_grad, rule, None, rule.name, rule.sparse)
+
+    def _fresh_states(
+        self, params: list[torch.Tensor], group: dict[str, Any], slots: list[int]
+    ) -> list[dict[str, Any]]:
+        """The initial state of `slots` of a group (one `rule.init` call for all of them), for
+        `params`, their current values."""
+        init = self.rule.init(params, _hyper(group, slots))
         states: list[dict[str, Any]] = [{} for _ in slots]
         for name, value in zip(init._fields, init, strict=True):
             for k, state in enumerate(states):
@@ -103,59 +133,63 @@ class RuleOptimizer(DifferentiableOptimizer):
         return states
 
     def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
-        if kwargs:
-            raise HyperparameterTypeError(
-                f"{type(self).__name__}.step() got unexpected keyword arguments {sorted(kwargs)}"
-            )
-        for g, slots in self._buckets([[grad is not None for grad in gs] for gs in grouped_grads]):
-            group = self.param_groups[g]
-            grads = grouped_grads[g]
-            state, hyper = self._gather(g, slots, keep_params=True)
-            new_params, new_state = self.rule.update(
-                [group["params"][j] for j in slots],
-                [grads[j] for j in slots],  # type: ignore[misc]
-                state,
-                hyper,
-            )
-            self._scatter(g, slots, new_params, new_state)
+        """The 0.2.1 hook: step the groups' slots in place with the rule (what `step` does
+        through the protocol, for code that calls `_update` itself)."""
+        params = list(self._reference)
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for group, mapping, gs in zip(
+            self.param_groups, self._group_to_param_list, grouped_grads, strict=True
+        ):
+            for j, i in enumerate(mapping):
+                params[i], grads[i] = group["params"][j], gs[j]
+        live = [[grad is not None for grad in gs] for gs in grouped_grads]
+        plan = RuleOptimizer._make_plan(self, params, live, self.param_groups, kwargs)
+        result = plan.update(params, grads)
+        for bucket, new_state in zip(plan.buckets, result.states, strict=True):
+            self._store_state(bucket, new_state)
+        self._load_params(result.params)
 
-    def _buckets(self, live: list[list[bool]]) -> list[tuple[int, list[int]]]:
-        """`(group, slots)` for each run of `rule.update` a step makes: the slots flagged in
-        `live` of a group, split by step count, dtype, device and state present. Slots without
-        state get their initial state first.
+    def _runs(
+        self, live: list[list[bool]], params: list[torch.Tensor], options: list[dict[str, Any]]
+    ) -> tuple[list[_Run], dict[tuple[int, int], dict[str, Any]]]:
+        """`(group, slots, indices)` for each run of `rule.update` a step makes: the slots
+        flagged in `live` of a group, split by step count, dtype, device and state present;
+        and the initial state of the slots that have none yet (kept until `commit`).
 
         The slots of a bucket are stepped together, so they keep one step count and the same
-        state fields: the last step's buckets are reused while that still holds for the same
+        state fields: the last step's runs are reused while that still holds for the same
         `live` (a step on other slots, or state set by hand, makes them computed again)."""
-        key = tuple(map(tuple, live))
         cached = self._bucket_cache
-        if cached is not None and cached[0] == key and self._buckets_hold(*cached[1:]):
-            return cached[1]
+        if cached is not None and cached[0] == live and self._buckets_hold(*cached[1:]):
+            return cached[1], {}
         rule = self.rule
-        out: list[tuple[int, list[int]]] = []
-        for g, (group, flags) in enumerate(zip(self.param_groups, live, strict=True)):
-            params: list[torch.Tensor] = group["params"]
+        out: list[_Run] = []
+        fresh: dict[tuple[int, int], dict[str, Any]] = {}
+        for g, (flags, mapping) in enumerate(zip(live, self._group_to_param_list, strict=True)):
             states = self.state[g]
             slots = [j for j, flag in enumerate(flags) if flag]
-            fresh = [j for j in slots if not states.get(j)]
-            if fresh:
-                for j, state in zip(fresh, self._fresh_states(group, fresh), strict=True):
-                    states[j] = state
+            new = [j for j in slots if not states.get(j)]
+            if new:
+                values = self._fresh_states([params[mapping[j]] for j in new], options[g], new)
+                fresh.update(((g, j), state) for j, state in zip(new, values, strict=True))
             if len(slots) <= 1:  # one slot is one bucket: no keys to compute
-                out.extend((g, [j]) for j in slots)
+                out.extend((g, (j,), (mapping[j],)) for j in slots)
                 continue
             buckets: dict[tuple[Any, ...], list[int]] = {}
             for j in slots:
-                buckets.setdefault(_bucket_key(states[j], rule, params[j]), []).append(j)
-            out.extend((g, bucket) for bucket in buckets.values())
+                state = fresh.get((g, j)) or states[j]
+                buckets.setdefault(_bucket_key(state, rule, params[mapping[j]]), []).append(j)
+            out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
         # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
-        stateless = not any(self.state[g].get(j) for g, slots in out for j in slots)
-        self._bucket_cache = (key, out, stateless)
-        return out
+        stateless = not any(
+            fresh.get((g, j)) or self.state[g].get(j) for g, ss, _ in out for j in ss
+        )
+        self._bucket_cache = ([list(flags) for flags in live], out, stateless)
+        return out, fresh
 
-    def _buckets_hold(self, buckets: list[tuple[int, list[int]]], stateless: bool) -> bool:
-        """Whether each bucket's slots still share one step count and the same state fields."""
-        for g, slots in buckets:
+    def _buckets_hold(self, runs: list[_Run], stateless: bool) -> bool:
+        """Whether each run's slots still share one step count and the same state fields."""
+        for g, slots, _ in runs:
             states = self.state[g]
             first = states.get(slots[0])
             if not first:  # fresh, or a rule that keeps no state
@@ -170,41 +204,43 @@ class RuleOptimizer(DifferentiableOptimizer):
         return True
 
     def _gather(
-        self, g: int, slots: list[int], keep_params: bool = False
-    ) -> tuple[Any, dict[str, Any]]:
-        """The rule's state of `slots` of group `g`, and the group's options (`lr` narrowed
-        to `slots` where it is a list; the group itself, `params` and all, where that leaves
-        it unchanged and `keep_params`)."""
-        rule, group, states = self.rule, self.param_groups[g], self.state[g]
-        first = states[slots[0]]
+        self, g: int, slots: tuple[int, ...], fresh: dict[tuple[int, int], dict[str, Any]]
+    ) -> Any:
+        """The rule's state of `slots` of group `g` (the initial state where `fresh` has it)."""
+        rule, states = self.rule, self.state[g]
+        empty: dict[str, Any] = {}
+        slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
         values: dict[str, Any] = {}
         for name in rule.state_type._fields:
             if name == "step" or name in rule.scalar_state:
-                values[name] = first[name]
+                values[name] = slot_states[0][name]
             else:
-                column = [states[j].get(name) for j in slots]
+                column = [state.get(name) for state in slot_states]
                 values[name] = None if all(v is None for v in column) else column
-        per_param = isinstance(group.get("lr"), (list, tuple))
-        if keep_params and not per_param:
-            return rule.state_type(**values), group
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        if per_param:
-            hyper["lr"] = [hyper["lr"][j] for j in slots]
-        return rule.state_type(**values), hyper
+        return rule.state_type(**values)
 
-    def _scatter(
-        self, g: int, slots: list[int], new_params: list[torch.Tensor], new_state: Any
-    ) -> None:
-        """Store what `rule.update` returned for `slots` of group `g`."""
-        rule, params, states = self.rule, self.param_groups[g]["params"], self.state[g]
-        for k, j in enumerate(slots):
-            params[j] = new_params[k]
+    def _store_state(self, bucket: Bucket, new_state: Any) -> None:
+        """Store what `rule.update` returned for a bucket into the slots' state dicts."""
+        if not any(value is not None for value in new_state):  # a rule without state (SGD)
+            return
+        rule, states = self.rule, self.state[bucket.group]
+        for k, j in enumerate(bucket.slots):
             slot = states[j]
             for name, value in zip(new_state._fields, new_state, strict=True):
                 if name == "step" or name in rule.scalar_state:
                     slot[name] = value
                 elif value is not None and value[k] is not None:
                     slot[name] = value[k]
+
+
+def _hyper(group: dict[str, Any], slots: Sequence[int]) -> dict[str, Any]:
+    """A group's options for a run over `slots` (`params` left out, a per-parameter `lr`
+    narrowed to the slots)."""
+    hyper = {k: v for k, v in group.items() if k != "params"}
+    lr = hyper.get("lr")
+    if isinstance(lr, (list, tuple)):
+        hyper["lr"] = [lr[j] for j in slots]
+    return hyper
 
 
 class DifferentiableSGD(RuleOptimizer):

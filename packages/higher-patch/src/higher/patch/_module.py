@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterator
@@ -143,8 +144,11 @@ class FunctionalModule(torch.nn.Module):
 
     @fast_params.setter
     def fast_params(self, value: Params) -> None:
+        self._higher_set(value, "fast_params")
+
+    def _higher_set(self, value: Params, what: str) -> None:
         store = self._higher_store
-        checked = store.check(value, what="fast_params")
+        checked = store.check(value, what=what)
         store.stateless = False
         store.set(checked)
 
@@ -160,7 +164,7 @@ class FunctionalModule(torch.nn.Module):
 
     def update_params(self, params: Params) -> None:
         """Make `params` the current fast weights (appended to the history while tracking)."""
-        self.fast_params = params
+        self._higher_set(params, "params")  # not through the setter: nn.Module.__setattr__ is slow
 
     @property
     def track_higher_grads(self) -> bool:
@@ -172,6 +176,34 @@ class FunctionalModule(torch.nn.Module):
         if not isinstance(value, bool):
             raise PatchError(f"track_higher_grads must be a bool, got {type(value).__name__}")
         self._higher_store.track = value
+
+    @contextlib.contextmanager
+    def vacated(self) -> Iterator[list[torch.Tensor]]:
+        """Empty the module's parameter slots for a block; yields the current fast weights.
+
+        For tracing a call that passes every weight explicitly (`torch.func.functional_call`
+        under `torch.compile`): with the slots empty, the module holds no tensor that aliases the
+        call's inputs, which the compiler would otherwise check at every call. The slots hold the
+        latest fast weights again when the block ends, even on error.
+
+        Example:
+            >>> net = torch.nn.Linear(2, 1)
+            >>> fnet = higher.patch.monkeypatch(net)
+            >>> with fnet.vacated() as weights:
+            ...     y = torch.func.functional_call(fnet, dict(fnet.named_fast_params()),
+            ...                                    (torch.ones(1, 2),))
+            ...     print(fnet.weight is None, len(weights))
+            True 2
+            >>> fnet.weight is not None
+            True
+        """
+        store = self._higher_store
+        current = store.at(None)
+        store.place([None] * len(current))
+        try:
+            yield current
+        finally:
+            store.place(store.at(None))
 
     # ---- buffers -----------------------------------------------------------------------------
 

@@ -69,6 +69,16 @@ class FastWeights:
 
     def check(self, params: Params, what: str = "params") -> list[torch.Tensor]:
         """Return `params` as a list in parameter order, or raise naming the offending entry."""
+        specs = self.specs
+        if type(params) is list and len(params) == len(specs):
+            try:  # the common case, checked in one pass; anything else is explained below
+                if all(
+                    t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+                    for t, s in zip(params, specs)
+                ):
+                    return list(params)  # a copy: the history must not change with the caller's
+            except AttributeError:
+                pass
         if isinstance(params, torch.Tensor):
             raise PatchError(
                 f"{what} must be a sequence of {len(self.names)} tensors or a mapping from "
