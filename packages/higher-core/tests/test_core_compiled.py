@@ -261,6 +261,8 @@ def test_grad_callback_and_first_order_mode(case: Case) -> None:
 
 def test_refusals_are_clear(case: Case) -> None:
     model, step, (x, y) = case
+    if not COMPILES:  # the refusal of this torch is checked by make_step; compile=False below
+        return
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
         with pytest.raises(higher.UsageError, match="functional model"):
@@ -288,6 +290,192 @@ def test_refusals_are_clear(case: Case) -> None:
         step(stateless, alone, x, y)
     with pytest.raises(higher.UsageError, match="callable"):
         higher.compile_step(3)  # type: ignore[arg-type]
+
+
+def test_uncompiled_step_is_diffopt_step() -> None:
+    """compile=False runs `diffopt.step` itself: every optimizer, every model, its errors."""
+    model = mlp()
+    step = higher.compile_step(mse, compile=False)
+    x, y = data()
+
+    class Halving(higher.optim.DifferentiableOptimizer):  # a hand-written 0.2.1-style twin
+        def _update(self, grouped_grads: Any, **kwargs: Any) -> None:
+            for group, grads in zip(self.param_groups, grouped_grads):
+                for j, g in enumerate(grads):
+                    if g is not None:
+                        group["params"][j] = group["params"][j] - 0.5 * g
+
+    finals = []
+    for by in (step, None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with higher.innerloop_ctx(model, opt) as (fmodel, _):
+            diffopt = Halving(opt, model.parameters(), fmodel=fmodel)
+            advance(by, fmodel, diffopt, 2, x, y)
+            finals.append([p.detach() for p in fmodel.parameters()])
+    assert_close(finals[0], finals[1])
+    bad = higher.compile_step(lambda m, x, y: (m(x) - y) ** 2, compile=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt) as (f, d), pytest.raises(higher.optim.OptimError):
+        bad(f, d, x, y)  # not a scalar: diffopt.step's own error
+
+
+class TwoHeads(nn.Module):
+    """The loss uses the body and one head, chosen by a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.heads = nn.ModuleList([nn.Linear(4, 2), nn.Linear(4, 2)])
+
+    def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
+        out: torch.Tensor = self.heads[head](torch.tanh(self.body(x)))
+        return out
+
+
+class OtherHead(TwoHeads):
+    """The same parameter names as TwoHeads, another forward: head 1 unless told otherwise."""
+
+    def forward(self, x: torch.Tensor, head: int = 1) -> torch.Tensor:
+        return super().forward(x, head=1 - head if head == 0 else head)
+
+
+def mse_head(model: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             head: int = 0) -> torch.Tensor:  # fmt: skip
+    return F.mse_loss(model(x, head=head), y)
+
+
+def head_unroll(
+    model: nn.Module, step: higher.CompiledStep | None, head: int, steps: int = 2
+) -> list[torch.Tensor]:
+    """The final weights after `steps` steps of SGD with momentum and weight decay (which move
+    every parameter that is stepped, so a wrongly stepped one shows)."""
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(steps):
+            if step is None:
+                diffopt.step(mse_head(fmodel, x, y, head=head))
+            else:
+                step(fmodel, diffopt, x, y, head=head)
+        return [p.detach() for p in fmodel.parameters()]
+
+
+@pytest.mark.parametrize("heads", [(0, 1), (1, 0, 1)])
+def test_parameters_used_follow_the_keyword_arguments(heads: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    step = make_step(mse_head)
+    for head in heads:
+        expected = head_unroll(model, None, head)
+        assert_close(head_unroll(model, step, head), expected)
+        unchanged = [torch.equal(a, b.detach()) for a, b in zip(expected, model.parameters())]
+        heads_unchanged = [False, False, True, True] if head == 0 else [True, True, False, False]
+        assert unchanged == [False, False, *heads_unchanged]
+
+
+def test_two_models_with_the_same_names_and_other_forwards() -> None:
+    torch.manual_seed(0)
+    first, second = TwoHeads().double(), OtherHead().double()
+    second.load_state_dict(first.state_dict())
+    step = make_step(mse_head)
+    for model in (first, second, first):
+        assert_close(head_unroll(model, step, 0), head_unroll(model, None, 0))
+
+
+# Read by the forward below: a change torch.compile sees (it guards the global) but that no
+# argument of the step shows, so only the step's check of its gradients can catch it.
+USE_SECOND_HEAD = False
+
+
+class GlobalSwitch(TwoHeads):
+    def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
+        return super().forward(x, head=1 if USE_SECOND_HEAD else 0)
+
+
+def test_a_change_no_argument_shows_is_caught_by_the_gradients() -> None:
+    global USE_SECOND_HEAD
+    torch.manual_seed(0)
+    model = GlobalSwitch().double()
+    step = make_step(mse_head)
+    try:
+        for switch in (False, True, False, True):
+            USE_SECOND_HEAD = switch
+            assert_close(head_unroll(model, step, 0), head_unroll(model, None, 0))
+    finally:
+        USE_SECOND_HEAD = False
+
+
+def test_dead_units_with_zero_gradients_are_still_stepped() -> None:
+    """A used parameter whose gradient is exactly zero (a dead ReLU layer) is stepped, as by
+    `diffopt.step`: weight decay and momentum move it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit of the first layer is dead
+    step = make_step(mse)
+    for by in (step, step):  # the second call sees the zero gradient again
+        finals = [head_unroll_plain(model, by), head_unroll_plain(model, None)]
+        assert_close(finals[0], finals[1])
+
+
+def head_unroll_plain(model: nn.Module, step: higher.CompiledStep | None) -> list[torch.Tensor]:
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        advance(step, fmodel, diffopt, 2, x, y)
+        return [p.detach() for p in fmodel.parameters()]
+
+
+def test_control_flow_on_tensor_values_is_refused_when_compiling() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+
+    def branchy(m: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(m(x, head=0 if x.sum() > 0 else 1), y)
+
+    x, y = data()
+    uncompiled = higher.compile_step(branchy, compile=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    finals = []
+    for sign in (1.0, -1.0):
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            uncompiled(fmodel, diffopt, sign * x.abs(), y)
+            finals.append([p.detach() for p in fmodel.parameters()])
+    moved = [
+        [not torch.equal(a, b.detach()) for a, b in zip(f, model.parameters())] for f in finals
+    ]
+    assert moved == [[True] * 4 + [False] * 2, [True] * 2 + [False] * 2 + [True] * 2]
+    if COMPILES:
+        step = higher.compile_step(branchy, backend=BACKEND)
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            with pytest.raises(higher.UsageError, match="compile=False"):
+                step(fmodel, diffopt, x, y)
+            assert len(list(fmodel.parameters(time=-1))) == 6  # nothing was stepped
+
+
+def test_finished_inner_loops_are_freed_by_reference_counting() -> None:
+    import gc
+    import weakref
+
+    model = mlp()
+    step = make_step(mse)
+    x, y = data()
+    with higher.innerloop_ctx(model, torch.optim.Adam(model.parameters())) as (f, d):
+        advance(step, f, d, 2, x, y)  # compiles: torch.compile's tracing leaves cycles behind
+    del f, d
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for _ in range(5):
+            with higher.innerloop_ctx(model, torch.optim.Adam(model.parameters())) as (f, d):
+                advance(step, f, d, 2, x, y)
+            refs.append((weakref.ref(f), weakref.ref(d)))
+            del f, d
+        assert all(a() is None and b() is None for a, b in refs)
+        assert len(step._contexts) == 0
+    finally:
+        gc.enable()
 
 
 @pytest.mark.skipif(not COMPILES, reason="counts torch.compile graphs; older torch is refused")
