@@ -409,9 +409,10 @@ def test_dead_units_with_zero_gradients_are_still_stepped() -> None:
     """A used parameter whose gradient is exactly zero (a dead ReLU layer) is stepped, as by
     `diffopt.step`: weight decay and momentum move it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    first = nn.Linear(3, 4)
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(4, 2)).double()
     with torch.no_grad():
-        model[0].bias.fill_(-100.0)  # every unit of the first layer is dead
+        first.bias.fill_(-100.0)  # every unit of the first layer is dead
     step = make_step(mse)
     for by in (step, step):  # the second call sees the zero gradient again
         finals = [head_unroll_plain(model, by), head_unroll_plain(model, None)]
