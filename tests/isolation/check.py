@@ -5,10 +5,12 @@ Usage: python check.py {patch-only,optim-only,core,core-all}
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata as md
 import subprocess
 import sys
+from pathlib import Path
 
 # higher-errors (the one HigherError) comes with every distribution.
 EXPECT = {
@@ -68,6 +70,7 @@ def main(combo: str) -> None:
             "assert 'higher.patch' not in sys.modules, 'higher.optim loaded higher.patch'\n"
         )
     if "higher-core" in wanted:
+        _check_core_uses_only_public_names()
         _run(
             "import sys, torch, higher\n"
             "m = torch.nn.Linear(2, 1)\n"
@@ -76,6 +79,62 @@ def main(combo: str) -> None:
             "assert ('higher.contrib' in sys.modules) is False\n"
         )
     print(f"{combo}: ok ({', '.join(sorted(wanted))})")
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.endswith("__")
+
+
+def private_names(folders: list[Path]) -> set[str]:
+    """The private names the code under `folders` defines: functions, classes, module and class
+    attributes, and attributes it assigns on its objects (`self._x = ...`)."""
+    names: set[str] = set()
+    for path in (f for folder in folders for f in folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = node.name
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                name = node.id
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                name = node.attr
+            else:
+                continue
+            if _is_private(name):
+                names.add(name)
+    return names
+
+
+def private_uses(folder: Path, others: dict[str, Path]) -> list[str]:
+    """Where the code in `folder` uses a private name of another package (`others`: module name
+    -> its folder): imports of its private modules or names, and private attributes it defines
+    read on any object but the code's own `self`/`cls`."""
+    foreign = private_names(list(others.values()))
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for module in others:
+                    if node.module.startswith(module + "._") or (
+                        node.module == module and any(_is_private(a.name) for a in node.names)
+                    ):
+                        found.append(f"{where} imports from {node.module}")
+            elif isinstance(node, ast.Attribute) and node.attr in foreign:
+                owner = node.value
+                if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                    found.append(f"{where} uses .{node.attr}")
+    return found
+
+
+def _check_core_uses_only_public_names() -> None:
+    import higher
+    import higher.optim
+    import higher.patch
+
+    core = Path(higher.__file__).parent  # the installed wheel's files
+    others = {m.__name__: Path(m.__file__ or "").parent for m in (higher.optim, higher.patch)}
+    used = private_uses(core, others)
+    assert not used, f"higher-core uses private names of its siblings: {used}"
 
 
 def _installed(dist: str) -> bool:

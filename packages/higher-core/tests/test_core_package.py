@@ -6,6 +6,7 @@ import doctest
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,20 @@ def test_importing_higher_loads_no_contrib() -> None:
     code = "import sys, higher; print('higher.contrib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_core_uses_no_private_name_of_patch_or_optim() -> None:
+    # The same scan the isolation session runs on the installed wheel, here on the sources.
+    import importlib.util
+
+    import higher.optim
+    import higher.patch
+
+    check = Path(__file__).resolve().parents[3] / "tests" / "isolation" / "check.py"
+    spec = importlib.util.spec_from_file_location("isolation_check", check)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    others = {m.__name__: Path(m.__file__ or "").parent for m in (higher.optim, higher.patch)}
+    assert "_load_params" in module.private_names(list(others.values()))  # the scan sees them
+    assert module.private_uses(Path(higher.__file__).parent, others) == []
