@@ -23,7 +23,12 @@ from higher import utils as utils
 from higher._compiled import CompiledStep as CompiledStep
 from higher._compiled import compile_step as compile_step
 from higher._context import innerloop_ctx as innerloop_ctx
+from higher._errors import UnrollError as UnrollError
 from higher._errors import UsageError as UsageError
+from higher._modes import ForwardMode as ForwardMode
+from higher._modes import Full as Full
+from higher._modes import Recompute as Recompute
+from higher._modes import Truncated as Truncated
 from higher.errors import HigherError as HigherError
 from higher.errors import HigherWarning as HigherWarning
 from higher.optim import create_diff_optim as create_diff_optim
@@ -37,6 +42,10 @@ __all__ = [
     "innerloop_ctx",
     "compile_step",
     "CompiledStep",
+    "Full",
+    "Recompute",
+    "Truncated",
+    "ForwardMode",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",
@@ -44,6 +53,7 @@ __all__ = [
     "HigherError",
     "HigherWarning",
     "UsageError",
+    "UnrollError",
     "errors",
     "patch",
     "optim",

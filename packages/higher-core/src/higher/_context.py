@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
-from higher.optim import DifferentiableOptimizer, get_diff_optim
+from higher.optim import DifferentiableOptimizer, get_diff_optim, twin_of
 from higher.patch import FunctionalModule, monkeypatch
 
-from ._errors import UsageError
+from ._errors import UnrollError, UsageError
+from ._modes import ForwardMode, Full, Mode, resolve
+from ._unroll import Driver, attach, routed_class
 
 
 @contextlib.contextmanager
@@ -22,6 +24,7 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: Mapping[str, Sequence[Any]] | None = None,
     track_higher_grads: bool = True,
+    unroll: str | Mode = "full",
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield `(fmodel, diffopt)`: a functional copy of `model` and the twin of `opt`.
 
@@ -43,6 +46,14 @@ def innerloop_ctx(
         track_higher_grads: False makes each step first order: no graph through the updates.
             With `copy_initial_weights=False` the gradient of a loss on the adapted weights
             still reaches `model.parameters()` (first-order MAML).
+        unroll: how the unroll pays for its meta-gradient (docs/memory-modes.md): "full"
+            (every step's graph is kept: the default), "recompute" or `higher.Recompute(every=c)`
+            (exact, each step rebuilt during the backward pass: a fraction of the memory),
+            `higher.Truncated(window=W)` (the last W steps only), "forward" or
+            `higher.ForwardMode(wrt=[...])` (exact for a few hyperparameters, memory flat in the
+            number of steps). Recompute and truncated take the loss as a closure:
+            `diffopt.step(closure=lambda: loss_fn(fmodel(x), y))`. In these modes the fast
+            weights of earlier steps are not kept (`fmodel.keep_history` is False).
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -59,6 +70,12 @@ def innerloop_ctx(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(opt, torch.optim.Optimizer):
         raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    mode = resolve(unroll)
+    if not isinstance(mode, Full):
+        with _unrolled(model, opt, device, copy_initial_weights, override, track_higher_grads,
+                       mode) as pair:  # fmt: skip
+            yield pair
+        return
     fmodel = monkeypatch(
         model,
         device=device,
@@ -74,3 +91,42 @@ def innerloop_ctx(
         track_higher_grads=track_higher_grads,
     )
     yield fmodel, diffopt
+
+
+@contextlib.contextmanager
+def _unrolled(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    override: Mapping[str, Sequence[Any]] | None,
+    track_higher_grads: bool,
+    mode: Mode,
+) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
+    """`innerloop_ctx` in a memory mode: the optimizer's `step` is the mode's."""
+    from ._forward import ForwardDriver
+    from ._recompute import RecomputeDriver
+
+    if not track_higher_grads:
+        raise UnrollError(
+            f"unroll={mode!r} saves the memory of a second-order unroll; with "
+            "track_higher_grads=False no step keeps a graph, so there is nothing to save: "
+            "drop unroll="
+        )
+    routed = routed_class(twin_of(type(opt)))
+    fmodel = monkeypatch(
+        model, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=True
+    )
+    fmodel.keep_history = False
+    diffopt = routed(opt, model.parameters(), fmodel=fmodel, device=device, override=override)
+    driver: Driver
+    if isinstance(mode, ForwardMode):
+        driver = ForwardDriver(mode, fmodel, list(model.parameters()), copy_initial_weights)
+    else:
+        driver = RecomputeDriver(mode, fmodel, diffopt)
+    attach(diffopt, driver)
+    try:
+        yield fmodel, diffopt
+    finally:
+        attach(diffopt, None)
+        driver.close(diffopt)

@@ -6,7 +6,7 @@ import abc
 import contextlib
 import functools
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -226,7 +226,7 @@ class DifferentiableOptimizer(abc.ABC):
             group.update((k, v) for k, v in options.items() if k != "params")
 
     def _gradients(
-        self, loss: torch.Tensor, params: list[torch.Tensor]
+        self, loss: torch.Tensor, params: list[torch.Tensor], create_graph: bool | None = None
     ) -> list[torch.Tensor | None]:
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -240,7 +240,7 @@ class DifferentiableOptimizer(abc.ABC):
         found = torch.autograd.grad(
             loss,
             [params[i] for i in trainable],
-            create_graph=self._track_higher_grads,
+            create_graph=self._track_higher_grads if create_graph is None else create_graph,
             allow_unused=True,
         )
         if all(g is None for g in found):
@@ -471,10 +471,12 @@ class DifferentiableOptimizer(abc.ABC):
 
     def step(
         self,
-        loss: torch.Tensor,
+        loss: torch.Tensor | None = None,
         params: Iterable[torch.Tensor] | None = None,
         override: Mapping[str, Sequence[Any]] | None = None,
         grad_callback: GradCallback | None = None,
+        *,
+        closure: Callable[[], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> list[torch.Tensor]:
         """Take one step from `params` (or the functional model's fast weights).
@@ -487,6 +489,9 @@ class DifferentiableOptimizer(abc.ABC):
             params: the current parameters (default: `fmodel.fast_params`).
             override: as in the constructor; it persists.
             grad_callback: `grads -> grads`; wins over the constructor's.
+            closure: instead of `loss`, a function that computes it (as `torch.optim`'s
+                `step(closure)`; called once, with grad enabled). The memory modes of
+                `higher.innerloop_ctx(..., unroll=...)` need it: they call it again.
             **kwargs: passed to `_update`.
 
         Returns:
@@ -499,7 +504,11 @@ class DifferentiableOptimizer(abc.ABC):
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.25), [w])
             >>> diffopt.step((w**2).sum(), params=[w])[0].item()
             0.5
+            >>> diffopt.step(closure=lambda: (w**2).sum(), params=[w])[0].item()
+            0.5
         """
+        if closure is not None or loss is None:
+            loss = self._closure_loss(loss, closure)
         param_list = self._current_params(params)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -508,21 +517,75 @@ class DifferentiableOptimizer(abc.ABC):
         grads = self._gradients(loss, param_list)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
-            returned = callback(grads)
-            if not isinstance(returned, (list, tuple)):
-                raise OptimError(
-                    "grad_callback must return a list of gradients (one per parameter, None "
-                    f"where there is none), got {type(returned).__name__}"
-                )
-            grads = list(returned)
-            if len(grads) != len(param_list):
-                raise OptimError(
-                    f"grad_callback returned {len(grads)} gradients; expected {len(param_list)}"
-                )
+            grads = self._called_back(callback, grads)
         plan = self._plan(param_list, [g is not None for g in grads], override, kwargs)
         if callback is None and not any(g is not None and g.is_sparse for g in grads):
             return self.commit(plan, plan.run(param_list, grads))  # autograd's own gradients
         return self.commit(plan, plan.update(param_list, grads))
+
+    def gradients(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[torch.Tensor] | None = None,
+        *,
+        create_graph: bool | None = None,
+        grad_callback: GradCallback | None = None,
+    ) -> list[torch.Tensor | None]:
+        """The gradients `step` would take for `loss`: one per parameter (None for those that
+        do not require grad or that the loss does not use), after the grad_callback.
+
+        For code that drives the step protocol itself (`plan`, `StepPlan.update`, `commit`),
+        with the checks and messages of `step`.
+
+        Args:
+            loss: a scalar tensor computed from the current parameters.
+            params: the current parameters (default: the functional model's fast weights).
+            create_graph: keep the gradients' graph (default: `track_higher_grads`).
+            grad_callback: `grads -> grads`; wins over the constructor's.
+
+        Example:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.tensor([3.0]))
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w])
+            >>> diffopt.gradients((w**2).sum(), [w])[0].item()
+            6.0
+        """
+        param_list = self._current_params(params)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise OptimError(f"the loss must be a scalar tensor (one element), got {shape}")
+        self._check_step_params(param_list)
+        grads = self._gradients(loss, param_list, create_graph)
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        return grads if callback is None else self._called_back(callback, grads)
+
+    @staticmethod
+    def _closure_loss(
+        loss: torch.Tensor | None, closure: Callable[[], torch.Tensor] | None
+    ) -> torch.Tensor:
+        if closure is None:
+            raise OptimError("step needs the loss: step(loss) or step(closure=lambda: loss_fn(...))")
+        if loss is not None:
+            raise OptimError("give step either the loss or a closure that computes it, not both")
+        if not callable(closure):
+            raise ArgumentTypeError(f"closure must be callable, got {type(closure).__name__}")
+        with torch.enable_grad():
+            return closure()
+
+    def _called_back(
+        self, callback: GradCallback, grads: list[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        returned = callback(grads)
+        if not isinstance(returned, (list, tuple)):
+            raise OptimError(
+                "grad_callback must return a list of gradients (one per parameter, None "
+                f"where there is none), got {type(returned).__name__}"
+            )
+        if len(returned) != len(grads):
+            raise OptimError(
+                f"grad_callback returned {len(returned)} gradients; expected {len(grads)}"
+            )
+        return list(returned)
 
     def _load_params(self, params: list[torch.Tensor]) -> None:
         """Put `params` (in the order of `reference_params`) into the groups' slots."""

@@ -160,6 +160,11 @@ class FunctionalModule(torch.nn.Module):
                 "init_fast_params is not kept with track_higher_grads=False; "
                 "use fast_params for the current weights"
             )
+        if not self._higher_store.keep:
+            raise PatchError(
+                "init_fast_params is not kept with keep_history=False; "
+                "use fast_params for the current weights"
+            )
         return list(self._higher_store.at(0))
 
     def update_params(self, params: Params) -> None:
@@ -176,6 +181,59 @@ class FunctionalModule(torch.nn.Module):
         if not isinstance(value, bool):
             raise PatchError(f"track_higher_grads must be a bool, got {type(value).__name__}")
         self._higher_store.track = value
+
+    @property
+    def keep_history(self) -> bool:
+        """Whether the fast weights of every step are kept (`parameters(time=t)`); with False
+        only the current ones are, so a long unroll does not hold each step's weights.
+
+        Example:
+            >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(2, 1))
+            >>> fnet.keep_history = False
+            >>> fnet.update_params([p * 2 for p in fnet.parameters()])
+            >>> len(list(fnet.parameters())), fnet.keep_history
+            (2, False)
+        """
+        return self._higher_store.keep
+
+    @keep_history.setter
+    def keep_history(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise PatchError(f"keep_history must be a bool, got {type(value).__name__}")
+        store = self._higher_store
+        store.keep = value
+        if not value and len(store.history) > 1:
+            store.history = store.history[-1:]
+
+    @contextlib.contextmanager
+    def using(self, params: Params) -> Iterator[list[torch.Tensor]]:
+        """Run a block with `params` as the fast weights, outside the history.
+
+        Inside the block the module's forward, `fast_params` and `parameters()` see `params`;
+        nothing is recorded, and the fast weights are as before when the block ends (even on
+        error). For code that re-runs a forward with the weights of another step (the memory
+        modes of `higher.innerloop_ctx` recompute steps this way).
+
+        Example:
+            >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(1, 1, bias=False))
+            >>> with fnet.using([torch.full((1, 1), 3.0)]):
+            ...     print(fnet(torch.ones(1, 1)).item())
+            3.0
+            >>> len(list(fnet.parameters(time=0))), fnet.weight.item() != 3.0
+            (1, True)
+        """
+        store = self._higher_store
+        checked = store.check(params)
+        before = store.current()
+        store.place(checked)
+        store.substitutes.append(checked)
+        store.transient += 1
+        try:
+            yield checked
+        finally:
+            store.transient -= 1
+            store.substitutes.pop()
+            store.place(before)
 
     @contextlib.contextmanager
     def vacated(self) -> Iterator[list[torch.Tensor]]:

@@ -58,6 +58,8 @@ class FastWeights:
         ]
         self.history: list[list[torch.Tensor]] = []
         self.track = True
+        self.keep = True  # keep the weights of every step (False: only the latest)
+        self.substitutes: list[list[torch.Tensor]] = []  # the weights of `using` blocks
         self.stateless = True
         self.transient = 0  # depth of calls running with weights that stay out of the history
         # With copy_initial_weights=False: the module's own parameters. When not tracking, new
@@ -153,8 +155,10 @@ class FastWeights:
 
     def set(self, params: list[torch.Tensor]) -> None:
         """Make `params` the current fast weights: appended to the history while tracking."""
-        if self.track:
+        if self.track and self.keep:
             self.history.append(params)
+        elif self.track:
+            self.history = [params]
         else:
             if self.anchor is not None:
                 params = [_straight_through(t, a) for t, a in zip(params, self.anchor)]
@@ -169,7 +173,7 @@ class FastWeights:
                 "pass params= to each call"
             )
         if time is None:
-            return self.history[-1]
+            return self.substitutes[-1] if self.substitutes else self.history[-1]
         if not isinstance(time, int) or isinstance(time, bool):
             raise PatchError(f"time must be an int or None, got {type(time).__name__}")
         n = len(self.history)
@@ -177,6 +181,11 @@ class FastWeights:
             raise PatchError(
                 f"time={time} is not available: with track_higher_grads=False only the current "
                 "fast weights are kept (time=0 or time=-1)"
+            )
+        if not self.keep and time != -1:
+            raise PatchError(
+                f"time={time} is not available: with keep_history=False only the current fast "
+                "weights are kept (time=-1, or time=None)"
             )
         if not -n <= time < n:
             raise PatchError(

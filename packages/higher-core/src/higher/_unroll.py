@@ -1,0 +1,355 @@
+"""What the memory modes share: the optimizer that routes `step` to a mode, the state a step
+ran with besides its weights (random numbers, buffers, train/eval flags), nested containers
+of tensors, and the checks that a step's graph reaches only the tensors a mode tracks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from higher.optim import DifferentiableOptimizer, StepPlan
+from higher.patch import FunctionalModule
+
+from ._errors import UnrollError
+
+GradCallback = Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | None]]
+
+
+# ---- routing `diffopt.step` to a mode ---------------------------------------------------------
+
+
+class Driver(Protocol):
+    """A memory mode's way of taking one step (`step`) and of ending the unroll (`close`)."""
+
+    def step(
+        self,
+        diffopt: DifferentiableOptimizer,
+        loss: torch.Tensor | None,
+        override: Mapping[str, Sequence[Any]] | None,
+        grad_callback: GradCallback | None,
+        closure: Callable[[], torch.Tensor] | None,
+        kwargs: dict[str, Any],
+    ) -> list[torch.Tensor]: ...
+
+    def close(self, diffopt: DifferentiableOptimizer) -> None: ...
+
+
+class _Routed(DifferentiableOptimizer):
+    """Mixed in before a twin: `step` is the memory mode's (plan, update and commit of the
+    step protocol, run the mode's way); everything else is the twin's."""
+
+    _higher_unroll: Driver | None = None
+
+    def step(
+        self,
+        loss: torch.Tensor | None = None,
+        params: Iterable[torch.Tensor] | None = None,
+        override: Mapping[str, Sequence[Any]] | None = None,
+        grad_callback: GradCallback | None = None,
+        *,
+        closure: Callable[[], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        driver = self._higher_unroll
+        if driver is None:  # the unroll has ended: a plain step
+            return super().step(loss, params, override, grad_callback, closure=closure, **kwargs)
+        if params is not None:
+            raise UnrollError(
+                "in a memory mode, step takes the functional model's fast weights: drop params="
+            )
+        return driver.step(self, loss, override, grad_callback, closure, kwargs)
+
+
+_ROUTED: dict[type[DifferentiableOptimizer], type[DifferentiableOptimizer]] = {}
+
+
+def routed_class(twin: type[DifferentiableOptimizer]) -> type[DifferentiableOptimizer]:
+    """`twin` with its `step` run by a memory mode (same name, a subclass: isinstance holds)."""
+    cls = _ROUTED.get(twin)
+    if cls is None:
+        if twin.step is not DifferentiableOptimizer.step:
+            raise UnrollError(
+                f"{twin.__name__} overrides step; the memory modes drive an optimizer through "
+                "the step protocol (plan, update, commit) only. Use unroll='full' with it"
+            )
+        namespace = {"__module__": twin.__module__, "__qualname__": twin.__qualname__}
+        cls = type(twin.__name__, (_Routed, twin), namespace)
+        _ROUTED[twin] = cls
+    return cls
+
+
+def attach(diffopt: DifferentiableOptimizer, driver: Driver | None) -> None:
+    """Route `diffopt.step` to `driver` (None: back to plain steps)."""
+    assert isinstance(diffopt, _Routed)
+    diffopt._higher_unroll = driver
+
+
+def require_closure(
+    mode: str, loss: torch.Tensor | None, closure: Callable[[], torch.Tensor] | None
+) -> Callable[[], torch.Tensor]:
+    """The closure of a step in a mode that runs it again, or a clear error."""
+    if closure is None:
+        raise UnrollError(
+            f"unroll={mode} rebuilds each step during the backward pass, so it needs the loss "
+            "as a closure that computes it again: diffopt.step(closure=lambda: "
+            "loss_fn(fmodel(x), y)) (bind loop variables: lambda x=x, y=y: ...), not a loss "
+            "tensor" + ("" if loss is not None else " (step got neither)")
+        )
+    if loss is not None:
+        raise UnrollError("give step either the loss or a closure that computes it, not both")
+    if not callable(closure):
+        raise UnrollError(f"closure must be callable, got {type(closure).__name__}")
+    return closure
+
+
+def scalar_loss(loss: object) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise UnrollError(f"the closure must return a scalar tensor (one element), got {shape}")
+    return loss
+
+
+# ---- nested containers of tensors -------------------------------------------------------------
+
+
+class Spec(NamedTuple):
+    """Where the tensors of a nested container were (`flatten`), to put others there."""
+
+    kind: str  # "tensor", "named", "seq", "dict" or "const"
+    of: Any
+    children: tuple[Any, ...]
+
+
+def flatten(tree: Any) -> tuple[list[torch.Tensor], Spec]:
+    """The tensors of a nest of NamedTuples, lists, tuples and dicts, and its layout."""
+    leaves: list[torch.Tensor] = []
+
+    def walk(x: Any) -> Spec:
+        if isinstance(x, torch.Tensor):
+            leaves.append(x)
+            return Spec("tensor", None, ())
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return Spec("named", type(x), tuple(walk(c) for c in x))
+        if isinstance(x, (list, tuple)):
+            return Spec("seq", type(x), tuple(walk(c) for c in x))
+        if isinstance(x, dict):
+            return Spec("dict", type(x), tuple((k, walk(v)) for k, v in x.items()))
+        return Spec("const", x, ())
+
+    return leaves, walk(tree)
+
+
+def unflatten(spec: Spec, leaves: Sequence[torch.Tensor]) -> Any:
+    """The nest `spec` describes, with `leaves` in its tensors' places."""
+    it = iter(leaves)
+
+    def build(s: Spec) -> Any:
+        if s.kind == "tensor":
+            return next(it)
+        if s.kind == "named":
+            return s.of(*(build(c) for c in s.children))
+        if s.kind == "seq":
+            return s.of(build(c) for c in s.children)
+        if s.kind == "dict":
+            return s.of((k, build(c)) for k, c in s.children)
+        return s.of
+
+    return build(spec)
+
+
+def hyper_tensors(plan: StepPlan) -> list[torch.Tensor]:
+    """The tensors among the hyperparameters a step uses that require grad (once each)."""
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad:
+                found.setdefault(id(x), x)
+        elif isinstance(x, Mapping):
+            for key, value in x.items():
+                if key != "params":
+                    walk(value)
+        elif isinstance(x, (list, tuple)):
+            for value in x:
+                walk(value)
+
+    for bucket in plan.buckets:
+        walk(bucket.hyper)
+    for options in plan.options:
+        walk(options)
+    return list(found.values())
+
+
+def stripped(plan: StepPlan) -> StepPlan:
+    """`plan` without what it holds of this step's tensors (the buckets' states, the groups'
+    parameter lists): what a later `plan.update(params, grads, states)` still needs."""
+    return plan._replace(
+        buckets=[b._replace(state=None) for b in plan.buckets],
+        options=[{k: v for k, v in o.items() if k != "params"} for o in plan.options],
+    )
+
+
+# ---- what a step ran with besides its weights ------------------------------------------------
+
+
+class StepEnv(NamedTuple):
+    """Random-number state (None: the step drew none), buffers and train/eval flags of a step."""
+
+    rng: tuple[torch.Tensor, ...] | None
+    buffers: tuple[torch.Tensor, ...]
+    training: tuple[bool, ...]
+
+
+class Environment:
+    """The functional model's state besides its weights, as each step found it: recomputing a
+    step restores it (the same dropout masks, running statistics as they were, the same
+    train/eval mode), and leaves the model as it was afterwards (running statistics move once,
+    as in a plain unroll)."""
+
+    def __init__(self, fmodel: FunctionalModule) -> None:
+        self.fmodel = fmodel
+        self.modules = list(fmodel.modules())
+        seen: set[tuple[int, str]] = set()
+        self.places: list[tuple[torch.nn.Module, str]] = []
+        for module in self.modules:
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and (id(module), name) not in seen:
+                    seen.add((id(module), name))
+                    self.places.append((module, name))
+        devices = {p.device for p in fmodel.fast_params}
+        self.devices = sorted(d.index or 0 for d in devices if d.type == "cuda")
+        self.values = tuple(self._live())  # the buffers as the next step finds them
+        self.training = tuple(m.training for m in self.modules)
+
+    def _live(self) -> Iterator[torch.Tensor]:
+        for module, name in self.places:
+            yield getattr(module, name)
+
+    def _rng(self) -> tuple[torch.Tensor, ...]:
+        states = [torch.get_rng_state()]
+        states += [torch.cuda.get_rng_state(d) for d in self.devices]
+        return tuple(states)
+
+    def before(self) -> StepEnv:
+        """What the step about to run finds (cheap: values are shared until they change)."""
+        live = list(self._live())
+        if any(not torch.equal(a, b) for a, b in zip(live, self.values)):
+            self.values = tuple(
+                a.detach().clone() if not torch.equal(a, b) else b
+                for a, b in zip(live, self.values)
+            )
+        training = tuple(m.training for m in self.modules)
+        if training != self.training:
+            self.training = training
+        return StepEnv(self._rng(), self.values, self.training)
+
+    def after(self, env: StepEnv) -> StepEnv:
+        """`env`, without its random-number state if the step drew no random number."""
+        assert env.rng is not None
+        if all(torch.equal(a, b) for a, b in zip(self._rng(), env.rng)):
+            return env._replace(rng=None)
+        return env
+
+    @contextlib.contextmanager
+    def restored(self, env: StepEnv) -> Iterator[None]:
+        """Run a block in the state `env` describes; the model is as before afterwards."""
+        with torch.random.fork_rng(devices=self.devices, enabled=env.rng is not None):
+            if env.rng is not None:
+                torch.set_rng_state(env.rng[0])
+                for d, state in zip(self.devices, env.rng[1:]):
+                    torch.cuda.set_rng_state(state, d)
+            live = list(self._live())
+            training = [m.training for m in self.modules]
+            try:
+                for (module, name), value in zip(self.places, env.buffers):
+                    setattr(module, name, value.clone())  # the block may update them in place
+                for module, flag in zip(self.modules, env.training):
+                    module.training = flag
+                yield
+            finally:
+                for (module, name), value in zip(self.places, live):
+                    setattr(module, name, value)
+                for module, flag in zip(self.modules, training):
+                    module.training = flag
+
+
+# ---- which tensors a step's graph reaches -----------------------------------------------------
+
+
+def _tensors(x: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            _tensors(item, out)
+    elif isinstance(x, dict):
+        for item in x.values():
+            _tensors(item, out)
+
+
+class Captures(TorchFunctionMode):
+    """Records the tensors that require grad which the code run under it takes from outside
+    (made before it started and not in `own`): the data or hyperparameters a closure uses."""
+
+    def __init__(self, own: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.own = {id(t) for t in own}
+        self.made: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # what was made stays alive, so ids stay unique
+        self.found: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        given: list[torch.Tensor] = []
+        _tensors((args, kwargs), given)
+        for t in given:
+            key = id(t)
+            if t.requires_grad and key not in self.made and key not in self.own:
+                self.found.setdefault(key, t)
+        out = func(*args, **kwargs)
+        made: list[torch.Tensor] = []
+        _tensors(out, made)
+        for t in made:
+            self.made.add(id(t))
+        self.keep.extend(made)
+        return out
+
+
+def unexpected_leaves(
+    roots: Sequence[torch.Tensor], known: Iterable[torch.Tensor], stop: Callable[[Any], bool]
+) -> list[torch.Tensor]:
+    """The leaves requiring grad that the graphs of `roots` reach, other than `known`
+    (non-leaf tensors in `known` end the walk where they were made, as do nodes `stop` takes).
+    """
+    known = list(known)
+    known_ids = {id(t) for t in known if t.grad_fn is None}
+    ends = {id(t.grad_fn) for t in known if t.grad_fn is not None}
+    seen: set[int] = set()
+    keep: list[Any] = []
+    todo = [r.grad_fn for r in roots if r.grad_fn is not None]
+    found: dict[int, torch.Tensor] = {}
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        if id(node) in ends or stop(node):
+            continue
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            if id(variable) not in known_ids:
+                found.setdefault(id(variable), variable)
+            continue
+        todo.extend(n for n, _ in node.next_functions)
+    return list(found.values())
