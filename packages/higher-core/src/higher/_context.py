@@ -123,6 +123,7 @@ def _unrolled(
     if isinstance(mode, ForwardMode):
         driver = ForwardDriver(mode, fmodel, list(model.parameters()), copy_initial_weights)
     else:
+        assert not isinstance(mode, Full)
         driver = RecomputeDriver(mode, fmodel, diffopt)
     attach(diffopt, driver)
     try:

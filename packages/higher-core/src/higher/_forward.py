@@ -162,7 +162,8 @@ class ForwardDriver:
         values = [o.detach() for o in outs]
         if carried:
             info = _Tangents([values[k] for k in carried], tangents, [t.shape for t in wrt])
-            for k, v in zip(carried, _Linearized.apply(info, *wrt)):
+            linearized = _Linearized.apply(info, *wrt)  # type: ignore[no-untyped-call]
+            for k, v in zip(carried, linearized):
                 values[k] = v
         new_params = list(params)
         for k, i in enumerate(stepped):

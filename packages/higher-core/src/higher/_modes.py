@@ -113,7 +113,7 @@ class ForwardMode:
         _positive("max_directions", self.max_directions)
         if self.wrt is None:
             return
-        if isinstance(self.wrt, torch.Tensor) or not isinstance(self.wrt, (list, tuple)):
+        if not isinstance(self.wrt, (list, tuple)):
             raise UsageError(
                 f"wrt must be a list of tensors, got {type(self.wrt).__name__} "
                 "(wrap one tensor in a list: wrt=[lr])"

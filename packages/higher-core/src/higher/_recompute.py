@@ -12,6 +12,7 @@ gradients reach every place they reach in a plain unroll, to any order.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -150,10 +151,10 @@ class _Record:
         if key not in cache:
             chain: list[_Record] = [self]
             while chain[-1].previous is not None:
-                chain.append(chain[-1].previous)  # type: ignore[arg-type]
+                chain.append(chain[-1].previous)
             chain.reverse()
             params, states = chain[0].inputs(graph)
-            for record, following in zip(chain, chain[1:]):
+            for record, following in itertools.pairwise(chain):
                 params, states = following.link(*record.run(params, states, graph))
                 cache[(following.index, graph)] = (params, states)
         return cache.pop(key)
@@ -163,7 +164,10 @@ class _Record:
 
         def get(link: tuple[str, Any]) -> torch.Tensor:
             kind, where = link
-            return params[where] if kind == "p" else states[where] if kind == "s" else where
+            found: torch.Tensor = (
+                params[where] if kind == "p" else states[where] if kind == "s" else where
+            )
+            return found
 
         return [get(x) for x in self.p_links], [get(x) for x in self.s_links]
 
@@ -172,7 +176,7 @@ class _Record:
     def backward(
         self, grads: Sequence[torch.Tensor | None], needs: Sequence[bool]
     ) -> list[torch.Tensor | None]:
-        n = len(self.roles)
+        n = len(needs)
         if not self.alive:  # outside a truncated unroll's window: a constant
             return [None] * n
         if self.closure is None:
@@ -194,8 +198,8 @@ class _Record:
         n = len(self.roles)
         params, states = self.inputs(graph)
         if graph:  # connected to where they came from, but not inside this product
-            params = [_Cut.apply(p) if p.requires_grad else p for p in params]
-            states = [_Cut.apply(s) if s.requires_grad else s for s in states]
+            params = [_cut(p) for p in params]
+            states = [_cut(s) for s in states]
         else:
             params = [p.detach().requires_grad_(f) for p, f in zip(params, self.p_flags)]
             states = [s.detach().requires_grad_(f) for s, f in zip(states, self.s_flags)]
@@ -234,7 +238,7 @@ class _Record:
         self.saved = None
         self.closure = None
         self.env = None
-        self.roles = []
+        self.roles = [[] for _ in self.roles]  # what it held of the hyperparameters and data
 
 
 class _Step(torch.autograd.Function):
@@ -271,6 +275,13 @@ class _Cut(torch.autograd.Function):
         return None if _local else grad
 
 
+def _cut(t: torch.Tensor) -> torch.Tensor:
+    if not t.requires_grad:
+        return t
+    out: torch.Tensor = _Cut.apply(t)  # type: ignore[no-untyped-call]
+    return out
+
+
 class _Sealed(torch.autograd.Function):
     """Weights an ended recompute unroll leaves in the functional model: a gradient through
     them is an error that says why, not a silent zero."""
@@ -293,7 +304,10 @@ class RecomputeDriver:
     """Runs the steps of a `Recompute` or `Truncated` unroll."""
 
     def __init__(
-        self, mode: Recompute | Truncated, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer
+        self,
+        mode: Recompute | Truncated,
+        fmodel: FunctionalModule,
+        diffopt: DifferentiableOptimizer,
     ) -> None:
         self.name = "'recompute'" if isinstance(mode, Recompute) else "higher.Truncated(...)"
         self.every = mode.every if isinstance(mode, Recompute) else 1
@@ -327,9 +341,7 @@ class RecomputeDriver:
         with torch.enable_grad():
             with fmodel.using(leaves), captures:
                 value = scalar_loss(closure())
-                grads = diffopt.gradients(
-                    value, leaves, create_graph=False, grad_callback=callback
-                )
+                grads = diffopt.gradients(value, leaves, create_graph=False, grad_callback=callback)
             outside = list(captures.found.values())
             roots = [value] + [g for g in grads if g is not None and g.grad_fn is not None]
             stray = unexpected_leaves(roots, leaves + outside, lambda node: False)
@@ -390,7 +402,7 @@ class RecomputeDriver:
         for t in hyper_tensors(plan) + outside:
             slot(t, ("x", t))
         record.outputs = outputs
-        outs = _Step.apply(record, *slots)
+        outs = _Step.apply(record, *slots)  # type: ignore[no-untyped-call]
         new_params = list(params)
         for k, i in enumerate(stepped):
             new_params[i] = outs[k]
@@ -434,7 +446,9 @@ class RecomputeDriver:
         uses it, and a gradient through weights taken later is a clear error."""
         params = self.fmodel.fast_params
         sealed = [
-            _Sealed.apply(p.detach().requires_grad_()) if p.requires_grad else p.detach()
+            _Sealed.apply(p.detach().requires_grad_())  # type: ignore[no-untyped-call]
+            if p.requires_grad
+            else p.detach()
             for p in params
         ]
         plan = diffopt.plan(params)

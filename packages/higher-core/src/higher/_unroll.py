@@ -336,7 +336,7 @@ def unexpected_leaves(
     ends = {id(t.grad_fn) for t in known if t.grad_fn is not None}
     seen: set[int] = set()
     keep: list[Any] = []
-    todo = [r.grad_fn for r in roots if r.grad_fn is not None]
+    todo: list[Any] = [r.grad_fn for r in roots if r.grad_fn is not None]
     found: dict[int, torch.Tensor] = {}
     while todo:
         node = todo.pop()

@@ -564,7 +564,9 @@ class DifferentiableOptimizer(abc.ABC):
         loss: torch.Tensor | None, closure: Callable[[], torch.Tensor] | None
     ) -> torch.Tensor:
         if closure is None:
-            raise OptimError("step needs the loss: step(loss) or step(closure=lambda: loss_fn(...))")
+            raise OptimError(
+                "step needs the loss: step(loss) or step(closure=lambda: loss_fn(...))"
+            )
         if loss is not None:
             raise OptimError("give step either the loss or a closure that computes it, not both")
         if not callable(closure):

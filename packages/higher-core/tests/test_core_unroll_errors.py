@@ -1,0 +1,233 @@
+"""What the memory modes refuse, and how: each refusal names what to do instead; and what
+they promise besides exactness (nothing leaks, the user's model is untouched)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import higher
+
+DT = torch.float64
+
+
+def mse(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    return lambda: F.mse_loss(model(x), y)
+
+
+def setup(
+    opt_lr: float = 0.1,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model = model.to(DT)
+    data = [(torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT)) for _ in range(3)]
+    return model, torch.optim.SGD(model.parameters(), lr=opt_lr), data
+
+
+@pytest.mark.parametrize("unroll", ["recompute", higher.Truncated(window=2)], ids=repr)
+def test_a_loss_tensor_where_a_closure_is_needed(unroll: Any) -> None:
+    model, opt, data = setup()
+    x, y = data[0]
+    with higher.innerloop_ctx(model, opt, unroll=unroll) as (fmodel, diffopt):
+        with pytest.raises(higher.UnrollError, match=r"closure=lambda: loss_fn\(fmodel"):
+            diffopt.step(F.mse_loss(fmodel(x), y))
+        with pytest.raises(ValueError, match="not both"):
+            diffopt.step(F.mse_loss(fmodel(x), y), closure=lambda: F.mse_loss(fmodel(x), y))
+        with pytest.raises(higher.UnrollError, match="neither"):
+            diffopt.step()
+        with pytest.raises(higher.UnrollError, match="scalar"):
+            diffopt.step(closure=lambda: fmodel(x))
+        with pytest.raises(higher.UnrollError, match="drop params="):
+            diffopt.step(closure=lambda: fmodel(x).sum(), params=list(fmodel.parameters()))
+        # none of the refusals took a step
+        assert all(torch.equal(p, q) for p, q in zip(fmodel.parameters(), model.parameters()))
+
+
+def test_modes_by_name_and_bad_modes() -> None:
+    model, opt, _ = setup()
+    with (
+        pytest.raises(higher.UnrollError, match=r"Truncated\(window=W\)"),
+        higher.innerloop_ctx(model, opt, unroll="truncated"),
+    ):
+        pass
+    with (
+        pytest.raises(higher.UnrollError, match="unknown unroll mode 'recomputed'"),
+        higher.innerloop_ctx(model, opt, unroll="recomputed"),
+    ):
+        pass
+    with (
+        pytest.raises(higher.UsageError, match="got int"),
+        higher.innerloop_ctx(model, opt, unroll=3),  # type: ignore[arg-type]
+    ):
+        pass
+    with pytest.raises(higher.UnrollError, match="every must be at least 1"):
+        higher.Recompute(every=0)
+    with pytest.raises(higher.UsageError, match="window must be an int"):
+        higher.Truncated(window=2.5)  # type: ignore[arg-type]
+    with pytest.raises(higher.UsageError, match=r"wrap one tensor in a list: wrt=\[lr\]"):
+        higher.ForwardMode(wrt=torch.ones(1, requires_grad=True))  # type: ignore[arg-type]
+    with pytest.raises(higher.UnrollError, match="does not require grad"):
+        higher.ForwardMode(wrt=[torch.ones(1)])
+    with (
+        pytest.raises(higher.UnrollError, match="nothing to save"),
+        higher.innerloop_ctx(model, opt, track_higher_grads=False, unroll="recompute"),
+    ):
+        pass
+    with higher.innerloop_ctx(model, opt, unroll="full") as (fmodel, diffopt):
+        assert type(diffopt) is higher.optim.DifferentiableSGD  # the default path, untouched
+        assert fmodel.keep_history
+    with higher.innerloop_ctx(model, opt, unroll="recompute") as (fmodel, diffopt):
+        assert isinstance(diffopt, higher.optim.DifferentiableSGD)
+        assert not fmodel.keep_history
+
+
+def test_a_closure_that_reads_a_loop_variable_is_caught() -> None:
+    """The classic late-binding bug: every closure sees the last batch when run again."""
+    model, opt, data = setup()
+    with higher.innerloop_ctx(model, opt, unroll="recompute") as (fmodel, diffopt):
+        for x, y in data:
+            diffopt.step(closure=lambda: F.mse_loss(fmodel(x), y))  # noqa: B023
+        meta = fmodel(data[0][0]).sum()
+    with pytest.raises(higher.UnrollError, match="bind it"):
+        meta.backward()
+
+
+def test_recompute_check_can_be_turned_off() -> None:
+    model, opt, data = setup()
+    with higher.innerloop_ctx(model, opt, unroll=higher.Recompute(check=False)) as (
+        fmodel,
+        diffopt,
+    ):
+        for x, y in data:
+            diffopt.step(closure=lambda: F.mse_loss(fmodel(x), y))  # noqa: B023
+        meta = fmodel(data[0][0]).sum()
+    meta.backward()  # wrong, as asked (a test of the switch, not a use of it)
+
+
+def test_weights_after_the_block_refuse_a_gradient() -> None:
+    model, opt, data = setup()
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, unroll="recompute") as (
+        fmodel,
+        diffopt,
+    ):
+        for x, y in data:
+            diffopt.step(closure=mse(fmodel, x, y))
+        inside = fmodel(data[0][0]).sum()
+    after = fmodel(data[0][0]).sum()  # the weights are there (evaluation works) ...
+    torch.testing.assert_close(after, inside)
+    with pytest.raises(higher.UnrollError, match="inside the block"):
+        after.backward()  # ... but the unroll is gone
+    inside.backward()  # a meta-loss computed inside the block: fine, after it too
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "unroll",
+    ["recompute", higher.Recompute(every=2), higher.Truncated(window=2), "forward"],
+    ids=repr,
+)
+@pytest.mark.parametrize("backward", [True, False])
+def test_nothing_leaks_across_inner_loops(unroll: Any, backward: bool) -> None:
+    """Freed by reference counting when the block has ended and the meta-loss is dropped
+    (the closures hold the functional model: the block's end breaks that cycle)."""
+    model, opt, data = setup()
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+
+    def inner() -> tuple[weakref.ref[Any], weakref.ref[Any], torch.Tensor]:
+        with higher.innerloop_ctx(model, opt, override={"lr": [lr]}, unroll=unroll) as (
+            fmodel,
+            diffopt,
+        ):
+            for x, y in data:
+                diffopt.step(closure=mse(fmodel, x, y))
+            meta = fmodel(data[0][0]).sum()
+        return weakref.ref(fmodel), weakref.ref(diffopt), meta
+
+    gc.disable()
+    try:
+        fref, oref, meta = inner()
+        # the meta-loss keeps what its backward needs: the closures, so the functional model
+        assert (fref() is not None) == (unroll != "forward")
+        if backward:
+            meta.backward()
+        del meta
+        assert fref() is None and oref() is None
+    finally:
+        gc.enable()
+
+
+def test_forward_mode_refusals() -> None:
+    model, opt, data = setup()
+    x, y = data[0]
+    with (
+        pytest.raises(higher.UnrollError, match=r"copy_initial_weights=False.*'recompute'"),
+        higher.innerloop_ctx(model, opt, copy_initial_weights=False, unroll="forward"),
+    ):
+        pass
+    with (
+        higher.innerloop_ctx(model, opt, unroll="forward") as (fmodel, diffopt),
+        pytest.raises(higher.UnrollError, match="nothing to differentiate"),
+    ):
+        diffopt.step(F.mse_loss(fmodel(x), y))
+    lrs = [torch.full_like(p, 0.1).requires_grad_() for p in model.parameters()]  # 21 elements
+    mode = higher.ForwardMode(max_directions=4)
+    with (
+        higher.innerloop_ctx(model, opt, override={"lr": [lrs]}, unroll=mode) as (fmodel, diffopt),
+        pytest.raises(higher.UnrollError, match=r"21 derivatives.*'recompute'"),
+    ):
+        diffopt.step(F.mse_loss(fmodel(x), y))
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    data_x = x.clone().requires_grad_()
+    with higher.innerloop_ctx(model, opt, override={"lr": [lr]}, unroll="forward") as (
+        fmodel,
+        diffopt,
+    ):
+        with pytest.raises(higher.UnrollError, match=r"shape \(5, 3\).*'recompute'"):
+            diffopt.step(F.mse_loss(fmodel(data_x), y))  # data that requires grad, not in wrt
+        diffopt.step(F.mse_loss(fmodel(x), y))
+        other = torch.tensor(0.5, dtype=DT, requires_grad=True)
+        with pytest.raises(higher.UnrollError, match="not among ForwardMode's wrt"):
+            diffopt.step(F.mse_loss(fmodel(x), y), override={"momentum": [other]})
+        meta = F.mse_loss(fmodel(x), y)
+    with pytest.raises(higher.UnrollError, match="third order"):
+        torch.autograd.grad(meta, lr, create_graph=True)  # a graph for a later gradient
+    (g,) = torch.autograd.grad(meta, lr)
+    assert g.shape == ()
+
+
+def test_a_twin_that_overrides_step_is_refused() -> None:
+    class Stepper(torch.optim.SGD):
+        pass
+
+    class OwnStep(higher.optim.DifferentiableSGD):
+        def step(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+            return super().step(*args, **kwargs)
+
+    higher.register_optim(Stepper, OwnStep)
+    model, _, _ = setup()
+    with (
+        pytest.raises(higher.UnrollError, match="overrides step"),
+        higher.innerloop_ctx(model, Stepper(model.parameters(), lr=0.1), unroll="recompute"),
+    ):
+        pass
+
+
+def test_the_user_model_and_optimizer_are_untouched() -> None:
+    model, opt, data = setup()
+    opt.step()  # no grads: nothing moves, but the state exists
+    before = [p.detach().clone() for p in model.parameters()]
+    with higher.innerloop_ctx(model, opt, unroll=higher.Recompute(every=2)) as (fmodel, diffopt):
+        for x, y in data:
+            diffopt.step(closure=mse(fmodel, x, y))
+        fmodel(data[0][0]).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())  # copy_initial_weights=True
