@@ -6,7 +6,10 @@ per-parameter learning rates of `hpo`, which this project takes as one group's l
 (Meta-SGD) and 0.2.1, which has no such form, as one param group per tensor.
 
 With `--compiled` (this project only) each inner step is `higher.compile_step`'s: one compiled
-graph per step, made once per workload and reused by every meta-step after the warm-up.
+graph per step, made once per workload and reused by every meta-step after the warm-up. With
+`--unroll MODE` (this project only: memory.py) the inner loop runs in that memory mode
+("recompute", "recompute-C": every C-th state kept, "truncated-W", "forward"), each step's loss
+given as a closure.
 """
 
 from __future__ import annotations
@@ -25,9 +28,24 @@ from _peers_common import MetaStep, Problem, serve, worker_args
 _COMPILED: dict[str, Any] = {}
 
 
+def _mode(name: str | None) -> Any:
+    import higher
+
+    if name is None or name in ("full", "recompute", "forward"):
+        return name
+    kind, _, number = name.rpartition("-")
+    if kind == "recompute":
+        return higher.Recompute(every=int(number))
+    if kind == "truncated":
+        return higher.Truncated(window=int(number))
+    raise ValueError(f"unknown memory mode {name!r}")
+
+
 def build(problem: Problem) -> MetaStep:
     import higher
 
+    unroll = _mode(worker_args().unroll)
+    modes = {} if unroll is None else {"unroll": unroll}
     step = None
     if worker_args().compiled:
         if problem.name not in _COMPILED:
@@ -39,7 +57,11 @@ def build(problem: Problem) -> MetaStep:
     params: list[torch.Tensor] = list(model.parameters())
     hpo = problem.wrt == "lr"
     override: dict[str, list[Any]] | None
-    if hpo and hasattr(higher, "UsageError"):  # this project (0.2.1 has no UsageError)
+    if problem.wrt == "hypers":  # memory.py's -hpo workloads: SGD's four hyperparameters
+        options = {k: float(v) for k, v in problem.hypers.items()}
+        opt = torch.optim.SGD(params, **options)
+        wrt, override = list(problem.hypers.values()), {k: [v] for k, v in problem.hypers.items()}
+    elif hpo and hasattr(higher, "UsageError"):  # this project (0.2.1 has no UsageError)
         # Meta-SGD as its users write it: one group, lr a list of tensors, one per parameter.
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr)
         wrt, override = problem.lrs, {"lr": [problem.lrs]}
@@ -57,12 +79,13 @@ def build(problem: Problem) -> MetaStep:
     def meta_step() -> list[torch.Tensor]:
         total = [torch.zeros_like(w) for w in wrt]
         for xs, ys, xq, yq in problem.tasks:
-            with higher.innerloop_ctx(model, opt, copy_initial_weights=hpo, override=override) as (
-                fmodel,
-                diffopt,
-            ):
+            with higher.innerloop_ctx(
+                model, opt, copy_initial_weights=problem.wrt != "init", override=override, **modes
+            ) as (fmodel, diffopt):
                 for _ in range(problem.steps):
-                    if step is None:
+                    if unroll is not None:
+                        diffopt.step(closure=lambda: problem.loss(fmodel(xs), ys))  # noqa: B023
+                    elif step is None:
                         diffopt.step(problem.loss(fmodel(xs), ys))
                     else:
                         step(fmodel, diffopt, xs, ys)

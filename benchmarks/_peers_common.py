@@ -32,6 +32,16 @@ WORKLOADS: dict[str, str] = {
     "hpo": "per-parameter learning rates of an MLP 8→32→32→1, 50-step SGD unroll",
 }
 
+#: The long unrolls of memory.py (one task, `k` inner steps set per request); "-hpo": the
+#: meta-gradient is taken with respect to four learnable hyperparameters instead.
+MEMORY_WORKLOADS: dict[str, str] = {
+    "mem-conv": "4×conv64+BN+ReLU+pool, 28×28×1, 5-way, 1 task, 5+15 shots, k SGD steps, "
+    "meta-gradient w.r.t. the initial weights",
+    "mem-mlp": "MLP 32→256→256→1, batch 128, 1 task, k SGD steps, w.r.t. the initial weights",
+    "mem-conv-hpo": "the mem-conv unroll, w.r.t. lr, momentum, weight decay, dampening",
+    "mem-mlp-hpo": "the mem-mlp unroll, w.r.t. lr, momentum, weight decay, dampening",
+}
+
 MetaStep = Callable[[], list[torch.Tensor]]
 
 
@@ -50,10 +60,11 @@ class Sizes:
     sine_steps: int = 10
     long_steps: int = 100
     hpo_steps: int = 50
+    mlp_width: int = 256  # memory.py's MLP
 
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(8, 1, 5, 1, 1, 2, 2, 4, 2, 4, 4)
+        return cls(8, 1, 5, 1, 1, 2, 2, 4, 2, 4, 4, mlp_width=16)
 
 
 @dataclass
@@ -72,6 +83,8 @@ class Problem:
     wrt: str = "init"
     #: one learnable learning rate per parameter tensor (HPO only)
     lrs: list[torch.Tensor] = field(default_factory=list)
+    #: "hypers": the SGD hyperparameters learned (name -> 0-d tensor), one param group
+    hypers: dict[str, torch.Tensor] = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -158,13 +171,91 @@ def make_problem(
                 torch.full((), 0.05, device=device, dtype=dtype, requires_grad=True)
                 for _ in model.parameters()
             ]
+    elif name.startswith("mem-"):
+        problem = _memory_problem(name, sizes, randn, device, dtype)
     else:
         raise ValueError(f"unknown workload {name!r}: expected one of {list(WORKLOADS)}")
     problem.model.to(device, dtype).train()
     return problem
 
 
+def _memory_problem(
+    name: str,
+    sizes: Sizes,
+    randn: Callable[..., torch.Tensor],
+    device: str,
+    dtype: torch.dtype,
+) -> Problem:
+    """The workloads of memory.py: one task, the number of steps set per request."""
+    if name.startswith("mem-conv"):
+        way = sizes.conv_way
+        model = conv_net(sizes.conv_channels, way)
+        ys = torch.arange(way).repeat_interleave(sizes.conv_support).to(device)
+        yq = torch.arange(way).repeat_interleave(sizes.conv_query).to(device)
+        xs, xq = randn(len(ys), 1, 28, 28), randn(len(yq), 1, 28, 28)
+        xs, xq = xs + ys.view(-1, 1, 1, 1).to(dtype), xq + yq.view(-1, 1, 1, 1).to(dtype)
+        problem = Problem(name, model, [(xs, ys, xq, yq)], F.cross_entropy, "sgd", 0.1, 1)
+    else:
+        model = mlp(32, sizes.mlp_width, sizes.mlp_width, 1)
+        w = randn(32, 1)
+        xs, xq = randn(128, 32), randn(128, 32)
+        tasks = [(xs, torch.tanh(xs @ w), xq, torch.tanh(xq @ w))]
+        problem = Problem(name, model, tasks, F.mse_loss, "sgd", 0.05, 1)
+    if name.endswith("-hpo"):
+        problem.wrt = "hypers"
+        values = {"lr": problem.lr, "momentum": 0.5, "weight_decay": 1e-4, "dampening": 0.1}
+        problem.hypers = {
+            k: torch.tensor(v, device=device, dtype=dtype, requires_grad=True)
+            for k, v in values.items()
+        }
+    return problem
+
+
 # ---- measuring ---------------------------------------------------------------------------------
+
+
+def tensor_peak(step: MetaStep) -> tuple[float, list[torch.Tensor]]:
+    """Peak MiB held by tensor storages made while `step` runs (its meta-gradient too).
+
+    Every storage an op returns (forward, backward, optimizer, anything torch dispatches) is
+    counted from the op that makes it until it is freed (a weak reference's finalizer: torch
+    >= 2.0 keeps one Python object per live storage); views share their base's storage and
+    count once. Storages made before `step` are not counted, so this is what the step adds,
+    exactly and independently of the allocator and of the process's other memory (RSS)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Live(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = self.peak = 0
+            self.seen: set[int] = set()
+
+        def _freed(self, key: int, nbytes: int) -> None:
+            self.seen.discard(key)
+            self.live -= nbytes
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    key = id(storage)
+                    if key not in self.seen:
+                        self.seen.add(key)
+                        nbytes = storage.nbytes()
+                        self.live += nbytes
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(storage, self._freed, key, nbytes)
+            return out
+
+    gc.collect()
+    with Live() as live:
+        grads = step()
+    return live.peak / 2**20, grads
 
 
 def _status_kib(key: str) -> int:
@@ -237,6 +328,7 @@ def worker_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--compiled", action="store_true", help="this project: compile_step")
+    parser.add_argument("--unroll", help="this project: the memory mode (memory.py)")
     return parser.parse_args()
 
 
@@ -282,6 +374,20 @@ def serve(name: str, build: Callable[[Problem], MetaStep], versions: dict[str, s
             problem = make_problem(request["workload"], sizes, args.device, dtype)
             _save(build(problem)(), request["path"])
             answer = {"saved": request["path"]}
+        elif op == "unroll":  # memory.py: one task unrolled for `steps` steps
+            problem = make_problem(request["workload"], sizes, args.device)
+            problem.steps = int(request["steps"])
+            step = build(problem)
+            if problem.steps <= 20:
+                step()  # warm-up (a longer unroll comes after a shorter one in the same worker)
+            start = time.perf_counter()
+            usage, _ = rss_peak(step)
+            sync(args.device)
+            seconds = time.perf_counter() - start
+            peak, grads = tensor_peak(step)  # a second run: the tracking slows ops down
+            answer = {"peak_mib": peak, "seconds": seconds, **usage}
+            if "path" in request:
+                _save(grads, request["path"])
         elif op == "memory":
             step = build(make_problem(request["workload"], sizes, args.device))
             answer, grads = rss_peak(step)
