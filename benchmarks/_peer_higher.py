@@ -58,12 +58,14 @@ def build(problem: Problem) -> MetaStep:
     hpo = problem.wrt == "lr"
     override: dict[str, list[Any]] | None
     if problem.wrt == "hypers":  # memory.py's -hpo workloads: SGD's four hyperparameters
-        options = {k: float(v) for k, v in problem.hypers.items()}
-        opt = torch.optim.SGD(params, **options)
+        h = {k: float(v) for k, v in problem.hypers.items()}
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, h["lr"], h["momentum"], h["dampening"], h["weight_decay"]
+        )
         wrt, override = list(problem.hypers.values()), {k: [v] for k, v in problem.hypers.items()}
     elif hpo and hasattr(higher, "UsageError"):  # this project (0.2.1 has no UsageError)
         # Meta-SGD as its users write it: one group, lr a list of tensors, one per parameter.
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr)
+        opt = torch.optim.SGD(params, lr=lr)
         wrt, override = problem.lrs, {"lr": [problem.lrs]}
     elif hpo:  # higher 0.2.1: one param group per tensor, its lr overridden by a tensor
         opt = torch.optim.SGD([{"params": [p]} for p in params], lr=lr)

@@ -228,7 +228,7 @@ def tensor_peak(step: MetaStep) -> tuple[float, list[torch.Tensor]]:
 
     class Live(TorchDispatchMode):
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__()  # type: ignore[no-untyped-call]
             self.live = self.peak = 0
             self.seen: set[int] = set()
 

@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{answer['seconds']:8.2f} s (load {load()})")  # fmt: skip
             rows[workload][contender.name] = {"points": {str(k): a for k, a in points}}
         worker.close()
-    for workload, by_name in rows.items():
-        for name, row in by_name.items():
+    for by_name in rows.values():
+        for row in by_name.values():
             ks = sorted(int(k) for k in row["points"])
             curve = [(k, row["points"][str(k)]["peak_mib"]) for k in ks]
             row["mib_per_step"], row["fits_8gib"] = fits(curve)
