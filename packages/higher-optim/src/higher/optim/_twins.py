@@ -177,7 +177,7 @@ class RuleOptimizer(DifferentiableOptimizer):
                 continue
             buckets: dict[tuple[Any, ...], list[int]] = {}
             for j in slots:
-                state = fresh.get((g, j)) or states[j]
+                state = fresh.get((g, j)) or states.get(j, {})
                 buckets.setdefault(_bucket_key(state, rule, params[mapping[j]]), []).append(j)
             out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
         # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
