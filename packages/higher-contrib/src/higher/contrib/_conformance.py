@@ -429,7 +429,9 @@ def _compare(got: Sequence[T], want: Sequence[T], tol: Tolerances) -> str:
         diff = (g - w).abs()
         bad = ~(diff <= tol.atol + tol.rtol * w.abs())
         if bad.any():
-            k = int(torch.argmax((diff + bad.double() * math.inf).nan_to_num(math.inf)).item())
+            # the worst entry out of tolerance (a NaN counts as the worst of all)
+            ranked = torch.where(bad, diff.double().nan_to_num(math.inf), -1.0)
+            k = int(torch.argmax(ranked).item())
             twin, torch_value, err = (x.reshape(-1)[k].item() for x in (g, w, diff))
             rel = err / max(abs(torch_value), 1e-300)
             entry = ", ".join(map(str, _unravel(k, g.shape)))
