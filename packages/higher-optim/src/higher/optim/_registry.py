@@ -198,7 +198,7 @@ def _warn_near_misses(cls: type[Any]) -> None:
             continue
         try:  # the module the key names (the optimizer's, not the plugin's): safe to import
             named = getattr(importlib.import_module(module), attr, None)
-        except Exception:  # noqa: BLE001  (a key naming nothing importable is no near miss)
+        except Exception:  # a key naming nothing importable is no near miss
             continue
         if named is cls:
             for ep in claims:
