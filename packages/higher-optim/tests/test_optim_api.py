@@ -326,7 +326,7 @@ def test_functional_api_matches_the_class() -> None:
     params, fast = [w], [w]
     for _ in range(4):
         (g,) = torch.autograd.grad((params[0] ** 3).sum(), params, create_graph=True)
-        params, state = tx.update([g], state, params)
+        params, state = tx.step([g], state, params)
         fast = diffopt.step((fast[0] ** 3).sum(), params=fast)
     assert state.step == 4
     torch.testing.assert_close(params[0], fast[0], rtol=1e-12, atol=0)
@@ -403,7 +403,7 @@ def test_functional_factories_default_like_torch(name: str) -> None:
         torch.autograd.backward(loss(params, k))
         opt.step()
         grads = list(torch.autograd.grad(loss(fast, k), fast, create_graph=True))
-        fast, state = tx.update(grads, state, fast)
+        fast, state = tx.step(grads, state, fast)
         for ours, theirs in zip(fast, params, strict=True):
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
 

@@ -19,6 +19,7 @@ Example:
 from higher.errors import HigherError as HigherError
 
 from . import functional as functional
+from . import rule as rule
 from ._api import apply_trainable_opt_params as apply_trainable_opt_params
 from ._api import create_diff_optim as create_diff_optim
 from ._api import get_diff_optim as get_diff_optim
@@ -85,6 +86,7 @@ __all__ = [
     "twin_of",
     "clear_plugin_cache",
     "functional",
+    "rule",
     "HigherError",
     "OptimError",
     "UnsupportedOptimizerError",

@@ -9,7 +9,7 @@ import torch
 
 from ._base import DifferentiableOptimizer
 from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
-from ._rule import Rule, check_hyper, check_scalar
+from ._rule import BOOKKEEPING_KEYS, Rule, check_hyper, check_scalar
 from ._rules_adam import ADAM, ADAMW
 from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
 from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
@@ -65,8 +65,8 @@ class RuleOptimizer(DifferentiableOptimizer):
     def _check_options(self, other: torch.optim.Optimizer) -> None:
         keys = set(other.defaults)
         for group in other.param_groups:
-            keys |= {k for k in group if k in other.defaults}
-        unknown = sorted(keys - self.rule.options)
+            keys |= set(group) - {"params"}
+        unknown = sorted(keys - self.rule.options - BOOKKEEPING_KEYS)
         if unknown:
             raise UnsupportedOptionError(
                 f"{type(other).__name__} option(s) {unknown} are not supported by "
