@@ -44,9 +44,17 @@ class ConformanceFailure(HigherError, AssertionError):
     """A differentiable optimizer departs from its torch original; `report` says where.
 
     Example:
-        >>> import torch, higher.contrib
-        >>> issubclass(higher.contrib.ConformanceFailure, AssertionError)
-        True
+        >>> import torch, higher.optim, higher.contrib
+        >>> class Sloppy(higher.optim.DifferentiableOptimizer):  # a twin that never steps
+        ...     def _update(self, grouped_grads, **kwargs):
+        ...         pass
+        >>> report = higher.contrib.optimizer_conformance_report(
+        ...     torch.optim.SGD, Sloppy, [{"lr": 0.1}], checks=["steps"])
+        >>> try:
+        ...     report.raise_if_failed()
+        ... except higher.contrib.ConformanceFailure as err:  # an AssertionError for pytest
+        ...     print(err.report.failures[0].detail.split(":")[0])
+        step 1 of 10
     """
 
     def __init__(self, report: ConformanceReport) -> None:

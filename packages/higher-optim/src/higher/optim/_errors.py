@@ -74,6 +74,9 @@ class PluginError(HigherError, ImportError):
 
     Example:
         >>> import higher.optim
-        >>> issubclass(higher.optim.PluginError, ImportError)
-        True
+        >>> try:
+        ...     raise higher.optim.PluginError("the plugin 'x.Broken' failed to load")
+        ... except ImportError as err:  # a broken plugin is an import problem
+        ...     print(type(err).__name__, "-", err)
+        PluginError - the plugin 'x.Broken' failed to load
     """

@@ -32,9 +32,12 @@ class PluginWarning(HigherWarning):
     """A plugin claims a torch optimizer that has a built-in twin; the built-in is used.
 
     Example:
-        >>> import higher.optim
-        >>> issubclass(higher.optim.PluginWarning, UserWarning)
-        True
+        >>> import warnings, higher.optim
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("a plugin claims torch.optim.adam.Adam", higher.optim.PluginWarning)
+        >>> [w.category.__name__ for w in seen]
+        ['PluginWarning']
     """
 
 

@@ -22,9 +22,15 @@ class UnsupportedOptionError(OptimError):
     """A torch optimizer was built with an option its differentiable twin does not honour.
 
     Example:
-        >>> import higher.optim
-        >>> issubclass(higher.optim.UnsupportedOptionError, ValueError)
-        True
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> opt.param_groups[0]["stable"] = True  # an option the twin knows nothing of
+        >>> try:
+        ...     higher.optim.get_diff_optim(opt, [w])
+        ... except higher.optim.UnsupportedOptionError as err:
+        ...     print(str(err).split(" are ")[0])
+        SGD option(s) ['stable']
     """
 
 
@@ -44,10 +50,12 @@ class RuleOptimizer(DifferentiableOptimizer):
     the slots of a group that share a step count (the usual case: the whole group).
 
     Example:
-        >>> import higher.optim
-        >>> higher.optim.DifferentiableAdam.rule.name, issubclass(
-        ...     higher.optim.DifferentiableAdam, higher.optim.RuleOptimizer)
-        ('Adam', True)
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w], lr=0.1), [w])
+        >>> plan = diffopt.plan([w])  # what the step will run: the rule, once per bucket
+        >>> plan.rule.name, plan.rule.hypers, len(plan.buckets)
+        ('Adam', ('lr', 'eps', 'weight_decay'), 1)
     """
 
     rule: ClassVar[Rule]

@@ -194,8 +194,8 @@ class FunctionalModule(torch.nn.Module):
             ...                                    (torch.ones(1, 2),))
             ...     print(fnet.weight is None, len(weights))
             True 2
-            >>> fnet.weight is not None
-            True
+            >>> fnet.weight.shape  # the slots hold the fast weights again
+            torch.Size([1, 2])
         """
         store = self._higher_store
         current = store.at(None)
