@@ -3,7 +3,7 @@
 Installing this distribution is all it takes: `higher` finds `DifferentiableLion` through the
 entry-point group `higher.optimizers`, so `higher.innerloop_ctx(model, Lion(...))` works.
 
-Example:
+Examples:
     >>> import torch, higher.optim
     >>> from higher_lion import Lion
     >>> higher.optim.twin_of(Lion).__name__

@@ -36,7 +36,7 @@ def lion_update(
     grad. The sign has a zero derivative, so hypergradients flow through the decay, the step
     size and the momentum.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher_lion import LION
         >>> grad = torch.tensor([0.5, -0.5], dtype=torch.float64)
@@ -75,7 +75,7 @@ class DifferentiableLion(higher.optim.RuleOptimizer):
     """The differentiable twin of `higher_lion.Lion`, found by `higher` through the entry point
     `higher.optimizers` (no `register_optim` call needed).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> from higher_lion import Lion, DifferentiableLion
         >>> w = torch.nn.Parameter(torch.tensor([1.0]))

@@ -5,7 +5,7 @@ __doc__ = """Differentiate through whole PyTorch training loops.
 torch optimizer `opt`: unroll `k` steps, then take gradients of anything computed from the last
 weights with respect to the first ones, the optimizer's hyperparameters, or the data.
 
-Example:
+Examples:
     >>> import torch, higher
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)

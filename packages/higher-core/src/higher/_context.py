@@ -44,7 +44,7 @@ def innerloop_ctx(
             With `copy_initial_weights=False` the gradient of a loss on the adapted weights
             still reaches `model.parameters()` (first-order MAML).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> x, y = torch.randn(8, 2), torch.randn(8, 1)

@@ -45,7 +45,7 @@ T = torch.Tensor
 class CheckResult:
     """The outcome of one check for one option set.
 
-    Example:
+    Examples:
         >>> from higher.contrib import CheckResult
         >>> CheckResult("steps", {"lr": 0.1}, True, "10 steps equal").label
         'steps [lr=0.1]'
@@ -67,7 +67,7 @@ class CheckResult:
 class ConformanceReport:
     """Every check the kit ran on one twin, with what it found.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> report = higher.contrib.optimizer_conformance_report(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1]}, checks=["steps"]
@@ -114,7 +114,7 @@ class ConformanceReport:
 class Tolerances:
     """How close is equal: `rtol`/`atol` for steps, `fd_rtol`/`fd_atol` for hypergradients.
 
-    Example:
+    Examples:
         >>> from higher.contrib import Tolerances
         >>> Tolerances().rtol
         1e-10
@@ -130,7 +130,7 @@ class Tolerances:
 class ConformanceCase:
     """One check on one option set: what a parametrized test runs (`case.run()`).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> (case,) = higher.contrib.conformance_cases(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["steps"]
@@ -194,7 +194,7 @@ def conformance_cases(
 
     The arguments are `optimizer_conformance_report`'s.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> cases = higher.contrib.conformance_cases(
         ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"amsgrad": [False, True]}
@@ -260,7 +260,7 @@ def optimizer_conformance_report(
         A `ConformanceReport`; it never raises for a departure (`check_optimizer_conformance`
         does).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> report = higher.contrib.optimizer_conformance_report(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1], "momentum": [0, 0.9]}
@@ -287,7 +287,7 @@ def check_optimizer_conformance(
 ) -> ConformanceReport:
     """`optimizer_conformance_report`, raising `ConformanceFailure` when a check fails.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> higher.contrib.check_optimizer_conformance(
         ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"lr": [1e-3, 0.1]}
@@ -321,7 +321,7 @@ def parametrize_conformance(
         def test_lion_conforms(conformance_case):
             conformance_case.run()
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> mark = higher.contrib.parametrize_conformance(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["registry"]

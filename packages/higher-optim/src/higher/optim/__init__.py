@@ -5,7 +5,7 @@ computed after `k` steps can be differentiated with respect to the initial param
 hyperparameters (which may be tensors that require grad). Each twin equals its `torch.optim`
 optimizer step for step; `higher.optim.functional` holds the same rules as pure functions.
 
-Example:
+Examples:
     >>> import torch, higher.optim
     >>> w = torch.nn.Parameter(torch.tensor([1.0]))
     >>> lr = torch.tensor(0.1, requires_grad=True)

@@ -56,7 +56,7 @@ class DifferentiableOptimizer(abc.ABC):
         grad_callback: `grads -> grads`, run on the gradients before each update.
         track_higher_grads: False makes each step first order: new parameters are detached.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -155,7 +155,7 @@ class DifferentiableOptimizer(abc.ABC):
     def track_higher_grads(self) -> bool:
         """Whether steps keep their graph (False: each step's new parameters are detached).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> opt = torch.optim.SGD([w], lr=0.1)
@@ -168,7 +168,7 @@ class DifferentiableOptimizer(abc.ABC):
     def fmodel(self) -> FunctionalModel | None:
         """The functional model each `step` updates (None when steps are given `params=`).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> print(higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w]).fmodel)
@@ -180,7 +180,7 @@ class DifferentiableOptimizer(abc.ABC):
     def grad_callback(self) -> GradCallback | None:
         """The constructor's `grads -> grads` callback, run before each update (or None).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> clip = higher.optim.clip_grad_value(1.0)
@@ -339,7 +339,7 @@ class DifferentiableOptimizer(abc.ABC):
         Returns:
             A `StepPlan`: run it with `plan.update(params, grads)`, then `commit` the result.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(2))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -440,7 +440,7 @@ class DifferentiableOptimizer(abc.ABC):
             first_order: detach the new parameters and the state (default: when this optimizer
                 does not track higher-order gradients).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -494,7 +494,7 @@ class DifferentiableOptimizer(abc.ABC):
             The new parameters, in the order of `reference_params` (frozen ones unchanged);
             the functional model, when there is one, is updated to them.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.tensor([1.0]))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.25), [w])
@@ -578,7 +578,7 @@ class DifferentiableOptimizer(abc.ABC):
         step counts are tensors as torch keeps them: a torch optimizer over the same parameters
         can `load_state_dict` it. `load_state_dict` restores it here.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(2))
             >>> opt = torch.optim.Adam([w], lr=0.1)
@@ -612,7 +612,7 @@ class DifferentiableOptimizer(abc.ABC):
         """Restore what `state_dict` (this class's, or a torch optimizer's over the same
         parameters) holds: each slot's state (cloned; step counts back to ints) and options.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(2))
             >>> opt = torch.optim.Adam([w], lr=0.1)
@@ -673,7 +673,7 @@ class DifferentiableOptimizer(abc.ABC):
         scalar dtype, on the device torch puts it for these options), so the torch optimizer
         continues exactly as from a state of its own.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> opt = torch.optim.Adam([w], lr=0.1)
@@ -707,7 +707,7 @@ class DifferentiableOptimizer(abc.ABC):
         This is how a torch LR scheduler drives a differentiable optimizer: build the
         scheduler on the torch optimizer, call `scheduler.step()` then `sync_hyperparameters`.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> opt = torch.optim.SGD([w], lr=1.0)

@@ -15,7 +15,7 @@ def sqrt0(x: torch.Tensor) -> torch.Tensor:
 
     The forward value is bit-identical to `x.sqrt()`; only the infinite slope at 0 is replaced.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim.rule import sqrt0
         >>> x = torch.tensor([0.0, 4.0], requires_grad=True)
@@ -29,7 +29,7 @@ def sqrt0(x: torch.Tensor) -> torch.Tensor:
 def is_zero(value: object) -> bool:
     """True only for a number equal to 0: a tensor hyperparameter keeps its term (and grad).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim.rule import is_zero
         >>> is_zero(0.0), is_zero(torch.tensor(0.0))
@@ -50,7 +50,7 @@ _IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 def compiling() -> bool:
     """Whether `torch.compile` is tracing the caller (then a compiler fuses the kernels).
 
-    Example:
+    Examples:
         >>> from higher.optim.rule import compiling
         >>> compiling()
         False
@@ -104,7 +104,7 @@ def elementwise(
     tensor; complex tensors run as real pairs, as torch runs them. A list given as None reaches
     the kernel as None. Each output is a list of tensors shaped like `params` (or of None).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim.rule import elementwise
         >>> new_p, new_m = elementwise(
@@ -177,7 +177,7 @@ def _per_tensor(
 def some(xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """The list with its None entries checked away (for a kernel output that is always set).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim.rule import some
         >>> len(some([torch.ones(1), torch.zeros(1)]))

@@ -31,7 +31,7 @@ _NO_TWIN = {
 class PluginWarning(HigherWarning):
     """A plugin claims a torch optimizer that has a built-in twin; the built-in is used.
 
-    Example:
+    Examples:
         >>> import warnings, higher.optim
         >>> with warnings.catch_warnings(record=True) as seen:
         ...     warnings.simplefilter("always")
@@ -79,7 +79,7 @@ def register_optim(
 
     An explicit registration wins over a built-in and over plugins.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> class MySGD(torch.optim.SGD): ...
         >>> higher.optim.register_optim(MySGD, higher.optim.DifferentiableSGD)
@@ -144,7 +144,7 @@ def _load_plugin(name: str) -> type[DifferentiableOptimizer] | None:
 def clear_plugin_cache() -> None:
     """Forget discovered and loaded plugins (after installing one in a running process).
 
-    Example:
+    Examples:
         >>> import higher.optim
         >>> higher.optim.clear_plugin_cache()
     """
@@ -160,7 +160,7 @@ def twin_of(optim_type: type[Any]) -> type[DifferentiableOptimizer]:
     For each class of the MRO, in order: a `register_optim` registration, a built-in, then a
     plugin named after the class. A plugin that claims a built-in is not used (PluginWarning).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> higher.optim.twin_of(torch.optim.Adam).__name__
         'DifferentiableAdam'

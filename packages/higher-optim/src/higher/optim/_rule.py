@@ -40,7 +40,7 @@ class Rule(NamedTuple):
     A twin is a `RuleOptimizer` subclass with a `rule`; the built-in ones are reachable as
     `DifferentiableX.rule`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> rule = higher.optim.DifferentiableSGD.rule
         >>> w = torch.ones(2)
@@ -160,7 +160,7 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 def flag(rule: Rule, hyper: Hyper, name: str) -> bool:
     """The value of a bool option, or the rule's default where this torch lacks the option.
 
-    Example:
+    Examples:
         >>> from higher.optim import DifferentiableSGD
         >>> from higher.optim.rule import flag
         >>> flag(DifferentiableSGD.rule, {"lr": 0.1}, "nesterov")
@@ -172,7 +172,7 @@ def flag(rule: Rule, hyper: Hyper, name: str) -> bool:
 def split_lr(hyper: Hyper) -> tuple[Any, list[torch.Tensor] | None]:
     """(`lr` when one value serves all params, per-parameter list of learning rates or None).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim.rule import split_lr
         >>> split_lr({"lr": 0.1}), split_lr({"lr": [torch.ones(1)]})[0]

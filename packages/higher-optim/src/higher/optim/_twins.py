@@ -21,7 +21,7 @@ from ._step import Bucket, StepPlan
 class UnsupportedOptionError(OptimError):
     """A torch optimizer was built with an option its differentiable twin does not honour.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> opt = torch.optim.SGD([w], lr=0.1)
@@ -49,7 +49,7 @@ class RuleOptimizer(DifferentiableOptimizer):
     """A differentiable twin defined by a pure `Rule`: each step runs `rule.update` once for
     the slots of a group that share a step count (the usual case: the whole group).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w], lr=0.1), [w])
@@ -255,7 +255,7 @@ class DifferentiableSGD(RuleOptimizer):
     """Differentiable twin of `torch.optim.SGD` (momentum, dampening, nesterov, weight decay,
     maximize).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
@@ -270,7 +270,7 @@ class DifferentiableSGD(RuleOptimizer):
 class DifferentiableAdam(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adam` (amsgrad, maximize, decoupled weight decay).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdam(torch.optim.Adam([w], lr=0.1), [w])
@@ -284,7 +284,7 @@ class DifferentiableAdam(RuleOptimizer):
 class DifferentiableAdamW(RuleOptimizer):
     """Differentiable twin of `torch.optim.AdamW` (Adam with decoupled weight decay).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0)
@@ -298,7 +298,7 @@ class DifferentiableAdamW(RuleOptimizer):
 class DifferentiableAdagrad(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adagrad` (lr_decay, initial_accumulator_value, ...).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdagrad(torch.optim.Adagrad([w], lr=0.1), [w])
@@ -312,7 +312,7 @@ class DifferentiableAdagrad(RuleOptimizer):
 class DifferentiableAdadelta(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adadelta`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdadelta(torch.optim.Adadelta([w]), [w])
@@ -326,7 +326,7 @@ class DifferentiableAdadelta(RuleOptimizer):
 class DifferentiableAdamax(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adamax`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdamax(torch.optim.Adamax([w], lr=0.1), [w])
@@ -340,7 +340,7 @@ class DifferentiableAdamax(RuleOptimizer):
 class DifferentiableASGD(RuleOptimizer):
     """Differentiable twin of `torch.optim.ASGD` (lambd, alpha, t0; `ax` kept in the state).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableASGD(torch.optim.ASGD([w], lr=0.5), [w])
@@ -354,7 +354,7 @@ class DifferentiableASGD(RuleOptimizer):
 class DifferentiableRMSprop(RuleOptimizer):
     """Differentiable twin of `torch.optim.RMSprop` (alpha, eps, momentum, centered, ...).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableRMSprop(torch.optim.RMSprop([w], lr=0.01), [w])
@@ -368,7 +368,7 @@ class DifferentiableRMSprop(RuleOptimizer):
 class DifferentiableRprop(RuleOptimizer):
     """Differentiable twin of `torch.optim.Rprop` (etas, step_sizes).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableRprop(torch.optim.Rprop([w], lr=0.1), [w])
@@ -382,7 +382,7 @@ class DifferentiableRprop(RuleOptimizer):
 class DifferentiableNAdam(RuleOptimizer):
     """Differentiable twin of `torch.optim.NAdam` (momentum_decay, decoupled weight decay).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableNAdam(torch.optim.NAdam([w], lr=0.1), [w])
@@ -396,7 +396,7 @@ class DifferentiableNAdam(RuleOptimizer):
 class DifferentiableRAdam(RuleOptimizer):
     """Differentiable twin of `torch.optim.RAdam` (decoupled weight decay where torch has it).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableRAdam(torch.optim.RAdam([w], lr=0.1), [w])
@@ -413,7 +413,7 @@ class DifferentiableAdafactor(RuleOptimizer):
     Where torch reads a norm back as a number, the twin keeps it a tensor, so its step is
     differentiable in the parameters as the mathematics says.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> opt = torch.optim.Adafactor([w], lr=0.1)

@@ -6,7 +6,7 @@ add, as optax's `update` does: there is no `apply_updates` step, and adding the 
 parameters would step twice). Nothing is modified in place, so the whole unroll is
 differentiable. States are typed `NamedTuple`s.
 
-Example:
+Examples:
     >>> import torch
     >>> from higher.optim import functional as F
     >>> w = torch.ones(2, requires_grad=True)
@@ -41,7 +41,7 @@ class FunctionalOptimizer(NamedTuple):
     `step` returns the new parameters themselves (not optax-style updates to add to them).
     `update` is the same function under the name 0.3.0 gave it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.sgd(lr=0.5, momentum=0.9)
@@ -86,7 +86,7 @@ def sgd(
 ) -> FunctionalOptimizer:
     """`torch.optim.SGD` as a pure rule (hyperparameters may be tensors that require grad).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.sgd(lr=0.5)
@@ -107,7 +107,7 @@ def adam(
 ) -> FunctionalOptimizer:
     """`torch.optim.Adam` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.adam(lr=0.1)
@@ -128,7 +128,7 @@ def adamw(
 ) -> FunctionalOptimizer:
     """`torch.optim.AdamW` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.adamw(lr=0.1)
@@ -150,7 +150,7 @@ def adagrad(
 ) -> FunctionalOptimizer:
     """`torch.optim.Adagrad` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.adagrad(lr=0.1)
@@ -167,7 +167,7 @@ def adadelta(
 ) -> FunctionalOptimizer:
     """`torch.optim.Adadelta` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.adadelta(lr=1.0)
@@ -188,7 +188,7 @@ def adamax(
 ) -> FunctionalOptimizer:
     """`torch.optim.Adamax` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.adamax(lr=0.1)
@@ -210,7 +210,7 @@ def asgd(
 ) -> FunctionalOptimizer:
     """`torch.optim.ASGD` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.asgd(lr=0.5)
@@ -233,7 +233,7 @@ def rmsprop(
 ) -> FunctionalOptimizer:
     """`torch.optim.RMSprop` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.rmsprop(lr=0.01, centered=True)
@@ -253,7 +253,7 @@ def rprop(
 ) -> FunctionalOptimizer:
     """`torch.optim.Rprop` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.rprop(lr=0.1)
@@ -276,7 +276,7 @@ def nadam(
 ) -> FunctionalOptimizer:
     """`torch.optim.NAdam` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.nadam(lr=0.1)
@@ -298,7 +298,7 @@ def radam(
 ) -> FunctionalOptimizer:
     """`torch.optim.RAdam` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.radam(lr=0.1)
@@ -320,7 +320,7 @@ def adafactor(
 ) -> FunctionalOptimizer:
     """`torch.optim.Adafactor` as a pure rule (available whatever the torch version).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
         >>> opt = F.adafactor(lr=0.1)

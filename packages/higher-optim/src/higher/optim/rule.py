@@ -6,7 +6,7 @@ step protocol, the fused kernels over many tensors, option and type checks, lear
 per-parameter hyperparameters, `higher.compile_step`. Writing `_update` by hand (the 0.2.1
 recipe) still works, as the fallback: it gets none of these but the object API.
 
-Example:
+Examples:
     >>> import torch
     >>> from typing import NamedTuple
     >>> from higher.optim.rule import Rule, elementwise, some
