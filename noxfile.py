@@ -285,6 +285,23 @@ def repo(session: nox.Session) -> None:
     _pytest(session, "tests/repo")
 
 
+# The documentation site's tools; the API reference is read from the sources (no torch needed).
+DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8"]
+
+
+@nox.session(python="3.11", tags=["ci"])
+@_pruned
+def docs(session: nox.Session) -> None:
+    """Build the documentation site strictly (every warning an error) into site/; `nox -s docs
+    -- serve` serves it at http://127.0.0.1:8000 instead. Its code blocks run in `repo`."""
+    session.install(*DOCS_DEPS)
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", "--strict")
+    else:
+        session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+
+
 @nox.session(python="3.11")
 @_pruned
 def demo(session: nox.Session) -> None:

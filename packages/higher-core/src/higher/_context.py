@@ -55,7 +55,7 @@ def innerloop_ctx(
             `diffopt.step(closure=lambda: loss_fn(fmodel(x), y))`. In these modes the fast
             weights of earlier steps are not kept (`fmodel.keep_history` is False).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> x, y = torch.randn(8, 2), torch.randn(8, 1)

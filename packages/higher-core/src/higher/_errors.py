@@ -8,7 +8,7 @@ from higher.errors import HigherError
 class UsageError(HigherError, TypeError):
     """A top-level function got an argument of the wrong kind (also a `TypeError`).
 
-    Example:
+    Examples:
         >>> try:
         ...     with higher.innerloop_ctx("model", None):  # type: ignore[arg-type]
         ...         pass

@@ -5,7 +5,7 @@ computed after `k` steps can be differentiated with respect to the initial param
 hyperparameters (which may be tensors that require grad). Each twin equals its `torch.optim`
 optimizer step for step; `higher.optim.functional` holds the same rules as pure functions.
 
-Example:
+Examples:
     >>> import torch, higher.optim
     >>> w = torch.nn.Parameter(torch.tensor([1.0]))
     >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -19,6 +19,7 @@ Example:
 from higher.errors import HigherError as HigherError
 
 from . import functional as functional
+from . import rule as rule
 from ._api import apply_trainable_opt_params as apply_trainable_opt_params
 from ._api import create_diff_optim as create_diff_optim
 from ._api import get_diff_optim as get_diff_optim
@@ -85,6 +86,7 @@ __all__ = [
     "twin_of",
     "clear_plugin_cache",
     "functional",
+    "rule",
     "HigherError",
     "OptimError",
     "UnsupportedOptimizerError",

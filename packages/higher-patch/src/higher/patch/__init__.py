@@ -4,7 +4,7 @@
 `params=` runs the module's own forward with those weights, and the weights of every step stay
 reachable (`fmodel.parameters(time=t)`), so gradients flow through a whole unrolled loop.
 
-Example:
+Examples:
     >>> import torch, higher.patch
     >>> net = torch.nn.Linear(2, 1)
     >>> fnet = higher.patch.monkeypatch(net)
