@@ -22,7 +22,7 @@ class UnrollError(HigherError, ValueError):
     """A memory mode of `innerloop_ctx(..., unroll=...)` cannot do what was asked (also a
     `ValueError`): the message says why and what to use instead.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> with higher.innerloop_ctx(model, opt, unroll="recompute") as (fmodel, diffopt):

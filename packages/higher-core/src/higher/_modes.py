@@ -18,7 +18,7 @@ class Full:
     """Keep every step's graph (the default, as higher 0.2.1): fastest, memory grows with the
     activations of every step.
 
-    Example:
+    Examples:
         >>> higher.Full()
         Full()
     """
@@ -41,7 +41,7 @@ class Recompute:
         check: compare each rebuilt step's loss with the one first computed and raise if
             they differ (a closure that reads a loop variable, non-deterministic kernels).
 
-    Example:
+    Examples:
         >>> higher.Recompute(every=4)
         Recompute(every=4, check=True)
     """
@@ -68,7 +68,7 @@ class Truncated:
         window: how many of the latest steps the meta-gradient goes through.
         check: as in `Recompute`.
 
-    Example:
+    Examples:
         >>> higher.Truncated(window=10)
         Truncated(window=10, check=True)
     """
@@ -100,7 +100,7 @@ class ForwardMode:
         max_directions: refuse more elements than this in `wrt` (each costs a backward pass
             per step).
 
-    Example:
+    Examples:
         >>> lr = torch.tensor(0.1, requires_grad=True)
         >>> higher.ForwardMode(wrt=[lr]).max_directions
         64

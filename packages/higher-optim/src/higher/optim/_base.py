@@ -544,7 +544,7 @@ class DifferentiableOptimizer(abc.ABC):
             create_graph: keep the gradients' graph (default: `track_higher_grads`).
             grad_callback: `grads -> grads`; wins over the constructor's.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.tensor([3.0]))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w])

@@ -187,7 +187,7 @@ class FunctionalModule(torch.nn.Module):
         """Whether the fast weights of every step are kept (`parameters(time=t)`); with False
         only the current ones are, so a long unroll does not hold each step's weights.
 
-        Example:
+        Examples:
             >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(2, 1))
             >>> fnet.keep_history = False
             >>> fnet.update_params([p * 2 for p in fnet.parameters()])
@@ -214,7 +214,7 @@ class FunctionalModule(torch.nn.Module):
         error). For code that re-runs a forward with the weights of another step (the memory
         modes of `higher.innerloop_ctx` recompute steps this way).
 
-        Example:
+        Examples:
             >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(1, 1, bias=False))
             >>> with fnet.using([torch.full((1, 1), 3.0)]):
             ...     print(fnet(torch.ones(1, 1)).item())
