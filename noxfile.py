@@ -235,19 +235,7 @@ def bench(session: nox.Session) -> None:
     benchmarks/results/. Arguments after `--`
     go to peers.py (e.g. `nox -s bench -- --rounds 3`, `-- --device cuda`)."""
     _install_workspace(session, TORCH_AT_HAND)
-    tmp = Path(session.create_tmp()).resolve()
-    peers = {"legacy-higher": "higher==0.2.1", "torchopt": "torchopt==0.7.3"}
-    python = {}
-    for name, requirement in peers.items():
-        venv = tmp / name
-        python[name] = str(venv / "bin" / "python")
-        if not Path(python[name]).exists():
-            _make_venv(session, venv)
-        # torch first: the wheel at hand, never a CUDA download chosen by the peer's pins
-        pip = [python[name], "-m", "pip", "install", "-q"]
-        session.run(*pip, f"torch=={TORCH_AT_HAND}", "numpy", external=True)
-        no_deps = ["--no-deps"] if name == "legacy-higher" else []
-        session.run(*pip, *no_deps, requirement, external=True)
+    python = _peer_venvs(session)
     session.run(
         "python", "benchmarks/patch_overhead.py", "--legacy-python", python["legacy-higher"]
     )
@@ -261,6 +249,45 @@ def bench(session: nox.Session) -> None:
         "--compiled",
         *session.posargs,
     )
+
+
+@nox.session(python="3.11")
+@_pruned
+def memory(session: nox.Session) -> None:
+    """Peak memory and time of one meta-gradient against the number of inner steps, per memory
+    mode of innerloop_ctx(..., unroll=), beside higher 0.2.1 and TorchOpt 0.7.3 in their own
+    venvs (benchmarks/memory.py) into benchmarks/results/. Arguments after `--` go to
+    memory.py (e.g. `nox -s memory -- --max-steps 100`). Takes about an hour on 2 CPU cores."""
+    _install_workspace(session, TORCH_AT_HAND)
+    python = _peer_venvs(session)
+    session.run(
+        "python",
+        "benchmarks/memory.py",
+        "--higher-021-python",
+        python["legacy-higher"],
+        "--torchopt-python",
+        python["torchopt"],
+        *session.posargs,
+    )
+
+
+def _peer_venvs(session: nox.Session) -> dict[str, str]:
+    """The peers' venvs (higher 0.2.1, TorchOpt 0.7.3, each beside the torch at hand), made
+    once; name -> its python."""
+    tmp = Path(session.create_tmp()).resolve()
+    peers = {"legacy-higher": "higher==0.2.1", "torchopt": "torchopt==0.7.3"}
+    python = {}
+    for name, requirement in peers.items():
+        venv = tmp / name
+        python[name] = str(venv / "bin" / "python")
+        if not Path(python[name]).exists():
+            _make_venv(session, venv)
+        # torch first: the wheel at hand, never a CUDA download chosen by the peer's pins
+        pip = [python[name], "-m", "pip", "install", "-q"]
+        session.run(*pip, f"torch=={TORCH_AT_HAND}", "numpy", external=True)
+        no_deps = ["--no-deps"] if name == "legacy-higher" else []
+        session.run(*pip, *no_deps, requirement, external=True)
+    return python
 
 
 @nox.session(name="bench-optim", python="3.11")

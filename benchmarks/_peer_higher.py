@@ -58,7 +58,7 @@ def build(problem: Problem) -> MetaStep:
     hpo = problem.wrt == "lr"
     override: dict[str, list[Any]] | None
     if problem.wrt == "hypers":  # memory.py's -hpo workloads: SGD's four hyperparameters
-        h = {k: float(v) for k, v in problem.hypers.items()}
+        h = {k: float(v.detach()) for k, v in problem.hypers.items()}
         opt: torch.optim.Optimizer = torch.optim.SGD(
             params, h["lr"], h["momentum"], h["dampening"], h["weight_decay"]
         )
