@@ -231,3 +231,17 @@ def test_the_user_model_and_optimizer_are_untouched() -> None:
         fmodel(data[0][0]).sum().backward()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())  # copy_initial_weights=True
+
+
+def test_compile_step_refuses_a_memory_mode() -> None:
+    from higher._compiled import torch_version
+
+    model, opt, data = setup()
+    eager = higher.compile_step(lambda m, x, y: F.mse_loss(m(x), y), compile=False)
+    with higher.innerloop_ctx(model, opt, unroll="recompute") as (fmodel, diffopt):
+        with pytest.raises(higher.UnrollError, match="closure"):  # it is diffopt.step(loss)
+            eager(fmodel, diffopt, *data[0])
+        if torch_version() >= (2, 3):  # refused before anything compiles
+            step = higher.compile_step(lambda m, x, y: F.mse_loss(m(x), y), backend="eager")
+            with pytest.raises(higher.UsageError, match="memory mode"):
+                step(fmodel, diffopt, *data[0])

@@ -17,6 +17,7 @@ from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
 from higher.patch import FunctionalModule
 
 from ._errors import UsageError
+from ._unroll import Routed
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -247,6 +248,11 @@ class CompiledStep:
             raise UsageError(
                 f"the second argument must be a differentiable optimizer, got "
                 f"{type(diffopt).__name__}"
+            )
+        if isinstance(diffopt, Routed):
+            raise UsageError(
+                "compile_step takes full unrolls; this optimizer steps in a memory mode of "
+                "innerloop_ctx(..., unroll=...): use diffopt.step(closure=...) in that mode"
             )
         if diffopt.fmodel is not None and diffopt.fmodel is not fmodel:
             raise UsageError(

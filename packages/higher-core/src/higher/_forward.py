@@ -144,6 +144,8 @@ class ForwardDriver:
                 raise UnrollError("give step either the loss or a closure, not both")
             with torch.enable_grad():
                 loss = closure()
+        elif loss is None:
+            raise UnrollError("step needs the loss: step(loss) or step(closure=lambda: ...)")
         params = self.fmodel.fast_params
         with torch.enable_grad():
             grads = diffopt.gradients(

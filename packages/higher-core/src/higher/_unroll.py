@@ -38,7 +38,7 @@ class Driver(Protocol):
     def close(self, diffopt: DifferentiableOptimizer) -> None: ...
 
 
-class _Routed(DifferentiableOptimizer):
+class Routed(DifferentiableOptimizer):
     """Mixed in before a twin: `step` is the memory mode's (plan, update and commit of the
     step protocol, run the mode's way); everything else is the twin's."""
 
@@ -77,14 +77,14 @@ def routed_class(twin: type[DifferentiableOptimizer]) -> type[DifferentiableOpti
                 "the step protocol (plan, update, commit) only. Use unroll='full' with it"
             )
         namespace = {"__module__": twin.__module__, "__qualname__": twin.__qualname__}
-        cls = type(twin.__name__, (_Routed, twin), namespace)
+        cls = type(twin.__name__, (Routed, twin), namespace)
         _ROUTED[twin] = cls
     return cls
 
 
 def attach(diffopt: DifferentiableOptimizer, driver: Driver | None) -> None:
     """Route `diffopt.step` to `driver` (None: back to plain steps)."""
-    assert isinstance(diffopt, _Routed)
+    assert isinstance(diffopt, Routed)
     diffopt._higher_unroll = driver
 
 
@@ -188,7 +188,10 @@ def stripped(plan: StepPlan) -> StepPlan:
     """`plan` without what it holds of this step's tensors (the buckets' states, the groups'
     parameter lists): what a later `plan.update(params, grads, states)` still needs."""
     return plan._replace(
-        buckets=[b._replace(state=None) for b in plan.buckets],
+        buckets=[
+            b._replace(state=None, hyper={k: v for k, v in b.hyper.items() if k != "params"})
+            for b in plan.buckets
+        ],
         options=[{k: v for k, v in o.items() if k != "params"} for o in plan.options],
     )
 
