@@ -48,7 +48,8 @@ RUNS = {
     FULL: ("mem-conv", "mem-mlp", "mem-conv-hpo", "mem-mlp-hpo"),
     RECOMPUTE: ("mem-conv", "mem-mlp", "mem-conv-hpo", "mem-mlp-hpo"),
     EVERY: ("mem-conv", "mem-mlp"),
-    TRUNCATED: ("mem-conv", "mem-mlp"),
+    # a truncated meta-gradient does not reach the initial weights once k > W: hyperparameters only
+    TRUNCATED: ("mem-conv-hpo", "mem-mlp-hpo"),
     FORWARD: ("mem-conv-hpo", "mem-mlp-hpo"),
     LEGACY: ("mem-conv", "mem-mlp"),
     TORCHOPT: ("mem-conv", "mem-mlp"),
@@ -93,8 +94,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="higher-memory-"))
     rows: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
     versions: dict[str, Any] = {}
+    partial = args.out / "memory.partial.json"  # what a long run has measured so far
+    if args.resume and partial.exists():
+        saved = json.loads(partial.read_text())
+        versions = saved["versions"]
+        for w, by_name in saved["rows"].items():
+            if w in rows:
+                rows[w].update(by_name)
     for contender in contenders(args):
-        wanted = [w for w in workloads if w in RUNS[contender.name]]
+        wanted = [
+            w for w in workloads if w in RUNS[contender.name] and contender.name not in rows[w]
+        ]
         if not wanted:
             continue
         worker = Worker(contender, args)  # one process per contender: all its k in a row
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"{contender.name:28} {workload:13} k={k:5}: {answer['peak_mib']:9.1f} MiB "
                     f"{answer['seconds']:8.2f} s (load {load()})")  # fmt: skip
             rows[workload][contender.name] = {"points": {str(k): a for k, a in points}}
+            args.out.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"versions": versions, "rows": rows}, indent=1))
         worker.close()
     for by_name in rows.values():
         for row in by_name.values():
@@ -239,6 +251,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="leave out larger k")
     parser.add_argument("--workloads", nargs="+", choices=list(MEMORY_WORKLOADS))
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep what memory.partial.json holds (same sizes)"
+    )
     args = parser.parse_args()
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +261,7 @@ def main() -> None:
     (args.out / "memory.md").write_text(text)
     (args.out / "memory.json").write_text(json.dumps(result, indent=1))
     chart(result, args.out / "memory.png")
+    (args.out / "memory.partial.json").unlink(missing_ok=True)
     print(text)
 
 
