@@ -226,6 +226,13 @@ def tensor_peak(step: MetaStep) -> tuple[float, list[torch.Tensor]]:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    probe = torch.zeros(1)
+    if weakref.ref(probe.untyped_storage())() is None:  # no Python object kept per storage
+        raise RuntimeError(
+            f"tensor_peak needs a torch that keeps one Python object per live storage (torch "
+            f"{torch.__version__} does not; 2.13 does)"
+        )
+
     class Live(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()  # type: ignore[no-untyped-call]
