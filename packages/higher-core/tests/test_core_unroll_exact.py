@@ -304,3 +304,45 @@ def test_losses_along_the_trajectory() -> None:
     ref = run("full")
     for mode in RECOMPUTE:
         assert_close(run(mode), ref)
+
+
+class _Partly(torch.nn.Module):
+    """A frozen layer, a layer the loss never uses, and two param groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = torch.nn.Linear(4, 8)
+        self.frozen.requires_grad_(False)
+        self.head = torch.nn.Linear(8, 1)
+        self.unused = torch.nn.Linear(3, 3)
+
+    def forward(self, x: T) -> T:
+        return self.head(torch.tanh(self.frozen(x)))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", [*RECOMPUTE, "forward"], ids=repr)
+def test_frozen_unused_and_grouped_parameters(mode: Any) -> None:
+    def run(unroll: Any) -> list[T | None]:
+        torch.manual_seed(0)
+        model = _Partly().to(DT)
+        groups = [
+            {"params": [*model.frozen.parameters(), *model.unused.parameters()]},
+            {"params": list(model.head.parameters()), "lr": 0.02},
+        ]
+        opt = torch.optim.Adam(groups, lr=0.05)
+        lrs = [torch.tensor(0.05, dtype=DT, requires_grad=True) for _ in range(2)]
+        with higher.innerloop_ctx(model, opt, override={"lr": lrs}, unroll=unroll) as (
+            fmodel,
+            diffopt,
+        ):
+            for x, y in batches():
+                diffopt.step(closure=mse(fmodel, x, y))
+            meta = F.mse_loss(fmodel(batches(1, (7, 4))[0][0]), batches(1, (7, 4))[0][1])
+            unused = list(fmodel.parameters())[-2:]
+            assert all(torch.equal(a, b) for a, b in zip(unused, model.unused.parameters()))
+        return list(torch.autograd.grad(meta, lrs, allow_unused=True))
+
+    got, ref = run(mode), run("full")
+    assert ref[0] is None and ref[1] is not None  # group 0 steps nothing the loss uses
+    assert got[0] is None
+    assert_close(got[1:], ref[1:])

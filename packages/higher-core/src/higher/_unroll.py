@@ -162,7 +162,8 @@ def unflatten(spec: Spec, leaves: Sequence[torch.Tensor]) -> Any:
 
 
 def hyper_tensors(plan: StepPlan) -> list[torch.Tensor]:
-    """The tensors among the hyperparameters a step uses that require grad (once each)."""
+    """The tensors among the hyperparameters a step uses that require grad (once each): those
+    of the groups it steps (for a hand-written `_update`, of every group: it reads them all)."""
     found: dict[int, torch.Tensor] = {}
 
     def walk(x: Any) -> None:
@@ -179,8 +180,9 @@ def hyper_tensors(plan: StepPlan) -> list[torch.Tensor]:
 
     for bucket in plan.buckets:
         walk(bucket.hyper)
-    for options in plan.options:
-        walk(options)
+    if plan.rule is None:
+        for options in plan.options:
+            walk(options)
     return list(found.values())
 
 
