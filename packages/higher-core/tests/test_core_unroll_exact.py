@@ -325,7 +325,7 @@ def test_frozen_unused_and_grouped_parameters(mode: Any) -> None:
     def run(unroll: Any) -> list[T | None]:
         torch.manual_seed(0)
         model = _Partly().to(DT)
-        groups = [
+        groups: list[dict[str, Any]] = [
             {"params": [*model.frozen.parameters(), *model.unused.parameters()]},
             {"params": list(model.head.parameters()), "lr": 0.02},
         ]
