@@ -9,7 +9,8 @@ Gradient-based hyperparameter optimization: a small CNN is trained from scratch 
 (momentum 0.9) for `--steps` steps on scikit-learn's handwritten digits (shipped with it:
 nothing is downloaded), one learning rate per parameter tensor; the validation loss after
 the last step is differentiated with respect to those learning rates, through all the steps,
-and Adam updates their logarithms. A meta-iteration is one such training run.
+and Adam updates their logarithms. A meta-iteration is one such training run. They start at
+0.003, too small for the run to converge, so there is something to learn.
 
 Through 800 steps, keeping every step's graph (`unroll="full"`, what higher 0.2.1 and TorchOpt
 do) needs more than 8 GiB; `unroll="recompute"` rebuilds each step during the backward pass from
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 from torch import Tensor, nn
 from tqdm import tqdm  # type: ignore[import-untyped]
@@ -46,6 +48,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 import higher
 
 DEFAULT_OUT = Path(__file__).parent / "output" / "hpo_long_unroll.png"
+INITIAL_LR = 0.003  # too small for 800 steps: there is something to learn
 BUDGET_GIB = 8.0
 
 
@@ -154,7 +157,7 @@ def measure(args: argparse.Namespace, data: tuple[Tensor, Tensor, Tensor, Tensor
 
 def initial_log_lrs(args: argparse.Namespace) -> list[Tensor]:
     count = len(list(network(args.channels).parameters()))
-    return [torch.tensor(math.log(0.02), requires_grad=True) for _ in range(count)]
+    return [torch.tensor(math.log(INITIAL_LR), requires_grad=True) for _ in range(count)]
 
 
 def main() -> None:
@@ -179,7 +182,7 @@ def main() -> None:
         bar.set_postfix(val_loss=f"{val_loss:.3f}")
     learned = [log_lr.exp().item() for log_lr in log_lrs]
     print(f"validation loss after {args.steps} steps: {history[0]:.4f} (first run, every lr "
-          f"0.02) -> {history[-1]:.4f} (run {len(history)})")  # fmt: skip
+          f"{INITIAL_LR}) -> {history[-1]:.4f} (run {len(history)})")  # fmt: skip
     for name, lr in zip(names, learned):
         print(f"  lr[{name}] = {lr:.4f}")
     plot(history, names, learned, args)
@@ -192,11 +195,12 @@ def plot(
     figure = Figure(figsize=(9, 3.6))
     left, right = figure.subplots(1, 2)
     left.plot(range(1, len(history) + 1), history, "o-")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("training run (meta-iteration)")
     left.set_ylabel(f"validation loss after {args.steps} steps")
     left.set_title(f"unroll={args.unroll!r}")
     right.barh(names, lrs)
-    right.axvline(0.02, color="grey", linestyle=":", label="initial lr")
+    right.axvline(INITIAL_LR, color="grey", linestyle=":", label="initial lr")
     right.set_xlabel("learned learning rate")
     right.legend()
     figure.tight_layout()
