@@ -16,6 +16,7 @@ Example:
     True
 """
 
+from higher import distributed as distributed
 from higher import errors as errors
 from higher import optim as optim
 from higher import patch as patch
@@ -45,6 +46,7 @@ __all__ = [
     "HigherWarning",
     "UsageError",
     "errors",
+    "distributed",
     "patch",
     "optim",
     "utils",

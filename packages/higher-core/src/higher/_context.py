@@ -44,6 +44,11 @@ def innerloop_ctx(
             With `copy_initial_weights=False` the gradient of a loss on the adapted weights
             still reaches `model.parameters()` (first-order MAML).
 
+    A `torch.nn.parallel.DistributedDataParallel` model is patched through its `module`, and
+    the meta-gradients that reach its parameters (and learnable hyperparameters) are averaged
+    across its ranks at the end of each backward pass outside `ddp.no_sync()`, weighted by the
+    number of inner loops each rank ran: see `higher.distributed`.
+
     Example:
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -59,6 +64,9 @@ def innerloop_ctx(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(opt, torch.optim.Optimizer):
         raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    ddp = None
+    if isinstance(model, getattr(torch.nn.parallel, "DistributedDataParallel", ())):
+        ddp, model = model, model.module  # the wrapper holds process-group handles: not copyable
     fmodel = monkeypatch(
         model,
         device=device,
@@ -73,4 +81,8 @@ def innerloop_ctx(
         override=override,
         track_higher_grads=track_higher_grads,
     )
+    if ddp is not None:
+        from ._ddp import arm_inner_loop  # torch.distributed is touched only for a DDP model
+
+        arm_inner_loop(ddp, diffopt, copy_initial_weights)
     yield fmodel, diffopt
