@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import higher
 import higher.distributed
 
+CPU = torch.device("cpu")
 OUTER_STEPS = 3
 INNER_STEPS = 2
 
@@ -77,14 +78,15 @@ def make_task(step: int, index: int, device: torch.device) -> tuple[Tensor, ...]
     return x[:4], y[:4], x[4:], y[4:]
 
 
-def train(scenario: Scenario, device: torch.device = torch.device("cpu")) -> list[Tensor]:
+def train(scenario: Scenario, device: torch.device = CPU) -> list[Tensor]:
     """Meta-train; return the final meta-parameters (weights, then the lr if learnable)."""
     model = make_model(device)
     distributed = dist.is_initialized()
-    net: nn.Module = model
+    ddp = None
     if scenario.ddp and distributed:
         ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net = model if ddp is None else ddp
     lr = torch.tensor(0.1, dtype=torch.float64, device=device, requires_grad=True)
     meta_params = list(model.parameters()) + ([lr] if scenario.learnable_lr else [])
     meta_opt = torch.optim.SGD(meta_params, lr=0.1, momentum=0.9)
@@ -100,7 +102,7 @@ def train(scenario: Scenario, device: torch.device = torch.device("cpu")) -> lis
         losses = []
         for k, (xs, ys, xq, yq) in enumerate(mine):
             last = k == len(mine) - 1
-            accumulate = net.no_sync() if net is not model and not last else None
+            accumulate = ddp.no_sync() if ddp is not None and not last else None
             with (
                 accumulate or contextlib.nullcontext(),
                 higher.innerloop_ctx(
@@ -121,10 +123,14 @@ def train(scenario: Scenario, device: torch.device = torch.device("cpu")) -> lis
                     loss.backward()
         if scenario.summed:
             torch.stack(losses).sum().backward()
-        if net is model:
+        if ddp is None:
             weight = len(mine) if scenario.weighted else 1
             higher.distributed.all_reduce_grads(meta_params, weight=weight)
         meta_opt.step()
+    if ddp is not None:  # every averaging disarmed its hooks: nothing stays on the parameters
+        from higher._ddp import _SYNCS
+
+        assert not _SYNCS[ddp]._handles, "hooks left armed after the last averaging"
     return [p.detach().cpu().clone() for p in meta_params]
 
 
@@ -139,12 +145,18 @@ def fail_on_rank_1(hang: bool, timeout: float) -> None:
     both processes to start and connect on a busy machine.
     """
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=timeout))
+    # Ranks that pass different tensors all raise (rank 1 has one parameter fewer).
+    mismatched = [torch.zeros(3, requires_grad=True) for _ in range(3 - dist.get_rank())]
+    try:
+        higher.distributed.all_reduce_grads(mismatched, group=group)
+    except higher.distributed.DistributedError as err:
+        print(f"rank {dist.get_rank()} refused: {err}", flush=True)
     model = make_model(torch.device("cpu"))
     xs, ys, _, _ = make_task(0, 0, torch.device("cpu"))
     F.mse_loss(model(xs), ys).backward()
     if dist.get_rank() == 1:
         if hang:
-            time.sleep(60)  # far past rank 0's timeout; the test kills this process
+            time.sleep(2 * timeout)  # past rank 0's timeout
         raise RuntimeError("injected failure on rank 1")
     higher.distributed.all_reduce_grads(model.parameters(), group=group)
 

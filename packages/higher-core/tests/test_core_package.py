@@ -13,7 +13,7 @@ import pytest
 import higher
 
 
-@pytest.mark.parametrize("module", ["higher", "higher.utils"])
+@pytest.mark.parametrize("module", ["higher", "higher.utils", "higher.distributed"])
 def test_every_public_name_imports_and_is_documented(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:
@@ -23,7 +23,16 @@ def test_every_public_name_imports_and_is_documented(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["higher", "higher._compiled", "higher._context", "higher._errors", "higher.utils"]
+    "module",
+    [
+        "higher",
+        "higher._compiled",
+        "higher._context",
+        "higher._errors",
+        "higher.utils",
+        "higher.distributed",
+        "higher._distributed",
+    ],
 )
 def test_docstring_examples_run(module: str) -> None:
     mod = importlib.import_module(module)

@@ -65,8 +65,9 @@ def innerloop_ctx(
     if not isinstance(opt, torch.optim.Optimizer):
         raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
     ddp = None
-    if isinstance(model, getattr(torch.nn.parallel, "DistributedDataParallel", ())):
-        ddp, model = model, model.module  # the wrapper holds process-group handles: not copyable
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # The wrapper holds process-group handles (not copyable): patch the model it wraps.
+        ddp, model = model, model.get_submodule("module")
     fmodel = monkeypatch(
         model,
         device=device,

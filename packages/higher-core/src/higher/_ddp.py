@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -33,7 +34,7 @@ _HINT = (
 
 def _queue_end_of_backward(callback: Callable[[], None]) -> None:
     # The autograd engine's hook for "this backward pass is done": DDP's reducer and FSDP use it.
-    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -41,7 +42,8 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     if tensor.grad_fn is None:
         return [tensor] if tensor.requires_grad else []
     found: list[torch.Tensor] = []
-    stack, seen = [tensor.grad_fn], set()
+    stack: list[Any] = [tensor.grad_fn]  # autograd Nodes (None for inputs without a grad)
+    seen: set[Any] = set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -111,9 +113,7 @@ class _MetaGradientSync:
         self._inner_loops = 0
 
 
-_SYNCS: weakref.WeakKeyDictionary[torch.nn.Module, _MetaGradientSync] = (
-    weakref.WeakKeyDictionary()
-)
+_SYNCS: weakref.WeakKeyDictionary[torch.nn.Module, _MetaGradientSync] = weakref.WeakKeyDictionary()
 
 
 def arm_inner_loop(
@@ -124,7 +124,9 @@ def arm_inner_loop(
     """Register one inner loop on `ddp`: its meta-gradient will be averaged across the ranks."""
     if not torch.is_grad_enabled():
         return  # no graph is recorded: no meta-gradient can come of this inner loop
-    tensors = [] if copy_initial_weights else [p for p in ddp.parameters() if p.requires_grad]
+    tensors: list[torch.Tensor] = []
+    if not copy_initial_weights:
+        tensors += [p for p in ddp.parameters() if p.requires_grad]
     tensors += learnable_leaves(diffopt)
     if not tensors:
         return  # nothing a backward could reach (copied weights, constant hyperparameters)

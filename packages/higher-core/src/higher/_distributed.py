@@ -339,5 +339,4 @@ def reduce_grads(
                 t.grad = values.clone()
             else:
                 t.grad.copy_(values)  # in place: DDP's gradient-as-bucket-view stays a view
-    return total
-
+    return float(total)
