@@ -137,8 +137,8 @@ def _tensor_list(
     group = None
     if isinstance(tensors, torch.nn.parallel.DistributedDataParallel):
         group = tensors.process_group
-    if isinstance(tensors, torch.nn.Module):
-        tensors = tensors.parameters()
+    if isinstance(tensors, torch.nn.Module):  # its trainable parameters, as DDP reduces
+        tensors = [p for p in tensors.parameters() if p.requires_grad]
     elif isinstance(tensors, torch.Tensor):
         raise UsageError("pass an iterable of tensors (e.g. [lr]), not a single tensor")
     listed: list[torch.Tensor] = []
@@ -244,8 +244,8 @@ def all_reduce_grads(
 
     Args:
         tensors: the tensors whose `.grad` to average (the parameters of the meta-optimizer), or
-            a module (its parameters; a `DistributedDataParallel` model's own process group is
-            then the default `group`).
+            a module (its parameters that require grad; a `DistributedDataParallel` model's own
+            process group is then the default `group`).
         weight: this rank's share of the average (e.g. its number of tasks); 0 for a rank that
             ran none.
         group: the process group (default: the whole world).
