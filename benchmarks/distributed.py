@@ -32,9 +32,9 @@ import torch.distributed as dist
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = {  # name: (processes, threads per process)
     "1 process, 1 thread": (1, 1),
-    "1 process, 2 threads": (1, 2),
     "2 processes, 1 thread each": (2, 1),
 }
+THREADS_ROW = {"1 process, 2 threads": (1, 2)}  # --threads-row: the cores used by threads instead
 
 
 def worker(meta_batch: int, steps: int, warmup: int, threads: int) -> None:
@@ -108,6 +108,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--meta-batch", type=int, default=8, help="tasks per outer step")
     parser.add_argument("--smoke", action="store_true", help="1 round of 2 steps, 2 tasks")
+    parser.add_argument(
+        "--threads-row",
+        action="store_true",
+        help="also 1 process with 2 intra-op threads (on a busy machine its spin-waits can cost "
+        "far more than they save)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,12 +122,13 @@ def main() -> None:
         return
     if args.smoke:
         args.rounds, args.steps, args.warmup, args.meta_batch = 1, 2, 1, 2
-    rounds: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    configs = {**CONFIGS, **(THREADS_ROW if args.threads_row else {})}
+    rounds: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(args.rounds):
-        for name, (procs, threads) in CONFIGS.items():
+        for name, (procs, threads) in configs.items():
             median = statistics.median(launch(procs, threads, args))
             rounds[name].append(median)
-            print(f"round {r + 1}/{args.rounds}  {name:28s} {1000 * median:8.1f} ms", flush=True)
+            print(f"round {r + 1}/{args.rounds}  {name:26s} {1000 * median:8.1f} ms", flush=True)
     base = statistics.median(rounds["1 process, 1 thread"])
     print(
         f"\nOne outer step: {args.meta_batch} tasks of 5-way 5-shot digits, 5 SGD steps each, "

@@ -139,26 +139,35 @@ def train(scenario: Scenario, device: torch.device = CPU) -> list[Tensor]:
 
 def fail_on_rank_1(hang: bool, timeout: float) -> None:
     """Rank 1 raises (or, with `hang`, stays alive without reducing) before the first reduction;
-    rank 0 reaches it and must get a clear error instead of waiting for ever.
+    rank 0 reaches it and must get a clear error instead of waiting for ever. The raising rank
+    is met by `all_reduce_grads`, the hanging one by the averaging of `innerloop_ctx` on DDP.
 
     The reduction runs on a group with a short timeout: the world's must be long enough for
     both processes to start and connect on a busy machine.
     """
+    rank = dist.get_rank()
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=timeout))
     # Ranks that pass different tensors all raise (rank 1 has one parameter fewer).
-    mismatched = [torch.zeros(3, requires_grad=True) for _ in range(3 - dist.get_rank())]
+    mismatched = [torch.zeros(3, requires_grad=True) for _ in range(3 - rank)]
     try:
         higher.distributed.all_reduce_grads(mismatched, group=group)
     except higher.distributed.DistributedError as err:
-        print(f"rank {dist.get_rank()} refused: {err}", flush=True)
-    model = make_model(torch.device("cpu"))
-    xs, ys, _, _ = make_task(0, 0, torch.device("cpu"))
-    F.mse_loss(model(xs), ys).backward()
-    if dist.get_rank() == 1:
+        print(f"rank {rank} refused: {err}", flush=True)
+    model = make_model(CPU)
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=group) if hang else None
+    if rank == 1:
         if hang:
             time.sleep(2 * timeout)  # past rank 0's timeout
         raise RuntimeError("injected failure on rank 1")
-    higher.distributed.all_reduce_grads(model.parameters(), group=group)
+    xs, ys, xq, yq = make_task(0, 0, CPU)
+    if ddp is None:
+        F.mse_loss(model(xs), ys).backward()
+        higher.distributed.all_reduce_grads(model.parameters(), group=group)
+        return
+    inner_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(ddp, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(xs), ys))
+        F.mse_loss(fmodel(xq), yq).backward()  # the averaging at its end times out
 
 
 def main() -> None:

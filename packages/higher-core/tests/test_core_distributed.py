@@ -138,9 +138,11 @@ def test_a_rank_that_raises_ends_the_run_with_a_clear_error(tmp_path: Path) -> N
 
 
 def test_a_rank_that_hangs_times_out_the_others(tmp_path: Path) -> None:
+    """Here rank 0 meta-trains a DDP model: the error comes out of its backward()."""
     (rank0, rank1), seconds = launch(tmp_path, "hang", timeout_s=3.0)
     assert rank0.returncode != 0
     assert "DistributedError" in rank0.stderr and "Timed out" in rank0.stderr
+    assert "run all but each rank's last backward inside ddp.no_sync()" in rank0.stderr
     assert "injected failure on rank 1" in rank1.stderr  # it woke, after rank 0 had given up
     assert seconds < JOIN_TIMEOUT_S
 
