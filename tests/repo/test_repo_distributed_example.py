@@ -45,3 +45,20 @@ def test_two_processes_print_the_accuracy_of_one(tmp_path: Path) -> None:
     accuracies = [dict(ACCURACY.findall(stdout)) for stdout in (two, one, demo)]
     assert set(accuracies[0]) == {"MAML", "baseline"}, two
     assert accuracies[0] == accuracies[1] == accuracies[2]
+
+
+def test_the_benchmark_smoke_prints_a_step_time_for_1_and_2_processes() -> None:
+    script = EXAMPLES.parent / "benchmarks" / "distributed.py"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| (\d) process(?:es)?, 1 thread.*? \| ([\d.]+) \|", done.stdout, re.M)
+    assert [procs for procs, _ in rows] == ["1", "2"], done.stdout
+    assert all(float(ms) > 0 for _, ms in rows)

@@ -38,6 +38,10 @@ created = higher.create_diff_optim(torch.optim.SGD, {"lr": 0.1}, params=list(mod
 hypers = higher.optim.get_trainable_opt_params(opt)
 flat: list[object] = higher.utils.flatten([1, [2, 3]])
 base: type[Exception] = higher.HigherError
+share: list[str] = higher.distributed.shard(["a", "b", "c"], rank=0, world_size=2)
+indices: range = higher.distributed.shard(5)
+rank_of: int = higher.distributed.world().rank
+total_weight: float = higher.distributed.all_reduce_grads(model, weight=len(share))
 
 
 # One HigherError for the type checker too: every distribution's errors are subclasses of it.
@@ -49,6 +53,7 @@ described = [
     describe(higher.optim.OptimError("bad lr")),
     describe(higher.patch.PatchError("bad params")),
     describe(higher.UsageError("bad model")),
+    describe(higher.distributed.DistributedError("ranks disagree")),
 ]
 
 # higher-contrib: the finite-difference checker.

@@ -306,13 +306,13 @@ def reduce_grads(
         )
     flats = []
     for bucket in buckets:
+        grads = [listed[i].grad for i in bucket]
         parts = [
-            torch.zeros_like(listed[i]).reshape(-1) if listed[i].grad is None else
-            listed[i].grad.detach().reshape(-1)  # type: ignore[union-attr]
-            for i in bucket
-        ]  # fmt: skip
+            torch.zeros_like(listed[i]).reshape(-1) if grad is None else grad.reshape(-1)
+            for i, grad in zip(bucket, grads)
+        ]
         # One flag per tensor after its values: how many ranks had a gradient for it.
-        flags = [0.0 if listed[i].grad is None else 1.0 for i in bucket]
+        flags = [0.0 if grad is None else 1.0 for grad in grads]
         parts.append(torch.tensor(flags, dtype=listed[bucket[0]].dtype, device=parts[0].device))
         flat = torch.cat(parts)
         if weight != 1.0:
