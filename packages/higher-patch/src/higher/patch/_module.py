@@ -627,20 +627,31 @@ def functional_tree(
         if id(t) not in memo and not t.is_leaf:
             memo[id(t)] = t.detach()
     fmodule = _deepcopy_module(module, memo)
+    return _adopt(fmodule, module, initial, device, source=module)
 
+
+def _adopt(
+    tree: torch.nn.Module,
+    model: torch.nn.Module,
+    initial: list[torch.Tensor] | None,
+    device: torch.device | None,
+    source: torch.nn.Module | None,
+) -> FunctionalModule:
+    """Make `tree`, a copy of `model` (or `model` itself), functional; its slots hold `initial`."""
     # Resolve every place each weight occupies, once: tied weights and shared submodules.
+    unique = list(model.parameters())
     index_of = {id(p): i for i, p in enumerate(unique)}
     pairs = [
         (m, {name: index_of[id(p)] for name, p in m._parameters.items() if p is not None})
-        for m in module.modules()
+        for m in model.modules()
     ]
-    names = [name for name, _ in module.named_parameters()]  # same order as parameters()
-    store = FastWeights(names, unique, source=module, device=device)
-    _convert(fmodule, pairs, store)
-    assert isinstance(fmodule, FunctionalModule)
+    names = [name for name, _ in model.named_parameters()]  # same order as parameters()
+    store = FastWeights(names, unique, source=source, device=device)
+    _convert(tree, pairs, store)
+    assert isinstance(tree, FunctionalModule)
     if initial is not None:
         store.place(initial)
-    return fmodule
+    return tree
 
 
 # ---- pickling -----------------------------------------------------------------------------
@@ -677,13 +688,14 @@ def _plain_copy(
 def _rebuild_functional(
     plain: torch.nn.Module, earlier: list[list[torch.Tensor]], track: bool, stateless: bool
 ) -> FunctionalModule:
-    """Unpickle a functional module: make `plain` functional, its parameters the fast weights."""
+    """Unpickle a functional module: `plain` becomes functional, its parameters the fast weights."""
     weights = [p.detach().requires_grad_(p.requires_grad) for p in plain.parameters()]
-    fmodule = functional_tree(plain, None if stateless else weights, None)
+    fmodule = _adopt(plain, plain, weights, None, source=None)  # it is ours: no copy needed
     store = fmodule._higher_store
-    store.source = None  # the module it was made from is not in the pickle
     store.track = track
-    if not stateless:
+    if stateless:
+        store.place([None] * len(weights))
+    else:
         store.stateless = False
         store.history = [*earlier, weights]
     return fmodule
