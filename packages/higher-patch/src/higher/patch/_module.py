@@ -246,7 +246,7 @@ class _FunctionalNode(torch.nn.Module):
         copier = getattr(user, "__copy__", None)
         if copier is not None:
             return copier()  # type: ignore[no-any-return]
-        reductor = copyreg.dispatch_table.get(type(self))
+        reductor = copyreg.dispatch_table.get(_original_class(self))
         rv = reductor(self) if reductor is not None else user.__reduce_ex__(4)
         if isinstance(rv, str):
             return self
@@ -475,7 +475,7 @@ def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
     if copier is not None:
         new = copier(memo)
     else:
-        reductor = copyreg.dispatch_table.get(type(module))
+        reductor = copyreg.dispatch_table.get(_original_class(module))
         rv = reductor(module) if reductor is not None else user.__reduce_ex__(4)
         new = module if isinstance(rv, str) else _reconstruct(module, memo, *rv)
     if new is module:
@@ -649,8 +649,9 @@ def _adopt(
     store = FastWeights(names, unique, source=source, device=device)
     _convert(tree, pairs, store)
     assert isinstance(tree, FunctionalModule)
-    if initial is not None:
-        store.place(initial)
+    # No weights yet (make_functional): empty slots, even where a class's own copy protocol
+    # built parameters of its own.
+    store.place(initial if initial is not None else [None] * len(unique))
     return tree
 
 
