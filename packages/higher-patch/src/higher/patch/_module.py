@@ -641,8 +641,11 @@ def functional_tree(
     module: torch.nn.Module,
     initial: list[torch.Tensor] | None,
     device: torch.device | None,
+    track: bool = True,
+    anchor: list[torch.Tensor] | None = None,
 ) -> FunctionalModule:
-    """Copy `module` into a functional tree whose slots hold `initial` (or nothing yet)."""
+    """Copy `module` into a functional tree whose fast weights start at `initial` (None: it has
+    none of its own, as from `make_functional`); `track` and `anchor` as `FastWeights` takes."""
     if not isinstance(module, torch.nn.Module):
         raise PatchError(f"expected a torch.nn.Module to patch, got {type(module).__name__}")
     if isinstance(module, FunctionalModule) or "_higher_store" in module.__dict__:
@@ -659,17 +662,21 @@ def functional_tree(
         if id(t) not in memo and not t.is_leaf:
             memo[id(t)] = t.detach()
     fmodule = _deepcopy_module(module, memo)
-    return _adopt(fmodule, module, initial, device, source=module)
+    history = None if initial is None else [initial]
+    return _adopt(fmodule, module, history, device, module, track, anchor)
 
 
 def _adopt(
     tree: torch.nn.Module,
     model: torch.nn.Module,
-    initial: list[torch.Tensor] | None,
+    history: list[list[torch.Tensor]] | None,
     device: torch.device | None,
     source: torch.nn.Module | None,
+    track: bool = True,
+    anchor: list[torch.Tensor] | None = None,
 ) -> FunctionalModule:
-    """Make `tree`, a copy of `model` (or `model` itself), functional; its slots hold `initial`."""
+    """Make `tree`, a copy of `model` (or `model` itself), functional: its store built with
+    `history` (its slots hold the last entry) and the other arguments of `FastWeights`."""
     # Resolve every place each weight occupies, once: tied weights and shared submodules.
     unique = list(model.parameters())
     index_of = {id(p): i for i, p in enumerate(unique)}
@@ -678,12 +685,12 @@ def _adopt(
         for m in model.modules()
     ]
     names = [name for name, _ in model.named_parameters()]  # same order as parameters()
-    store = FastWeights(names, unique, source=source, device=device)
+    store = FastWeights(names, unique, source, device, history, track, anchor)
     _convert(tree, pairs, store)
     assert isinstance(tree, FunctionalModule)
     # No weights yet (make_functional): empty slots, even where a class's own copy protocol
     # built parameters of its own.
-    store.place(initial if initial is not None else [None] * len(unique))
+    store.place(history[-1] if history else [None] * len(unique))
     return tree
 
 
@@ -723,12 +730,5 @@ def _rebuild_functional(
 ) -> FunctionalModule:
     """Unpickle a functional module: `plain` becomes functional, its parameters the fast weights."""
     weights = [p.detach().requires_grad_(p.requires_grad) for p in plain.parameters()]
-    fmodule = _adopt(plain, plain, weights, None, source=None)  # it is ours: no copy needed
-    store = fmodule._higher_store
-    store.track = track
-    if stateless:
-        store.place([None] * len(weights))
-    else:
-        store.stateless = False
-        store.history = [*earlier, weights]
-    return fmodule
+    history = None if stateless else [*earlier, weights]
+    return _adopt(plain, plain, history, None, None, track)  # it is ours: no copy needed

@@ -40,7 +40,14 @@ class FastWeights:
         references: Sequence[torch.Tensor],
         source: torch.nn.Module | None,
         device: torch.device | None,
+        history: list[list[torch.Tensor]] | None = None,
+        track: bool = True,
+        anchor: list[torch.Tensor] | None = None,
     ) -> None:
+        """`history`: the fast weights so far, the current last (None: no fast weights of its
+        own, as from `make_functional`); `track`: keep every step's; `anchor` (with
+        copy_initial_weights=False, the module's own parameters): when not tracking, new fast
+        weights pass gradients straight through to them (first-order MAML)."""
         self.names = names
         self.specs = [
             _Spec(t.shape, t.dtype, device if device is not None else t.device) for t in references
@@ -49,14 +56,12 @@ class FastWeights:
         self.first_places: list[tuple[dict[str, torch.Tensor | None], str]] = []
         # RNNs keep their own list of weights besides `_parameters`: (module, [(j, i), ...]).
         self.rnn_writes: list[tuple[weakref.ref[torch.nn.Module], list[tuple[int, int]]]] = []
-        self.history: list[list[torch.Tensor]] = []
-        self.track = True
-        self.stateless = True
+        self.history: list[list[torch.Tensor]] = [] if history is None else history
+        self.track = track
+        self.stateless = history is None
         self.transient = 0  # depth of calls running with weights that stay out of the history
         self.slot_only = 0  # depth of code writing slots directly (loading, 0.2.1 helpers)
-        # With copy_initial_weights=False: the module's own parameters. When not tracking, new
-        # fast weights pass gradients straight through to them (first-order MAML).
-        self.anchor: list[torch.Tensor] | None = None
+        self.anchor = anchor
         self.source = weakref.ref(source) if source is not None else None
 
     def bind(self, root: torch.nn.Module) -> None:
