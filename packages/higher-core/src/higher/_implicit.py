@@ -79,7 +79,10 @@ class _Operator:
     """`v -> Jᵀ v` for the residual `F` (tensors shaped as the solution) at the solution: one
     backward through the graph of `F`, kept for the next product."""
 
-    def __init__(self, residual: Sequence[torch.Tensor], solution: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self, residual: Sequence[torch.Tensor], solution: Sequence[torch.Tensor], what: str
+    ) -> None:
+        self.what = what
         self.live = [i for i, r in enumerate(residual) if r.requires_grad]
         self.residual = [residual[i] for i in self.live]
         self.solution = list(solution)
@@ -90,6 +93,11 @@ class _Operator:
         return [c.view(s) for c, s in zip(v.split(self.numels), self.shapes)]
 
     def _flat(self, grads: Sequence[torch.Tensor | None], lead: tuple[int, ...]) -> torch.Tensor:
+        if all(g is None for g in grads):
+            raise ImplicitError(
+                f"{self.what}: the optimality condition does not depend on the solution (an "
+                "inner loss linear in params has no curvature, so no minimum to differentiate)"
+            )
         like = self.solution[0]
         return torch.cat(
             [
@@ -144,7 +152,7 @@ def _implicit_vjp(
     what: str,
 ) -> tuple[list[torch.Tensor | None], SolveResult]:
     """`(∂F/∂inputs)ᵀ w` with `Jᵀ w = cotangent` (the sign is the caller's), and the solve."""
-    operator = _Operator(residual, solution)
+    operator = _Operator(residual, solution, what)
     b = torch.cat([c.reshape(-1) for c in cotangent])
     result = solver.solve(operator, b, what=what)
     if not isinstance(result, SolveResult):
