@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _implicit_common import Problem, make
 from _peers_common import MetaStep, serve_problems, worker_args
 
-# TorchOpt 0.7.3 calls functorch.vjp, which torch 2.13 flags as deprecated on every call.
-warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
+# TorchOpt 0.7.3 calls functorch.vjp and .jacfwd, which torch 2.13 flags as deprecated each call.
+warnings.filterwarnings("ignore", message=".*`functorch\\.", category=FutureWarning)
 
 
 def build(problem: Problem, variant: str) -> MetaStep:

@@ -538,3 +538,15 @@ def test_a_solver_of_ones_own() -> None:
 
     with pytest.raises(higher.UsageError, match="must return a SolveResult, got Tensor"):
         hypergrad(p.inner, p.outer, p.theta(p.h).detach(), p.h, solver=Broken())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", [CG(tol=1e-10), Direct()], ids=["cg", "direct"])
+def test_cuda_ridge_matches_the_closed_form(solver: LinearSolver) -> None:
+    p = Ridge()
+    ref = p.reference()
+    p.x, p.y, p.xv, p.yv = (t.cuda() for t in (p.x, p.y, p.xv, p.yv))
+    p.h = p.h.detach().cuda().requires_grad_()
+    result = hypergrad(p.inner, p.outer, p.theta(p.h).detach(), p.h, solver=solver)
+    assert result.grads[0].device.type == "cuda" and result.solves[0].converged
+    assert rel_err(result.grads[0].cpu(), ref) < 1e-6
