@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +118,16 @@ def test_cg_maxiter_raises_on_request() -> None:
     assert isinstance(err, RuntimeError) and isinstance(err, higher.HigherError)
     assert str(err).startswith("my solve: cg did not converge")
     assert err.result.status == "maxiter" and err.result.iterations == 3
+
+
+def test_convergence_errors_and_warnings_pickle_with_their_result() -> None:
+    a, b = spd(10, 1e-3, 10.0), rhs(10)
+    with pytest.raises(ConvergenceError) as info:
+        CG(maxiter=1, on_fail="raise").solve(product(a), b)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert str(copy) == str(info.value) and copy.result.iterations == 1
+    warning = ConvergenceWarning("message", info.value.result)
+    assert pickle.loads(pickle.dumps(warning)).result.status == "maxiter"
 
 
 def test_cg_reports_negative_curvature() -> None:

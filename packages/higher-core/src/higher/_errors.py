@@ -54,6 +54,9 @@ class ConvergenceError(HigherError, RuntimeError):
         super().__init__(message)
         self.result = result
 
+    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
+        return type(self), (str(self), self.result)
+
 
 class ConvergenceWarning(HigherWarning):
     """A linear solve of `higher.implicit` did not reach its tolerance (`on_fail="warn"`, the
@@ -73,3 +76,6 @@ class ConvergenceWarning(HigherWarning):
     def __init__(self, message: str, result: SolveResult) -> None:
         super().__init__(message)
         self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
+        return type(self), (str(self), self.result)
