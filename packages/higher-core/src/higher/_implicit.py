@@ -33,6 +33,8 @@ Reduction = Literal["mean", "sum"]
 SolverFn = TypeVar("SolverFn", bound=Callable[..., Any])
 
 _PERFORMANCE_DROP = "There is a performance drop because we have not yet implemented the batching"
+# torch.func's forward mode imports modules of torch's that warn of their own deprecation
+_TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
 
 
 class Hypergrad(NamedTuple):
@@ -121,25 +123,45 @@ class _Operator:
         return self._flat(grads, ())
 
     def matmat(self, rows: torch.Tensor) -> torch.Tensor:
-        """Row `j` of the result is `Jᵀ rows[j]` (one batched backward, else a loop)."""
+        """Row `j` of the result is `Jᵀ rows[j]`: forward-mode over the backward (one batched
+        pass), else one batched backward, else one product per row (whichever the ops allow)."""
         if not self.residual:
             return torch.zeros_like(rows)
+        with warnings.catch_warnings():
+            # ops without a batching rule fall back to a loop inside torch, and say so
+            warnings.filterwarnings("ignore", message=_PERFORMANCE_DROP)
+            warnings.filterwarnings(
+                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
+            )
+            for build in (self._forward_over_reverse, self._batched_backward):
+                try:
+                    return build(rows)
+                except (RuntimeError, NotImplementedError):
+                    continue  # an op lacks the formula this way needs: try the next way
+        return torch.stack([self(row) for row in rows])
+
+    def _forward_over_reverse(self, rows: torch.Tensor) -> torch.Tensor:
+        # the product is linear in v: its derivative along u (at v = 0) is the product with u
+        zero = torch.zeros_like(rows[0])
+
+        def column(u: torch.Tensor) -> torch.Tensor:
+            tangent: torch.Tensor = torch.func.jvp(self, (zero,), (u,))[1]
+            return tangent
+
+        out: torch.Tensor = torch.func.vmap(column)(rows)
+        return out
+
+    def _batched_backward(self, rows: torch.Tensor) -> torch.Tensor:
         k = rows.shape[0]
         parts = [c.reshape(k, *s) for c, s in zip(rows.split(self.numels, dim=1), self.shapes)]
-        try:
-            with warnings.catch_warnings():
-                # ops without a batching rule fall back to a loop inside autograd, and say so
-                warnings.filterwarnings("ignore", message=_PERFORMANCE_DROP)
-                grads = torch.autograd.grad(
-                    self.residual,
-                    self.solution,
-                    [parts[i] for i in self.live],
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-        except RuntimeError:  # an op that cannot be batched at all: one product per row
-            return torch.stack([self(row) for row in rows])
+        grads = torch.autograd.grad(
+            self.residual,
+            self.solution,
+            [parts[i] for i in self.live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
         return self._flat(grads, (k,))
 
 
