@@ -15,9 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_table_and_accuracy(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "implicit.py"), "--smoke", "--threads", "1",
@@ -45,6 +48,7 @@ def test_benchmark_smoke_table_and_accuracy(tmp_path: Path) -> None:
     assert re.search(r"- ridge-cg: cg, \d+ iteration\(s\)", table)
 
 
+@pytest.mark.slow
 def test_example_smoke_prints_both_runs_and_saves_the_curve(tmp_path: Path) -> None:
     out = tmp_path / "curve.png"
     env = {k: v for k, v in os.environ.items() if k != "HIGHER_EXAMPLES_SMOKE"}
@@ -68,6 +72,7 @@ def test_example_smoke_prints_both_runs_and_saves_the_curve(tmp_path: Path) -> N
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.slow
 def test_unroll_comparison_smoke(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "implicit_vs_unroll.py"), "--smoke", "--out",
