@@ -369,6 +369,32 @@ def test_imaml_matches_the_published_meta_gradient(solver: LinearSolver, toleran
     assert all(p.grad is None for p in m.init)
 
 
+@pytest.mark.parametrize("copy", [True, False], ids=["copied-init", "init-is-the-model"])
+def test_imaml_from_an_untracked_inner_loop_either_way(copy: bool) -> None:
+    """An untracked inner loop with copy_initial_weights=False ties fast weights to the model's
+    own by a straight-through link (first-order MAML): hypergrad must not let that link into a
+    hypergradient taken with respect to those very weights. It leaves the model as it was."""
+    m = IMAML()
+    task = m.task(1)
+    xs, ys, xq, yq = task
+    opt = torch.optim.SGD(m.model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(
+        m.model, opt, copy_initial_weights=copy, track_higher_grads=False
+    ) as (fmodel, diffopt):
+        for _ in range(1500):
+            diffopt.step(m.inner(fmodel, xs, ys)(fmodel.fast_params, m.init))
+        before = fmodel.fast_params
+
+        def outer(params: list[Tensor], init: list[Tensor]) -> Tensor:
+            return F.mse_loss(fmodel(xq, params=params), yq)
+
+        result = hypergrad(m.inner(fmodel, xs, ys), outer, fmodel, m.init, solver=Direct())
+        assert rel_err(flat(result.grads), m.formula(fmodel, task)) < 1e-8
+        assert fmodel.track_higher_grads is False
+        assert all(torch.equal(a, b) for a, b in zip(fmodel.fast_params, before))
+    assert all(p.grad is None for p in m.init)
+
+
 # ---- batches of tasks --------------------------------------------------------------------------
 
 

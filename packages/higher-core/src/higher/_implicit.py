@@ -196,10 +196,12 @@ def _implicit_vjp(
 
 @dataclasses.dataclass
 class _Solution:
-    """The solution's tensors, how the user's callables receive them, how to leave no trace."""
+    """The solution's tensors, how the user's callables receive them, what to do before they
+    run, and how to leave no trace after."""
 
     tensors: list[torch.Tensor]
     wrap: Callable[[list[torch.Tensor]], Any]
+    prepare: Callable[[], None]
     restore: Callable[[], None]
 
 
@@ -209,26 +211,36 @@ def _nothing() -> None:
 
 def _solution(params: Solution, what: str) -> _Solution:
     wrap: Callable[[list[torch.Tensor]], Any]
+    prepare: Callable[[], None] = _nothing
+    undo: Callable[[], None] = _nothing
     if isinstance(params, FunctionalModule):
         fmodel = params
         before = fmodel.fast_params
+        tracking = fmodel.track_higher_grads
+
+        def track() -> None:
+            # Untracked, `fmodel(x, params=p)` would tie `p` to the model's own weights by a
+            # straight-through link (first-order MAML): a gradient with respect to those
+            # weights (iMAML's hyperparameters) would get a term that does not exist.
+            fmodel.track_higher_grads = True
 
         def restore() -> None:
             # `fmodel(x, params=p)` in the losses makes `p` the current fast weights
             if any(a is not b for a, b in zip(fmodel.fast_params, before)):
                 fmodel.fast_params = before
+            fmodel.track_higher_grads = tracking
 
-        tensors, wrap, undo = list(before), list, restore
+        tensors, wrap, prepare, undo = list(before), list, track, restore
     elif isinstance(params, torch.Tensor):
-        tensors, wrap, undo = [params], (lambda ts: ts[0]), _nothing
+        tensors, wrap = [params], (lambda ts: ts[0])
     elif isinstance(params, Mapping):
         keys = list(params)
-        tensors, undo = list(params.values()), _nothing
+        tensors = list(params.values())
 
         def wrap(ts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             return dict(zip(keys, ts))
     elif isinstance(params, Sequence):
-        tensors, wrap, undo = list(params), list, _nothing
+        tensors, wrap = list(params), list
     else:
         raise UsageError(
             f"{what}: params must be a Tensor, a sequence or mapping of Tensors, or a functional "
@@ -247,7 +259,7 @@ def _solution(params: Solution, what: str) -> _Solution:
                 f"{what}: params[{i}] is {t.dtype} on {t.device}, params[0] is {first.dtype} on "
                 f"{first.device}: the solution's tensors must share one dtype and device"
             )
-    return _Solution(tensors, wrap, undo)
+    return _Solution(tensors, wrap, prepare, undo)
 
 
 def _hyper(hyper: Hyper, what: str) -> tuple[list[torch.Tensor], Any]:
@@ -321,6 +333,7 @@ def _hypergrad_one(
     leaves = [t.detach().requires_grad_() for t in solution.tensors]
     n = len(leaves)
     try:
+        solution.prepare()
         with torch.enable_grad():
             inner = _scalar(inner_loss(solution.wrap(leaves), given), "inner_loss", what)
             residual = torch.autograd.grad(inner, leaves, create_graph=True, allow_unused=True)
@@ -382,8 +395,9 @@ def hypergrad(
             (`fmodel.named_fast_params()`), or a functional model (its current fast weights;
             `fmodel.fast_params`). The losses receive them as given (a functional model's as a
             list, in the order of `fmodel.parameters()`, so `fmodel(x, params=params)` runs
-            it; the model's current weights are put back afterwards). They are detached:
-            nothing flows through how they were found.
+            it, with the model tracking so that no straight-through link to its own weights
+            enters; its current weights and tracking flag are put back afterwards). They are
+            detached: nothing flows through how they were found.
         hyper: a Tensor or a sequence of Tensors, each requiring grad; the losses receive it as
             given.
         solver: `CG()` (default; needs `H` positive definite), `Neumann(alpha)`, `Direct()`
