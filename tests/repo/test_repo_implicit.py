@@ -89,14 +89,3 @@ def test_unroll_comparison_smoke(tmp_path: Path) -> None:
         # more inner steps: closer to the optimum, a more accurate hypergradient
         assert errors == sorted(errors, reverse=True) and 0 < errors[-1] < 1, (name, errors)
     assert (tmp_path / "implicit_vs_unroll.png").stat().st_size > 1000
-
-
-def test_docs_page_code_blocks_run() -> None:
-    """docs/implicit.md's python blocks run, in order, in one namespace (warnings are errors)."""
-    text = (ROOT / "docs" / "implicit.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 4
-    namespace: dict[str, object] = {"__name__": "__docs__"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"docs/implicit.md block {i + 1}", "exec"), namespace)
-    assert "meta_grads" in namespace and "d_wd" in namespace

@@ -28,7 +28,7 @@ class ImplicitError(HigherError, ValueError):
     that does not require grad, weights the inner loss does not depend on, a bad solver option
     (also a `ValueError`).
 
-    Example:
+    Examples:
         >>> try:
         ...     higher.implicit.CG(tol=-1.0)
         ... except higher.implicit.ImplicitError as err:
@@ -41,7 +41,7 @@ class ConvergenceError(HigherError, RuntimeError):
     """A linear solve of `higher.implicit` did not reach its tolerance, with `on_fail="raise"`
     (also a `RuntimeError`). `result` is the `SolveResult`: the status, iterations, residual.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)  # indefinite
         >>> try:
         ...     higher.implicit.CG(on_fail="raise").solve(lambda v: A @ v, torch.ones(2).double())
@@ -62,7 +62,7 @@ class ConvergenceWarning(HigherWarning):
     """A linear solve of `higher.implicit` did not reach its tolerance (`on_fail="warn"`, the
     default): the answer is used, and `result` says how far it got.
 
-    Example:
+    Examples:
         >>> import warnings
         >>> A = torch.tensor([[1.0, 0.0], [0.0, 100.0]], dtype=torch.float64)
         >>> with warnings.catch_warnings(record=True) as seen:

@@ -41,7 +41,7 @@ class Hypergrad(NamedTuple):
     """The hypergradient and the linear solve(s) behind it (returned by `hypergrad` and
     `hypergrad_batch`).
 
-    Example:
+    Examples:
         >>> lam = torch.tensor(1.0, requires_grad=True)
         >>> result = higher.implicit.hypergrad(
         ...     lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2, lambda t, lam: t,
@@ -59,7 +59,7 @@ class Hypergrad(NamedTuple):
 class Task(NamedTuple):
     """One inner problem of a batch (see `hypergrad_batch`): its losses and its solution.
 
-    Example:
+    Examples:
         >>> task = higher.implicit.Task(lambda t, lam: (t - 1) ** 2 + lam * t**2,
         ...                             lambda t, lam: t, torch.tensor(0.5))
         >>> task.params.item()
@@ -407,7 +407,7 @@ def hypergrad(
         `Hypergrad(grads, solves)`: one gradient per hyperparameter (never accumulated into
         `.grad`), and the `SolveResult` of the solve.
 
-    Example:
+    Examples:
         >>> lam = torch.tensor(1.0, requires_grad=True)
         >>> theta = torch.tensor(0.5)  # argmin of (θ - 1)²/2 + λθ²/2 at λ = 1: 1 / (1 + λ)
         >>> inner = lambda theta, lam: (theta - 1) ** 2 / 2 + lam * theta**2 / 2
@@ -446,7 +446,7 @@ def hypergrad_batch(
     Returns:
         `Hypergrad(grads, solves)` with one `SolveResult` per task.
 
-    Example:
+    Examples:
         >>> lam = torch.tensor(1.0, requires_grad=True)
         >>> inner = lambda theta, lam: (theta - 1) ** 2 / 2 + lam * theta**2 / 2
         >>> tasks = [(inner, lambda t, lam: t, torch.tensor(0.5)),
@@ -629,7 +629,7 @@ def custom_root(
     Returns:
         A decorator: `custom_root(optimality_fn)(solver_fn)`.
 
-    Example:
+    Examples:
         >>> def optimality(theta, lam):  # the gradient of (θ - 1)²/2 + λθ²/2
         ...     return theta - 1 + lam * theta
         >>> @higher.implicit.custom_root(optimality)

@@ -48,7 +48,7 @@ _ADVICE = {
 class SolveResult(NamedTuple):
     """What a linear solve returned and how far it got.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
         >>> result = higher.implicit.CG(tol=1e-12).solve(lambda v: A @ v, torch.ones(2).double())
         >>> result.solution.tolist(), result.converged, result.iterations, result.status
@@ -88,7 +88,7 @@ class LinearSolver(Protocol):
     `solve` returns a `SolveResult` and reports a failure itself (warns or raises, by the
     solver's `on_fail`); `what` names the computation in that report.
 
-    Example:
+    Examples:
         >>> isinstance(higher.implicit.CG(), higher.implicit.LinearSolver)
         True
     """
@@ -179,7 +179,7 @@ class CG:
     whatever it reports as converged does solve `A x = b` (the residual is measured, not
     assumed). A failure warns (`on_fail="warn"`, the default) or raises (`"raise"`).
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
         >>> b = A @ torch.ones(2, dtype=torch.float64)
         >>> result = higher.implicit.CG(tol=1e-12).solve(lambda v: A @ v, b)
@@ -251,7 +251,7 @@ class Neumann:
     is still reported (filter `ConvergenceWarning` to silence it). A failure warns
     (`on_fail="warn"`, the default) or raises (`"raise"`).
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
         >>> result = higher.implicit.Neumann(alpha=0.5, tol=1e-10, maxiter=200).solve(
         ...     lambda v: A @ v, torch.ones(2).double())
@@ -310,7 +310,7 @@ class Direct:
     `max(tol * |b|, atol)` where round-off allows. A failure warns (`on_fail="warn"`, the
     default) or raises (`"raise"`).
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[0.0, 1.0], [-2.0, 0.0]], dtype=torch.float64)  # not symmetric
         >>> result = higher.implicit.Direct().solve(lambda v: A @ v, torch.ones(2).double())
         >>> result.solution.tolist(), result.matvecs

@@ -12,7 +12,7 @@ no longer grow with the number of inner steps, and the answer does not depend on
 - Linear solvers `CG`, `Neumann`, `Direct`, each with `tol`/`maxiter`, a `SolveResult`, and
   `on_fail="warn"|"raise"`: a non-converged solve is never silent.
 
-Example:
+Examples:
     >>> import torch, higher
     >>> lam = torch.tensor(1.0, requires_grad=True)
     >>> theta = torch.tensor(0.5)  # the minimizer of (θ - 1)²/2 + λθ²/2 at λ = 1
