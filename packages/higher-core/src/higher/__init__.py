@@ -17,6 +17,7 @@ Examples:
 """
 
 from higher import errors as errors
+from higher import implicit as implicit
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
@@ -45,6 +46,7 @@ __all__ = [
     "HigherWarning",
     "UsageError",
     "errors",
+    "implicit",
     "patch",
     "optim",
     "utils",
