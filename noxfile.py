@@ -231,8 +231,9 @@ def cuda(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: functional-module overhead (plain, torch.func, higher 0.2.1), then the suite
     against the peers (benchmarks/peers.py: higher 0.2.1 and TorchOpt 0.7.3 each in its own
-    venv, this project eager and with higher.compile_step, hand-written torch.func) into
-    benchmarks/results/. Arguments after `--`
+    venv, this project eager and with higher.compile_step, hand-written torch.func), and the
+    implicit-differentiation benchmarks (benchmarks/implicit.py against TorchOpt,
+    benchmarks/implicit_vs_unroll.py) into benchmarks/results/. Arguments after `--`
     go to peers.py (e.g. `nox -s bench -- --rounds 3`, `-- --device cuda`)."""
     _install_workspace(session, TORCH_AT_HAND)
     tmp = Path(session.create_tmp()).resolve()
@@ -261,6 +262,10 @@ def bench(session: nox.Session) -> None:
         "--compiled",
         *session.posargs,
     )
+    # One implicit hypergradient: higher.implicit vs TorchOpt's custom_root (same TorchOpt venv),
+    # then unrolled vs implicit hypergradients on the example's problem.
+    session.run("python", "benchmarks/implicit.py", "--torchopt-python", python["torchopt"])
+    session.run("python", "benchmarks/implicit_vs_unroll.py")
 
 
 @nox.session(name="bench-optim", python="3.11")
@@ -283,6 +288,23 @@ def repo(session: nox.Session) -> None:
     torch at hand: they check the documents and scripts, not the library across torch versions."""
     _install_workspace(session, TORCH_AT_HAND)
     _pytest(session, "tests/repo")
+
+
+# The documentation site's tools; the API reference is read from the sources (no torch needed).
+DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8"]
+
+
+@nox.session(python="3.11", tags=["ci"])
+@_pruned
+def docs(session: nox.Session) -> None:
+    """Build the documentation site strictly (every warning an error) into site/; `nox -s docs
+    -- serve` serves it at http://127.0.0.1:8000 instead. Its code blocks run in `repo`."""
+    session.install(*DOCS_DEPS)
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", "--strict")
+    else:
+        session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
 
 
 @nox.session(python="3.11")

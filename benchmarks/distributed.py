@@ -41,11 +41,9 @@ THREADS_ROW = {"1 process, 2 threads": (1, 2)}  # --threads-row: the cores used 
 def worker(meta_batch: int, steps: int, warmup: int, threads: int) -> None:
     """One rank: time `steps` outer steps; rank 0 prints, as JSON, the seconds of each step and
     of the averaging in it (`all_reduce_grads`, waiting for the other rank included)."""
-    sys.path.insert(0, str(EXAMPLES))
-    import distributed_maml
-    import maml_digits
-
+    sys.path.insert(0, str(EXAMPLES.parent))
     import higher.distributed
+    from examples import distributed_maml, maml_digits
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))

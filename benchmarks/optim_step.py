@@ -106,7 +106,7 @@ def measure_higher() -> dict[str, float]:
     def ours() -> None:
         params, state = start, tx.init(start)
         for _ in range(STEPS):
-            params, state = tx.update(grads(params), state, params)
+            params, state = tx.step(grads(params), state, params)
         _meta_backward(params)
 
     def ours_object() -> None:

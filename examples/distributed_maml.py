@@ -30,9 +30,9 @@ from torch import nn
 
 import higher.distributed
 
-sys.path.insert(0, str(Path(__file__).parent))
-import maml_digits
-from maml_digits import Config, Estimate, Task
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+from examples import maml_digits
+from examples.maml_digits import Config, Estimate, Task
 
 DEFAULT_OUT = Path(__file__).parent / "output" / "distributed_maml.png"
 

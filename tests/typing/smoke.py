@@ -56,6 +56,19 @@ described = [
     describe(higher.distributed.DistributedError("ranks disagree")),
 ]
 
+# higher.implicit: a hypergradient at an inner solution, typed results.
+lam = torch.tensor(1.0, requires_grad=True)
+implicit: higher.implicit.Hypergrad = higher.implicit.hypergrad(
+    lambda t, h: ((t - 1) ** 2 + h * t**2).sum(),
+    lambda t, h: t.sum(),
+    torch.tensor([0.5]),
+    lam,
+    solver=higher.implicit.CG(tol=1e-8),
+)
+solve: higher.implicit.SolveResult = implicit.solves[0]
+iterations: int = solve.iterations
+described.append(describe(higher.implicit.ImplicitError("bad hyper")))
+
 # higher-contrib: the finite-difference checker.
 import higher.contrib  # noqa: E402  (kept beside its use)
 

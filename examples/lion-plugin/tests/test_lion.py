@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from higher_lion import DifferentiableLion, Lion, lion_step
+from higher_lion import LION, DifferentiableLion, Lion
 
 import higher.optim
 
@@ -71,15 +71,25 @@ def test_sparse_gradients_are_refused() -> None:
         Lion([w]).step()
 
 
-def test_lion_step_keeps_the_graph_to_every_hyperparameter() -> None:
+def test_the_rule_keeps_the_graph_to_every_hyperparameter() -> None:
     lr, decay = torch.tensor(0.1, requires_grad=True), torch.tensor(0.5, requires_grad=True)
-    p, m = lion_step(torch.ones(2), torch.ones(2), torch.zeros(2), lr=lr, betas=(0.9, 0.99),
-                     weight_decay=decay)  # fmt: skip
+    hyper = {"lr": lr, "betas": (0.9, 0.99), "weight_decay": decay}
+    (p,), state = LION.update([torch.ones(2)], [torch.ones(2)], LION.init([torch.ones(2)], hyper),
+                              hyper)  # fmt: skip
+    (m,) = state.exp_avg
     d_lr, d_decay = torch.autograd.grad(p.sum(), [lr, decay])
     # p = 1 * (1 - lr * decay) - lr: d/dlr = -decay - 1 per entry, d/ddecay = -lr per entry
     assert d_lr.item() == pytest.approx(2 * (-0.5 - 1))
     assert d_decay.item() == pytest.approx(2 * -0.1)
     assert m.tolist() == pytest.approx([0.01, 0.01])
+
+
+def test_scheduler_bookkeeping_passes_and_unknown_options_are_refused() -> None:
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = Lion([w], lr=0.1)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)  # adds initial_lr, ...
+    assert "initial_lr" in opt.param_groups[0]
+    assert isinstance(higher.optim.get_diff_optim(opt, [w]), DifferentiableLion)
 
 
 def test_unknown_options_are_refused_by_the_twin() -> None:
@@ -90,7 +100,7 @@ def test_unknown_options_are_refused_by_the_twin() -> None:
                 group["stable"] = True
 
     w = torch.nn.Parameter(torch.ones(1))
-    with pytest.raises(higher.optim.UnsupportedOptionError, match=r"options \['stable'\]"):
+    with pytest.raises(higher.optim.UnsupportedOptionError, match=r"option\(s\) \['stable'\]"):
         DifferentiableLion(LionWithExtra([w]), [w])
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         DifferentiableLion(Lion([w]), [w]).step(w.sum(), params=[w], foo=1)

@@ -45,6 +45,8 @@ class HandTwin(higher.optim.DifferentiableOptimizer):
     unguarded_sqrt = False  # NaN hypergradients at zero gradients
     first_group_lr = False  # reads group 0's lr for every group
     ignore_torch_state = False  # starts from zero moments even when torch had stepped
+    last_entry_off = False  # one entry of the first parameter is off, the others are right
+    leaky_state = False  # counts its calls in place, in the state it was given
 
     def _import_state(self, torch_state: Any, device: Any) -> dict[str, Any]:
         return {} if self.ignore_torch_state else super()._import_state(torch_state, device)
@@ -68,8 +70,15 @@ class HandTwin(higher.optim.DifferentiableOptimizer):
                     update = lr * bc2**0.5 / bc1 * m / (root + group["eps"])
                 else:
                     update = lr / bc1 * m / (root / bc2**0.5 + group["eps"])
-                group["params"][j] = p - update
+                new = p - update
+                if self.last_entry_off and g == 0 and j == 0:
+                    bump = torch.zeros_like(new).reshape(-1)
+                    bump[-1] = 1e-3
+                    new = new + bump.reshape(new.shape)
+                group["params"][j] = new
                 state.update(step=step, exp_avg=m, exp_avg_sq=v)
+                if self.leaky_state:
+                    state.setdefault("calls", torch.zeros(())).add_(1)
 
 
 def planted(**bugs: bool) -> type[HandTwin]:
@@ -91,12 +100,20 @@ def test_a_right_twin_passes_every_check() -> None:
         "steps [lr=0.001]",
         "hypergradient [lr=0.001]",
         "zero_grad [lr=0.001]",
+        "protocol [lr=0.001]",
         "registry",
         "steps [lr=0.1]",
         "hypergradient [lr=0.1]",
         "zero_grad [lr=0.1]",
+        "protocol [lr=0.1]",
     ]
-    assert str(report) == f"conformance of HandTwin to {HERE}.HandAdam: all 7 checks passed"
+    assert str(report) == f"conformance of HandTwin to {HERE}.HandAdam: all 9 checks passed"
+    protocol = [r for r in report.results if r.check == "protocol"]
+    assert all("a hand-written _update" in r.detail for r in protocol)
+    rule_report = check_optimizer_conformance(
+        torch.optim.Adam, higher.optim.DifferentiableAdam, [{"lr": 0.1}], checks=["protocol"]
+    )
+    assert "(a Rule)" in rule_report.results[0].detail
 
 
 def test_the_builtin_twins_pass() -> None:
@@ -120,6 +137,7 @@ def test_the_builtin_twins_pass() -> None:
         ("lr_as_float", "hypergradient", r"1 of 12 numbers differ.*\n.*\n +lr +0\.0+e\+00 "),
         ("unguarded_sqrt", "zero_grad", r"the hypergradient by params\[0\] is not finite"),
         ("lr_as_float", "zero_grad", r"no hypergradient reaches \['lr'\]: the graph is cut"),
+        ("leaky_state", "protocol", r"StepPlan\.update changed the optimizer: only commit may"),
     ],
 )
 def test_each_planted_bug_is_caught_by_its_check(bug: str, check: str, expected: str) -> None:
@@ -151,6 +169,31 @@ def test_the_eps_bug_is_a_small_error_seen_as_such() -> None:
         tolerances=Tolerances(rtol=1e-3, atol=1e-3),
     )  # fmt: skip
     assert loose.ok
+
+
+def test_the_report_names_the_worst_entry_not_a_right_one() -> None:
+    report = optimizer_conformance_report(
+        HandAdam, planted(last_entry_off=True), [{"lr": 0.1}], checks=["steps"]
+    )
+    (result,) = report.failures
+    shape = next(iter(_problem_shapes()))
+    last = ", ".join(str(n - 1) for n in shape)
+    assert f"parameter 0 entry [{last}]" in result.detail, result.detail
+    assert "abs error 1.00e-03" in result.detail
+
+
+def _problem_shapes() -> list[tuple[int, ...]]:
+    """The parameter shapes the kit's smooth problem uses (read off a passing report's twin)."""
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(HandTwin):
+        def _update(self, grouped_grads: Any, **kwargs: Any) -> None:
+            if not seen:
+                seen.extend(tuple(p.shape) for g in self.param_groups for p in g["params"])
+            super()._update(grouped_grads, **kwargs)
+
+    optimizer_conformance_report(HandAdam, Recording, [{"lr": 0.1}], checks=["steps"])
+    return seen
 
 
 def test_registry_check_names_the_entry_point_to_declare() -> None:

@@ -204,15 +204,27 @@ def test_batchnorm_in_eval_mode_runs_and_batch_statistics_are_refused() -> None:
     step = make_step(mse)
     x, y = data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    refused = pytest.raises(higher.UsageError, match=r"BatchNorm1d \(1\).*eval mode")
-    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt), refused:
-        step(fmodel, diffopt, x, y)
+    if COMPILES:  # uncompiled, it is diffopt.step: batch statistics are fine there
+        refused = pytest.raises(higher.UsageError, match=r"BatchNorm1d \(1\).*eval mode")
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt), refused:
+            step(fmodel, diffopt, x, y)
     model.eval()
     ref_final, ref_losses, ref_grads = unroll(model, OPTIMIZERS["adam"], None)
     final, losses, grads = unroll(model, OPTIMIZERS["adam"], step)
     assert losses == pytest.approx(ref_losses, rel=1e-12)
     assert_close(final, ref_final)
     assert_close(grads, ref_grads)
+
+
+@pytest.mark.skipif(not COMPILES, reason="refusals of the compiled path; older torch is refused")
+def test_norms_without_running_statistics_are_refused_in_eval_mode_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).double()
+    model.eval()  # still batch statistics: eval mode does not help, and the message says so
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    refused = pytest.raises(higher.UsageError, match=r"track_running_stats=False.*every mode")
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt), refused:
+        make_step(lambda m, x, y: m(x).pow(2).mean())(fmodel, diffopt, *data())
 
 
 def test_frozen_and_unused_parameters_are_not_stepped() -> None:

@@ -4,6 +4,7 @@ trainable hyperparameters, callbacks, first-order steps, state copy-back, schedu
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -325,7 +326,7 @@ def test_functional_api_matches_the_class() -> None:
     params, fast = [w], [w]
     for _ in range(4):
         (g,) = torch.autograd.grad((params[0] ** 3).sum(), params, create_graph=True)
-        params, state = tx.update([g], state, params)
+        params, state = tx.step([g], state, params)
         fast = diffopt.step((fast[0] ** 3).sum(), params=fast)
     assert state.step == 4
     torch.testing.assert_close(params[0], fast[0], rtol=1e-12, atol=0)
@@ -402,6 +403,70 @@ def test_functional_factories_default_like_torch(name: str) -> None:
         torch.autograd.backward(loss(params, k))
         opt.step()
         grads = list(torch.autograd.grad(loss(fast, k), fast, create_graph=True))
-        fast, state = tx.update(grads, state, fast)
+        fast, state = tx.step(grads, state, fast)
         for ours, theirs in zip(fast, params, strict=True):
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+
+
+STATE_MAKERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    "Adadelta": lambda ps: torch.optim.Adadelta(ps),
+    "Adamax": lambda ps: torch.optim.Adamax(ps, lr=0.1),
+    "ASGD": lambda ps: torch.optim.ASGD(ps, lr=0.1, t0=2),
+    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True),
+    "Rprop": lambda ps: torch.optim.Rprop(ps, lr=0.01),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=0.1),
+    "RAdam": lambda ps: torch.optim.RAdam(ps, lr=0.1),
+}
+if hasattr(torch.optim, "Adafactor"):
+    STATE_MAKERS["Adafactor"] = lambda ps: torch.optim.Adafactor(ps, lr=0.1)
+
+
+def _types(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (v.dtype, v.device, tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v)
+        for k, v in state.items()
+    }
+
+
+@pytest.mark.parametrize("name", STATE_MAKERS)
+@pytest.mark.parametrize("default", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_state_goes_back_in_torchs_own_types(name: str, default: torch.dtype) -> None:
+    """5 twin steps, `copy_state_to`, 5 torch steps = 10 torch steps (to the twin's round-off),
+    and the state torch continues from has the types of its own (float64 parameters beside a
+    float32 default dtype: torch keeps its step counts in the default dtype)."""
+    make = STATE_MAKERS[name]
+
+    def loss(w: torch.Tensor, k: int) -> torch.Tensor:
+        return ((w - k) ** 2).sum() + w.sin().sum()
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        w0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        ref = w0.clone().requires_grad_()
+        ref_opt = make([ref])
+        w = w0.clone().requires_grad_()
+        opt = make([w])
+        diffopt = higher.optim.get_diff_optim(opt, [w])
+        params: list[torch.Tensor] = [w]
+        for k in range(10):
+            ref_opt.zero_grad()
+            loss(ref, k).backward()
+            ref_opt.step()
+            if k < 5:
+                params = diffopt.step(loss(params[0], k), params=params)
+            else:
+                if k == 5:
+                    diffopt.copy_state_to(opt, copy_params=True)
+                    copied = _types(opt.state[w])
+                opt.zero_grad()
+                loss(w, k).backward()
+                opt.step()
+        assert copied == _types(ref_opt.state[ref])
+        torch.testing.assert_close(w, ref, rtol=1e-12, atol=1e-13)
+    finally:
+        torch.set_default_dtype(previous)

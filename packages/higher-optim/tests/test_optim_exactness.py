@@ -31,7 +31,11 @@ BASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "Adagrad": ({"lr": 0.1}, [{}, {"lr_decay": 0.05, "initial_accumulator_value": 0.1}]),
     "Adadelta": ({"lr": 1.0}, [{}, {"rho": 0.5, "eps": 1e-4}]),
     "Adamax": ({"lr": 0.05}, [{}, {"betas": (0.5, 0.7)}]),
-    "ASGD": ({"lr": 0.05}, [{}, {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}]),
+    # torch's foreach path computes ASGD differently from its loop: both are followed
+    "ASGD": (
+        {"lr": 0.05},
+        [{}, {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}, {"foreach": True, "lambd": 0.1, "t0": 2.0}],
+    ),
     "RMSprop": ({"lr": 0.01}, [{"momentum": 0.0}, {"momentum": 0.5, "alpha": 0.9}]),
     "Rprop": ({"lr": 0.01}, [{}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.02)}]),
     "NAdam": ({"lr": 0.05}, [{}, {"momentum_decay": 0.05, "betas": (0.7, 0.9)}]),

@@ -133,3 +133,34 @@ def test_register_optim_wins_over_a_plugin() -> None:
 
     higher.optim.register_optim(Broken, DifferentiableFixed)
     assert higher.optim.twin_of(Broken) is DifferentiableFixed
+
+
+NEAR_MISS_MODULE = """
+    import torch
+    from higher.optim import DifferentiableSGD as Twin
+
+    class Nearby(torch.optim.SGD):
+        pass
+
+    Nearby.__module__ = "near_plugin._impl"  # its qualified name: near_plugin._impl.Nearby
+"""
+
+
+def test_an_entry_point_named_by_another_path_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the plugin author named the class by the path users import it from, not its own
+    _write_dist(
+        tmp_path, "near-plugin", {"near_plugin.Nearby": "near_plugin:Twin"}, NEAR_MISS_MODULE
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    higher.optim.clear_plugin_cache()
+    import near_plugin  # type: ignore[import-not-found]
+
+    with pytest.warns(
+        higher.optim.PluginWarning,
+        match=r"'near_plugin\.Nearby'.*near-plugin.*rename the entry point to "
+        r"'near_plugin\._impl\.Nearby'",
+    ):
+        twin = higher.optim.twin_of(near_plugin.Nearby)
+    assert twin is higher.optim.DifferentiableSGD  # what the subclass resolves to meanwhile

@@ -28,7 +28,7 @@ class Lion(torch.optim.Optimizer):
         weight_decay: decoupled weight decay, multiplied by `lr`.
         maximize: ascend the objective instead.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher_lion import Lion
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))

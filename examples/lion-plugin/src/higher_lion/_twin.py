@@ -1,53 +1,81 @@
-"""`DifferentiableLion`: Lion's step out of place, so an unrolled loop can be differentiated."""
+"""`DifferentiableLion`: Lion's step as a pure `Rule`, so an unrolled loop can be differentiated.
+
+Written with `higher.optim.rule`, the toolkit the built-in twins use: the twin gets the object
+API, fused kernels over many tensors, option and type checks, learnable and per-parameter
+learning rates and `higher.compile_step`, from `LION` alone.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 import higher.optim
+from higher.optim.rule import Hyper, Rule, elementwise, flag, some, split_lr
 
-_OPTIONS = frozenset({"lr", "betas", "weight_decay", "maximize"})
+T = torch.Tensor
 
 
-def lion_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    betas: tuple[float | torch.Tensor, float | torch.Tensor],
-    weight_decay: float | torch.Tensor = 0.0,
-    maximize: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Lion step of one parameter as a pure function: `(new_param, new_exp_avg)`.
+class LionState(NamedTuple):
+    """One momentum (`exp_avg`, as `Lion` names it in its state) per parameter."""
 
-    Nothing is modified in place; every hyperparameter may be a tensor that requires grad. The
-    sign has a zero derivative, so hypergradients flow through the decay and the step size.
+    exp_avg: list[T]
 
-    Example:
+
+def lion_init(params: Sequence[T], hyper: Hyper) -> LionState:
+    """Zero momentum, as `Lion` starts."""
+    return LionState([torch.zeros_like(p, memory_format=torch.preserve_format) for p in params])
+
+
+def lion_update(
+    params: Sequence[T], grads: Sequence[T], state: LionState, hyper: Hyper
+) -> tuple[list[T], LionState]:
+    """One step of `Lion`, out of place; every hyperparameter may be a tensor that requires
+    grad. The sign has a zero derivative, so hypergradients flow through the decay, the step
+    size and the momentum.
+
+    Examples:
         >>> import torch
-        >>> from higher_lion import lion_step
+        >>> from higher_lion import LION
         >>> grad = torch.tensor([0.5, -0.5], dtype=torch.float64)
-        >>> p, m = lion_step(torch.ones_like(grad), grad, torch.zeros_like(grad), lr=0.5,
-        ...                  betas=(0.9, 0.99))
-        >>> p.tolist(), [round(v, 12) for v in m.tolist()]
+        >>> hyper = {"lr": 0.5, "betas": (0.9, 0.99), "weight_decay": 0.0}
+        >>> (p,), state = LION.update([torch.ones(2, dtype=torch.float64)], [grad],
+        ...                           LION.init([grad], hyper), hyper)
+        >>> p.tolist(), [round(v, 12) for v in state.exp_avg[0].tolist()]
         ([0.5, 1.5], [0.005, -0.005])
     """
-    if maximize:
-        grad = -grad
-    beta1, beta2 = betas
-    direction = torch.sign(exp_avg * beta1 + grad * (1 - beta1))
-    new_param = param * (1 - lr * weight_decay) - lr * direction
-    return new_param, exp_avg * beta2 + grad * (1 - beta2)
+    lr, lrs = split_lr(hyper)
+    beta1, beta2 = hyper["betas"]
+    decay, maximize = hyper["weight_decay"], flag(LION, hyper, "maximize")
+
+    def kernel(p: T, g: T, m: T, lr_t: T | None) -> tuple[T, T]:
+        step = lr if lr_t is None else lr_t
+        g = -g if maximize else g
+        direction = torch.sign(m * beta1 + g * (1 - beta1))
+        return p * (1 - step * decay) - step * direction, m * beta2 + g * (1 - beta2)
+
+    new_params, momenta = elementwise(kernel, params, grads, state.exp_avg, lrs)
+    return some(new_params), LionState(some(momenta))
 
 
-class DifferentiableLion(higher.optim.DifferentiableOptimizer):
+LION = Rule(
+    name="Lion",
+    state_type=LionState,
+    init=lion_init,
+    update=lion_update,
+    hypers=("lr", "weight_decay"),
+    pairs=("betas",),
+    flags={"maximize": False},
+)
+
+
+class DifferentiableLion(higher.optim.RuleOptimizer):
     """The differentiable twin of `higher_lion.Lion`, found by `higher` through the entry point
     `higher.optimizers` (no `register_optim` call needed).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> from higher_lion import Lion, DifferentiableLion
         >>> w = torch.nn.Parameter(torch.tensor([1.0]))
@@ -56,34 +84,4 @@ class DifferentiableLion(higher.optim.DifferentiableOptimizer):
         (True, 0.8999999761581421)
     """
 
-    def _check_options(self, other: torch.optim.Optimizer) -> None:
-        for g, group in enumerate(other.param_groups):
-            unknown = sorted(set(group) - _OPTIONS - {"params"})
-            if unknown:
-                raise higher.optim.UnsupportedOptionError(
-                    f"param group {g} of the {type(other).__name__} has options {unknown} that "
-                    f"DifferentiableLion does not honour (it honours {sorted(_OPTIONS)})"
-                )
-
-    def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
-        if kwargs:
-            raise higher.optim.HyperparameterTypeError(
-                f"DifferentiableLion.step() got unexpected keyword arguments {sorted(kwargs)}"
-            )
-        for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            for j, grad in enumerate(grads):
-                if grad is None:
-                    continue
-                param, state = group["params"][j], self.state[g][j]
-                exp_avg = state.get("exp_avg")
-                if exp_avg is None:
-                    exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
-                group["params"][j], state["exp_avg"] = lion_step(
-                    param,
-                    grad,
-                    exp_avg,
-                    lr=group["lr"],
-                    betas=group["betas"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                )
+    rule = LION

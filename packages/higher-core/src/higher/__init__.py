@@ -5,19 +5,20 @@ __doc__ = """Differentiate through whole PyTorch training loops.
 torch optimizer `opt`: unroll `k` steps, then take gradients of anything computed from the last
 weights with respect to the first ones, the optimizer's hyperparameters, or the data.
 
-Example:
+Examples:
     >>> import torch, higher
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
     ...     _ = diffopt.step(fmodel(torch.ones(1, 2)).pow(2).sum())
     ...     fmodel(torch.ones(1, 2)).sum().backward()
-    >>> model.weight.grad is not None
-    True
+    >>> model.weight.grad.shape  # d(loss after the step) / d(initial weights)
+    torch.Size([1, 2])
 """
 
 from higher import distributed as distributed
 from higher import errors as errors
+from higher import implicit as implicit
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
@@ -47,6 +48,7 @@ __all__ = [
     "UsageError",
     "errors",
     "distributed",
+    "implicit",
     "patch",
     "optim",
     "utils",

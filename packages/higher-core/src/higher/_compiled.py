@@ -80,7 +80,7 @@ class CompiledStep:
     meta-gradient through the unroll, yes; a gradient of that meta-gradient, no (use
     `diffopt.step` for third-order terms). `compile=False` runs `diffopt.step` itself.
 
-    Example:
+    Examples:
         >>> import torch, higher
         >>> net = torch.nn.Linear(3, 1)
         >>> step = higher.compile_step(lambda m, x, y: (m(x) - y).pow(2).mean(), backend="eager")
@@ -411,7 +411,7 @@ def compile_step(loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any
     `compile_kwargs` go to `torch.compile` (`backend=`, `mode=`, `dynamic=`); `compile=False`
     runs `diffopt.step` itself (any torch, any optimizer, any model).
 
-    Example:
+    Examples:
         >>> import torch, higher
         >>> step = higher.compile_step(lambda m, x: m(x).pow(2).mean(), backend="eager")
         >>> net = torch.nn.Linear(2, 1)

@@ -49,7 +49,7 @@ def innerloop_ctx(
     across its ranks at the end of each backward pass outside `ddp.no_sync()`, weighted by the
     number of inner loops each rank ran: see `higher.distributed`.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> x, y = torch.randn(8, 2), torch.randn(8, 1)

@@ -40,7 +40,7 @@ def world(group: ProcessGroup | None = None) -> World:
     says there are several processes: then forgetting `init_process_group` is an error, not a
     silent world of one whose ranks would each train alone.
 
-    Example:
+    Examples:
         >>> higher.distributed.world()  # a plain `python` run
         World(rank=0, size=1)
     """
@@ -97,7 +97,7 @@ def shard(
     count `n` (the indices are returned as a `range`). `rank` and `world_size` default to the
     process group's (rank 0 of 1 without one).
 
-    Example:
+    Examples:
         >>> higher.distributed.shard(5, rank=0, world_size=2)
         range(0, 3)
         >>> higher.distributed.shard(["a", "b", "c", "d", "e"], rank=1, world_size=2)
@@ -251,7 +251,7 @@ def all_reduce_grads(
         group: the process group (default: the whole world).
         bucket_cap_mb: about how many MiB of gradients one `all_reduce` carries.
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> (3 * w).sum().backward()
         >>> higher.distributed.all_reduce_grads([w], weight=4)  # alone: nothing to average

@@ -15,7 +15,7 @@ are averaged across the ranks so that every rank takes the same outer step. Two 
 Without a process group every function acts as rank 0 of 1, so one script runs under
 `torchrun` and as a plain `python` process alike. Importing this module initializes nothing.
 
-Example:
+Examples:
     >>> import higher.distributed
     >>> higher.distributed.shard(range(10), rank=1, world_size=3)
     [4, 5, 6]

@@ -3,7 +3,7 @@
 `flatten` and `get_func_params` are public; the underscore helpers are kept because user code
 and test suites imported them from 0.2.1, with the same behaviour.
 
-Example:
+Examples:
     >>> higher.utils.flatten([1, (2, {"a": 3}), [[4]]])
     [1, 2, 3, 4]
 """
@@ -28,7 +28,7 @@ def _is_container(target: Any) -> bool:
 def _recursive_map(target: Any, map_fn: Callable[[Any], Any]) -> Any:
     """Apply `map_fn` to every leaf of nested lists, tuples, sets and dicts, keeping their types.
 
-    Example:
+    Examples:
         >>> higher.utils._recursive_map({"a": [1, (2, 3)]}, lambda v: v * 10)
         {'a': [10, (20, 30)]}
     """
@@ -45,7 +45,7 @@ def _recursive_map(target: Any, map_fn: Callable[[Any], Any]) -> Any:
 def flatten(x: Any) -> list[Any]:
     """The leaves of nested lists, tuples, sets and dict values, in order, as one flat list.
 
-    Example:
+    Examples:
         >>> higher.utils.flatten(((1, 2), {"k": [3]}))
         [1, 2, 3]
     """
@@ -110,7 +110,7 @@ def get_func_params(
 ) -> list[torch.Tensor]:
     """Detached copies of `module.parameters()` (keeping `requires_grad`), on `device`.
 
-    Example:
+    Examples:
         >>> lin = torch.nn.Linear(2, 1)
         >>> w, b = higher.utils.get_func_params(lin)
         >>> w.is_leaf and w.requires_grad and w is not lin.weight

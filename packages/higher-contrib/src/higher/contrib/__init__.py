@@ -7,7 +7,7 @@
 - `check_optimizer_conformance` / `optimizer_conformance_report` / `parametrize_conformance`:
   the conformance kit a differentiable-optimizer plugin runs against its torch original.
 
-Example:
+Examples:
     >>> import torch, higher.contrib
     >>> higher.contrib.check_hypergradient(lambda x: (x**2).sum(), [torch.ones(2)]).ok
     True

@@ -1,6 +1,6 @@
 """The conformance kit: a differentiable optimizer against its torch original, check by check.
 
-Four checks, each on small float64 problems with two param groups:
+Five checks, each on small float64 problems with two param groups:
 
 - `steps`: the twin's steps equal torch's, step for step (also first order, and resumed from a
   torch optimizer that already stepped, so its state carries over);
@@ -8,6 +8,9 @@ Four checks, each on small float64 problems with two param groups:
   float64 central differences;
 - `zero_grad`: exactly-zero and missing gradients give finite steps and finite hypergradients
   (and the same steps as torch);
+- `protocol`: the step protocol holds, for a twin written as a `Rule` and for one with a
+  hand-written `_update` alike: `plan` changes nothing, `StepPlan.update` is pure (two runs
+  agree and change nothing), a refused step changes nothing, `commit` gives what `step` gives;
 - `registry`: `higher.optim.get_diff_optim` resolves the torch optimizer (and a subclass of it)
   to the twin: a plugin's entry point works.
 """
@@ -22,6 +25,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 
+from higher.errors import HigherError
 from higher.optim import DifferentiableOptimizer, get_diff_optim
 
 from ._errors import ConformanceFailure, ContribError
@@ -32,7 +36,7 @@ DiffOptimizer = type[DifferentiableOptimizer]
 Options = Mapping[str, Any]
 OptionGrid = Mapping[str, Any] | Sequence[Options]  # a grid {name: [values]}, or option sets
 
-CHECKS = ("steps", "hypergradient", "zero_grad", "registry")
+CHECKS = ("steps", "hypergradient", "zero_grad", "protocol", "registry")
 _F = TypeVar("_F", bound=Callable[..., Any])
 T = torch.Tensor
 
@@ -41,7 +45,7 @@ T = torch.Tensor
 class CheckResult:
     """The outcome of one check for one option set.
 
-    Example:
+    Examples:
         >>> from higher.contrib import CheckResult
         >>> CheckResult("steps", {"lr": 0.1}, True, "10 steps equal").label
         'steps [lr=0.1]'
@@ -63,7 +67,7 @@ class CheckResult:
 class ConformanceReport:
     """Every check the kit ran on one twin, with what it found.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> report = higher.contrib.optimizer_conformance_report(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1]}, checks=["steps"]
@@ -110,7 +114,7 @@ class ConformanceReport:
 class Tolerances:
     """How close is equal: `rtol`/`atol` for steps, `fd_rtol`/`fd_atol` for hypergradients.
 
-    Example:
+    Examples:
         >>> from higher.contrib import Tolerances
         >>> Tolerances().rtol
         1e-10
@@ -126,7 +130,7 @@ class Tolerances:
 class ConformanceCase:
     """One check on one option set: what a parametrized test runs (`case.run()`).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> (case,) = higher.contrib.conformance_cases(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["steps"]
@@ -190,7 +194,7 @@ def conformance_cases(
 
     The arguments are `optimizer_conformance_report`'s.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> cases = higher.contrib.conformance_cases(
         ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"amsgrad": [False, True]}
@@ -245,7 +249,7 @@ def optimizer_conformance_report(
         options: the option sets to check: a grid `{"lr": [1e-3, 0.1], "maximize": [False,
             True]}` (every combination) or a list of option dicts. Each set is passed to the
             torch optimizer's constructor (`torch_optimizer(params, **options)`).
-        checks: which of `steps`, `hypergradient`, `zero_grad`, `registry` to run.
+        checks: which of `steps`, `hypergradient`, `zero_grad`, `protocol`, `registry` to run.
         steps: how many steps each unroll takes (at least 2; 10 by default).
         hyperparameters: the hyperparameters whose hypergradient is checked, each a number or
             a pair of numbers in the optimizer's param groups (default: `lr` where there is
@@ -256,13 +260,13 @@ def optimizer_conformance_report(
         A `ConformanceReport`; it never raises for a departure (`check_optimizer_conformance`
         does).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> report = higher.contrib.optimizer_conformance_report(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1], "momentum": [0, 0.9]}
         ... )
         >>> report.ok, len(report.results)
-        (True, 7)
+        (True, 9)
     """
     cases = conformance_cases(
         torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
@@ -283,7 +287,7 @@ def check_optimizer_conformance(
 ) -> ConformanceReport:
     """`optimizer_conformance_report`, raising `ConformanceFailure` when a check fails.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> higher.contrib.check_optimizer_conformance(
         ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"lr": [1e-3, 0.1]}
@@ -317,7 +321,7 @@ def parametrize_conformance(
         def test_lion_conforms(conformance_case):
             conformance_case.run()
 
-    Example:
+    Examples:
         >>> import torch, higher.optim, higher.contrib
         >>> mark = higher.contrib.parametrize_conformance(
         ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["registry"]
@@ -429,7 +433,9 @@ def _compare(got: Sequence[T], want: Sequence[T], tol: Tolerances) -> str:
         diff = (g - w).abs()
         bad = ~(diff <= tol.atol + tol.rtol * w.abs())
         if bad.any():
-            k = int(torch.argmax((diff + bad.double() * math.inf).nan_to_num(math.inf)).item())
+            # the worst entry out of tolerance (a NaN counts as the worst of all)
+            ranked = torch.where(bad, diff.double().nan_to_num(math.inf), -1.0)
+            k = int(torch.argmax(ranked).item())
             twin, torch_value, err = (x.reshape(-1)[k].item() for x in (g, w, diff))
             rel = err / max(abs(torch_value), 1e-300)
             entry = ", ".join(map(str, _unravel(k, g.shape)))
@@ -563,6 +569,64 @@ def _check_zero_grad(case: ConformanceCase) -> tuple[bool, str]:
     return True, "finite steps and hypergradients at exactly-zero and missing gradients"
 
 
+def _snapshot(twin: DifferentiableOptimizer) -> list[Any]:
+    """What a step may change, comparable with `_same`: each group's options and state."""
+
+    def kept(value: Any) -> Any:  # a copy: a later in-place change must show
+        return value.detach().clone() if isinstance(value, T) else value
+
+    groups = [{k: kept(v) for k, v in g.items() if k != "params"} for g in twin.param_groups]
+    states = [
+        {j: {k: kept(v) for k, v in slot.items()} for j, slot in gs.items()} for gs in twin.state
+    ]
+    return [groups, states]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, T) or isinstance(b, T):
+        return isinstance(a, T) and isinstance(b, T) and bool(torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _check_protocol(case: ConformanceCase) -> tuple[bool, str]:
+    problem = _smooth_problem(3)
+    params = _leaves(problem.init)
+    twin = case.diff_optimizer(_torch_opt(case, problem, params), params)
+    twin_too = case.diff_optimizer(_torch_opt(case, problem, params), params)
+    fast = twin.step(problem.train(0, params), params=params)  # some state to keep unchanged
+    twin_too.step(problem.train(0, params), params=params)
+    before = _snapshot(twin)
+    loss = problem.train(1, fast)
+    grads = list(torch.autograd.grad(loss, fast, create_graph=True, allow_unused=True))
+    plan = twin.plan(fast, stepped=[g is not None for g in grads])
+    if not _same(_snapshot(twin), before):
+        return False, "plan changed the optimizer (its options or state): only commit may"
+    first, again = plan.update(fast, grads), plan.update(fast, grads)
+    if not _same(first.params, again.params) or not _same(list(first.states), list(again.states)):
+        return False, "StepPlan.update is not pure: two runs of one plan gave different results"
+    if not _same(_snapshot(twin), before):
+        return False, "StepPlan.update changed the optimizer: only commit may"
+    try:
+        twin.step(loss, params=fast, override={"no_such_option": [1.0]})
+    except HigherError:
+        pass
+    else:
+        return False, "a step with an override of an unknown option was accepted"
+    if not _same(_snapshot(twin), before):
+        return False, "a refused step (an unknown override) changed the optimizer"
+    committed = twin.commit(plan, first)
+    stepped = twin_too.step(problem.train(1, fast), params=fast)
+    where = _compare(committed, stepped, case.tolerances)
+    if where:
+        return False, f"plan, update and commit differ from step: {where}"
+    kind = "a Rule" if plan.rule is not None else "a hand-written _update"
+    return True, f"plan changes nothing, update is pure, a refused step changes nothing ({kind})"
+
+
 def _check_registry(case: ConformanceCase) -> tuple[bool, str]:
     problem = _smooth_problem(2)
     params = _leaves(problem.init)
@@ -592,6 +656,7 @@ _CHECKS: dict[str, Callable[[ConformanceCase], tuple[bool, str]]] = {
     "steps": _check_steps,
     "hypergradient": _check_hypergradient,
     "zero_grad": _check_zero_grad,
+    "protocol": _check_protocol,
     "registry": _check_registry,
 }
 

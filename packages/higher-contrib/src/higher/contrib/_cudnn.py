@@ -96,7 +96,7 @@ class cudnn_safe(contextlib.ContextDecorator):  # lower case: it reads like torc
     the value it had), and restores everything when the block raises. Wrap the whole unrolled
     inner loop: the choice of kernel is made in the forward pass, the double backward comes later.
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> lstm = torch.nn.LSTM(3, 4)
         >>> with higher.contrib.cudnn_safe():

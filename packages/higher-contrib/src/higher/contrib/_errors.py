@@ -10,7 +10,7 @@ from higher.errors import HigherError as HigherError
 class ContribError(HigherError, ValueError):
     """Invalid input to a `higher.contrib` tool (a non-scalar meta-loss, an unknown tensor name...).
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> try:
         ...     higher.contrib.hypergradient_report(lambda x: x * 2, [torch.ones(3)])
@@ -25,7 +25,7 @@ class HypergradientMismatch(HigherError, AssertionError):
 
     It is an `AssertionError`, so pytest shows it as a failed check.
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> wrong = lambda x: (x**2).sum() + (x.detach() ** 2).sum()  # autograd misses half
         >>> try:
@@ -43,10 +43,18 @@ class HypergradientMismatch(HigherError, AssertionError):
 class ConformanceFailure(HigherError, AssertionError):
     """A differentiable optimizer departs from its torch original; `report` says where.
 
-    Example:
-        >>> import torch, higher.contrib
-        >>> issubclass(higher.contrib.ConformanceFailure, AssertionError)
-        True
+    Examples:
+        >>> import torch, higher.optim, higher.contrib
+        >>> class Sloppy(higher.optim.DifferentiableOptimizer):  # a twin that never steps
+        ...     def _update(self, grouped_grads, **kwargs):
+        ...         pass
+        >>> report = higher.contrib.optimizer_conformance_report(
+        ...     torch.optim.SGD, Sloppy, [{"lr": 0.1}], checks=["steps"])
+        >>> try:
+        ...     report.raise_if_failed()
+        ... except higher.contrib.ConformanceFailure as err:  # an AssertionError for pytest
+        ...     print(err.report.failures[0].detail.split(":")[0])
+        step 1 of 10
     """
 
     def __init__(self, report: ConformanceReport) -> None:

@@ -27,7 +27,7 @@ class GradientEntry:
         rel_error: `abs_error / |finite_difference|` (0 where both are 0, inf where only it is).
         ok: `abs_error <= atol + rtol * |finite_difference|`, both finite.
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> report = higher.contrib.hypergradient_report(lambda x: x.sum(), {"x": torch.ones(2)})
         >>> report.entries[1].where, round(report.entries[1].finite_difference, 6)
@@ -57,7 +57,7 @@ class GradientEntry:
 class HypergradientReport:
     """Every number a hypergradient check compared, and the tolerances it used.
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> report = higher.contrib.hypergradient_report(lambda x: (x**3).sum(), [torch.ones(3)])
         >>> report.ok, len(report.entries), report.failures
@@ -155,7 +155,8 @@ def hypergradient_report(
         wrt: names (mapping) or positions (sequence) to differentiate by; default every
             floating-point input.
         eps: the finite-difference step.
-        atol, rtol: the tolerances.
+        atol: the absolute tolerance.
+        rtol: the relative tolerance.
         max_entries: larger tensors are checked along random directions instead of entrywise.
         directions: how many random directions per large tensor.
         seed: seeds the random directions.
@@ -167,7 +168,7 @@ def hypergradient_report(
         ContribError: an input is no tensor, `wrt` names an unknown or non-floating input, or
             `fn` returns no scalar float64 tensor.
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> def meta_loss(lr, w):  # one SGD step on (w - 1)^2, then the loss
         ...     w1 = w - lr * 2 * (w - 1)
@@ -247,7 +248,7 @@ def check_hypergradient(
 
     The arguments are `hypergradient_report`'s. Returns the report when everything agrees.
 
-    Example:
+    Examples:
         >>> import torch, higher.contrib
         >>> report = higher.contrib.check_hypergradient(
         ...     lambda w, x: torch.tanh(w @ x), [torch.ones(3), torch.arange(3.0)], wrt=[0]

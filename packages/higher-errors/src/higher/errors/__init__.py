@@ -5,7 +5,7 @@ base, for the type checker as much as at run time: the base lives here, in a dis
 depend on. Each error class of the library subclasses `HigherError` and the builtin exception
 higher 0.2.1 raised in its place, so `except ValueError` code keeps working.
 
-Example:
+Examples:
     >>> import higher.errors
     >>> class MyError(higher.errors.HigherError, ValueError): ...
     >>> isinstance(MyError("bad lr"), higher.errors.HigherError)
@@ -20,7 +20,7 @@ __all__ = ["HigherError", "HigherWarning"]
 class HigherError(Exception):
     """Base of every error `higher` raises; each subclass is also the builtin 0.2.1 raised.
 
-    Example:
+    Examples:
         >>> import higher.errors
         >>> class StepError(higher.errors.HigherError, ValueError): ...
         >>> try:
@@ -34,7 +34,7 @@ class HigherError(Exception):
 class HigherWarning(UserWarning):
     """Base of every warning `higher` emits (filter them all with this one class).
 
-    Example:
+    Examples:
         >>> import warnings, higher.errors
         >>> with warnings.catch_warnings(record=True) as seen:
         ...     warnings.simplefilter("always")

@@ -5,7 +5,7 @@ computed after `k` steps can be differentiated with respect to the initial param
 hyperparameters (which may be tensors that require grad). Each twin equals its `torch.optim`
 optimizer step for step; `higher.optim.functional` holds the same rules as pure functions.
 
-Example:
+Examples:
     >>> import torch, higher.optim
     >>> w = torch.nn.Parameter(torch.tensor([1.0]))
     >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -19,6 +19,7 @@ Example:
 from higher.errors import HigherError as HigherError
 
 from . import functional as functional
+from . import rule as rule
 from ._api import apply_trainable_opt_params as apply_trainable_opt_params
 from ._api import create_diff_optim as create_diff_optim
 from ._api import get_diff_optim as get_diff_optim
@@ -26,6 +27,21 @@ from ._api import get_trainable_opt_params as get_trainable_opt_params
 from ._base import DifferentiableOptimizer as DifferentiableOptimizer
 from ._clip import clip_grad_norm as clip_grad_norm
 from ._clip import clip_grad_value as clip_grad_value
+
+# higher 0.2.1's private names that published code imports (not API: see _compat_021).
+from ._compat_021 import _add as _add
+from ._compat_021 import _addcdiv as _addcdiv
+from ._compat_021 import _addcmul as _addcmul
+from ._compat_021 import _get_mask_closure as _get_mask_closure
+from ._compat_021 import _GradCallbackType as _GradCallbackType
+from ._compat_021 import _GradClosureType as _GradClosureType
+from ._compat_021 import _GroupedGradsType as _GroupedGradsType
+from ._compat_021 import _maybe_mask as _maybe_mask
+from ._compat_021 import _opt_mapping as _opt_mapping
+from ._compat_021 import _OptMappingType as _OptMappingType
+from ._compat_021 import _OverrideType as _OverrideType
+from ._compat_021 import _recursive_apply as _recursive_apply
+from ._compat_021 import _StateType as _StateType
 from ._errors import ArgumentTypeError as ArgumentTypeError
 from ._errors import HyperparameterTypeError as HyperparameterTypeError
 from ._errors import OptimError as OptimError
@@ -85,6 +101,7 @@ __all__ = [
     "twin_of",
     "clear_plugin_cache",
     "functional",
+    "rule",
     "HigherError",
     "OptimError",
     "UnsupportedOptimizerError",

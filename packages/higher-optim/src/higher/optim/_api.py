@@ -27,9 +27,13 @@ def get_diff_optim(
     Args:
         opt: a torch optimizer (a subclass of a supported one resolves to its parent's twin).
         reference_params: the parameters `opt` was built on, in the order `step` takes them.
-        fmodel, device, override, track_higher_grads, **kwargs: see `DifferentiableOptimizer`.
+        fmodel: the functional model `step` updates (see `DifferentiableOptimizer`).
+        device: where to put the copied state.
+        override: hyperparameter -> values, one for all groups or one per group.
+        track_higher_grads: False makes each step first order.
+        **kwargs: passed to the twin's constructor.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w]), [w])
@@ -68,7 +72,7 @@ def create_diff_optim(
     dicts `{"params": [...], "lr": ...}`) or like `fmodel.fast_params`; `step` then takes the
     tensors in that (flattened) order.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.ones(2, requires_grad=True)
         >>> diffopt = higher.optim.create_diff_optim(torch.optim.SGD, {"lr": 0.5}, params=[w])
@@ -132,7 +136,7 @@ def get_trainable_opt_params(
     becomes a 0-d tensor, a pair (betas) a tuple of 0-d tensors. Flags (bools), None and
     other values are left out.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, nesterov=False)
         >>> hyper = higher.optim.get_trainable_opt_params(opt)
@@ -164,7 +168,7 @@ def get_trainable_opt_params(
 def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str, Any]) -> None:
     """Write hyperparameter values (tensors) back into `opt`, with their original Python types.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         >>> higher.optim.apply_trainable_opt_params(opt, {"lr": [torch.tensor(0.5)]})

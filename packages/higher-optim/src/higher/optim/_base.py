@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,7 +56,7 @@ class DifferentiableOptimizer(abc.ABC):
         grad_callback: `grads -> grads`, run on the gradients before each update.
         track_higher_grads: False makes each step first order: new parameters are detached.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -154,7 +155,7 @@ class DifferentiableOptimizer(abc.ABC):
     def track_higher_grads(self) -> bool:
         """Whether steps keep their graph (False: each step's new parameters are detached).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> opt = torch.optim.SGD([w], lr=0.1)
@@ -167,7 +168,7 @@ class DifferentiableOptimizer(abc.ABC):
     def fmodel(self) -> FunctionalModel | None:
         """The functional model each `step` updates (None when steps are given `params=`).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> print(higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w]).fmodel)
@@ -179,7 +180,7 @@ class DifferentiableOptimizer(abc.ABC):
     def grad_callback(self) -> GradCallback | None:
         """The constructor's `grads -> grads` callback, run before each update (or None).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> clip = higher.optim.clip_grad_value(1.0)
@@ -338,7 +339,7 @@ class DifferentiableOptimizer(abc.ABC):
         Returns:
             A `StepPlan`: run it with `plan.update(params, grads)`, then `commit` the result.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(2))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -439,7 +440,7 @@ class DifferentiableOptimizer(abc.ABC):
             first_order: detach the new parameters and the state (default: when this optimizer
                 does not track higher-order gradients).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -493,7 +494,7 @@ class DifferentiableOptimizer(abc.ABC):
             The new parameters, in the order of `reference_params` (frozen ones unchanged);
             the functional model, when there is one, is updated to them.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.tensor([1.0]))
             >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.25), [w])
@@ -536,6 +537,113 @@ class DifferentiableOptimizer(abc.ABC):
                     if isinstance(value, torch.Tensor):
                         slot[key] = value.detach()
 
+    # -- copies and checkpoints ----------------------------------------------------------------
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every tensor this optimizer holds: slots, options, state, reference parameters."""
+        found = list(self._reference)
+        for group in self.param_groups:
+            for value in group.values():
+                items = value if isinstance(value, (list, tuple)) else [value]
+                found.extend(t for t in items if isinstance(t, torch.Tensor))
+        for group_state in self.state:
+            for slot in group_state.values():
+                found.extend(v for v in slot.values() if isinstance(v, torch.Tensor))
+        return found
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DifferentiableOptimizer:
+        # Tensors with history cannot be deep-copied: the copy gets detached clones of them, as
+        # `copy.deepcopy(fmodel)` does (the functional model, when there is one, is copied too).
+        for t in self._tensors():
+            if id(t) not in memo and not t.is_leaf:
+                memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling: tensors with history are saved detached (their graph cannot be saved).
+        memo: dict[int, Any] = {}
+        for t in self._tensors():
+            if not t.is_leaf:
+                memo[id(t)] = t.detach().requires_grad_(t.requires_grad)
+        state = {k: v for k, v in self.__dict__.items() if k != "_bucket_cache"}
+        return _replaced(state, memo)  # type: ignore[no-any-return]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state in `torch.optim.Optimizer.state_dict()`'s format (detached).
+
+        Parameters are numbered across the param groups in order, as torch numbers them, and
+        step counts are tensors as torch keeps them: a torch optimizer over the same parameters
+        can `load_state_dict` it. `load_state_dict` restores it here.
+
+        Examples:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = torch.optim.Adam([w], lr=0.1)
+            >>> diffopt = higher.optim.get_diff_optim(opt, [w])
+            >>> _ = diffopt.step(w.sum(), params=[w])
+            >>> opt.load_state_dict(diffopt.state_dict())
+            >>> int(opt.state[w]["step"]), sorted(opt.state[w])
+            (1, ['exp_avg', 'exp_avg_sq', 'step'])
+        """
+        states: dict[int, dict[str, Any]] = {}
+        groups = []
+        index = 0
+        for group, group_state in zip(self.param_groups, self.state, strict=True):
+            numbers = list(range(index, index + len(group["params"])))
+            for j, number in enumerate(numbers):
+                slot = group_state.get(j)
+                if slot:
+                    states[number] = {
+                        k: _as_torch_value(v, None, _device_of(v)) for k, v in slot.items()
+                    }
+            options = {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                for k, v in group.items()
+                if k != "params"
+            }
+            groups.append({**options, "params": numbers})
+            index += len(numbers)
+        return {"state": states, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` (this class's, or a torch optimizer's over the same
+        parameters) holds: each slot's state (cloned; step counts back to ints) and options.
+
+        Examples:
+            >>> import torch, higher.optim
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = torch.optim.Adam([w], lr=0.1)
+            >>> opt.zero_grad(); w.sum().backward(); opt.step()
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w], lr=0.5), [w])
+            >>> diffopt.load_state_dict(opt.state_dict())
+            >>> diffopt.state[0][0]["step"], diffopt.param_groups[0]["lr"]
+            (1, 0.1)
+        """
+        groups = state_dict.get("param_groups")
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != sizes:
+            raise OptimError(
+                f"state_dict has param groups of sizes "
+                f"{[len(g.get('params', ())) for g in groups or []]}; expected {sizes}"
+            )
+        saved = state_dict.get("state", {})
+        options = {k: [g[k] for g in groups] for k in groups[0] if k != "params"}
+        known = set().union(*(g.keys() for g in self.param_groups)) - {"params"}
+        new_options = self._validated_options({k: v for k, v in options.items() if k in known})
+        new_state = []
+        for group in groups:
+            group_state: _GroupState = defaultdict(dict)
+            for j, number in enumerate(group["params"]):
+                if saved.get(number):
+                    group_state[j] = self._import_state(saved[number], self._device)
+            new_state.append(group_state)
+        for group, opts in zip(self.param_groups, new_options, strict=True):
+            group.update((k, v) for k, v in opts.items() if k != "params")
+        self.state = new_state
+
     # -- back to torch -------------------------------------------------------------------------
 
     def _torch_pairs(self, opt: torch.optim.Optimizer) -> list[tuple[int, int, torch.Tensor]]:
@@ -561,7 +669,11 @@ class DifferentiableOptimizer(abc.ABC):
         from). With `copy_params=True` the latest parameters are copied into `opt`'s
         parameters too (in place, without grad).
 
-        Example:
+        Each value goes back in the type torch keeps it in (the step count as a tensor of torch's
+        scalar dtype, on the device torch puts it for these options), so the torch optimizer
+        continues exactly as from a state of its own.
+
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> opt = torch.optim.Adam([w], lr=0.1)
@@ -571,21 +683,18 @@ class DifferentiableOptimizer(abc.ABC):
             >>> int(opt.state[w]["step"]), round(w.item(), 6)
             (1, 0.9)
         """
-        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        templates: dict[tuple[Any, ...], dict[str, Any]] = {}
         for g, j, p in self._torch_pairs(opt):
             ours = self.state[g].get(j)
             if ours:
-                exported: dict[str, Any] = {}
-                for key, value in ours.items():
-                    if isinstance(value, torch.Tensor):
-                        exported[key] = value.detach().clone().to(p.device)
-                    else:
-                        exported[key] = value
-                if isinstance(exported.get("step"), int):
-                    previous = opt.state.get(p, {}).get("step")
-                    dtype = previous.dtype if isinstance(previous, torch.Tensor) else scalar
-                    exported["step"] = torch.tensor(float(exported["step"]), dtype=dtype)
-                opt.state[p] = exported
+                key = (g, p.shape, p.dtype, p.device)
+                if key not in templates:
+                    templates[key] = _torch_state_template(opt, opt.param_groups[g], p)
+                previous = opt.state.get(p) or templates[key]
+                opt.state[p] = {
+                    name: _as_torch_value(value, previous.get(name), p.device)
+                    for name, value in ours.items()
+                }
             if copy_params:
                 with torch.no_grad():
                     p.copy_(self.param_groups[g]["params"][j])
@@ -598,7 +707,7 @@ class DifferentiableOptimizer(abc.ABC):
         This is how a torch LR scheduler drives a differentiable optimizer: build the
         scheduler on the torch optimizer, call `scheduler.step()` then `sync_hyperparameters`.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> opt = torch.optim.SGD([w], lr=1.0)
@@ -612,3 +721,57 @@ class DifferentiableOptimizer(abc.ABC):
         for name in names:
             values = [group[name] for group in opt.param_groups]
             self._apply_override({name: values})
+
+
+def _torch_state_template(
+    opt: torch.optim.Optimizer, group: Mapping[str, Any], p: torch.Tensor
+) -> dict[str, Any]:
+    """The state torch itself keeps for a parameter like `p` under `group`'s options: one step
+    of a fresh optimizer of `opt`'s type on a stand-in (its values are not used, its types are).
+    Empty where that optimizer cannot be built so (a plugin with another signature)."""
+    options = {k: v for k, v in group.items() if k in opt.defaults}
+    stand_in = torch.zeros_like(p, requires_grad=True)
+    try:
+        fresh = type(opt)([stand_in], **options)
+        stand_in.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            fresh.step()
+    except Exception:
+        return {}
+    return dict(fresh.state.get(stand_in, {}))
+
+
+def _as_torch_value(value: Any, like: Any, device: torch.device) -> Any:
+    """`value` (detached) in the type torch keeps `like` in; a tensor on `device` otherwise."""
+    if isinstance(like, torch.Tensor):
+        if isinstance(value, torch.Tensor):
+            return value.detach().to(dtype=like.dtype, device=like.device, copy=True)
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().to(device)
+    if isinstance(value, int) and like is None:  # a step count torch has not shown a type for
+        return torch.tensor(float(value), dtype=_scalar_dtype())
+    return value
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _device_of(value: Any) -> torch.device:
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def _replaced(value: Any, memo: dict[int, Any]) -> Any:
+    """`value` with the tensors found in `memo` replaced, through dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return memo.get(id(value), value)
+    if isinstance(value, dict):
+        out = type(value)() if not isinstance(value, defaultdict) else defaultdict(dict)
+        out.update((k, _replaced(v, memo)) for k, v in value.items())
+        return out
+    if isinstance(value, list):
+        return [_replaced(v, memo) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_replaced(v, memo) for v in value)
+    return value

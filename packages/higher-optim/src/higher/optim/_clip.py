@@ -14,7 +14,7 @@ def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> Callable[[Grads],
 
     Out of place and differentiable (the norm stays in the graph); `None` gradients stay None.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> clip = higher.optim.clip_grad_norm(1.0)
         >>> [round(x, 4) for x in clip([torch.tensor([3.0, 4.0]), None])[0].tolist()]
@@ -36,7 +36,7 @@ def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> Callable[[Grads],
 def clip_grad_value(clip_value: float) -> Callable[[Grads], Grads]:
     """A `grad_callback` that clamps every gradient entry to `[-clip_value, clip_value]`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> higher.optim.clip_grad_value(1.0)([torch.tensor([3.0, -0.5])])[0].tolist()
         [1.0, -0.5]

@@ -10,7 +10,7 @@ class OptimError(HigherError, ValueError):
 
     It is a `ValueError`, as in higher 0.2.1, so `except ValueError` keeps working.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         >>> try:
@@ -24,7 +24,7 @@ class OptimError(HigherError, ValueError):
 class UnsupportedOptimizerError(OptimError):
     """No differentiable twin is known for a torch optimizer type (`LBFGS`, `SparseAdam`, ...).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> opt = torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
         >>> try:
@@ -40,7 +40,7 @@ class ArgumentTypeError(HigherError, TypeError):
 
     It is a `TypeError`, so `except TypeError` catches it.
 
-    Example:
+    Examples:
         >>> import higher.optim
         >>> try:
         ...     higher.optim.get_diff_optim("SGD", [])  # type: ignore[arg-type]
@@ -55,7 +55,7 @@ class HyperparameterTypeError(ArgumentTypeError):
 
     It is a `TypeError`, so `except TypeError` catches it.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> p = torch.zeros(1, requires_grad=True)
         >>> opt = torch.optim.SGD([p], lr=0.1)
@@ -72,8 +72,11 @@ class PluginError(HigherError, ImportError):
 
     The message names the plugin (its entry point and distribution).
 
-    Example:
+    Examples:
         >>> import higher.optim
-        >>> issubclass(higher.optim.PluginError, ImportError)
-        True
+        >>> try:
+        ...     raise higher.optim.PluginError("the plugin 'x.Broken' failed to load")
+        ... except ImportError as err:  # a broken plugin is an import problem
+        ...     print(type(err).__name__, "-", err)
+        PluginError - the plugin 'x.Broken' failed to load
     """

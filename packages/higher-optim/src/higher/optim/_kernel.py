@@ -14,13 +14,27 @@ def sqrt0(x: torch.Tensor) -> torch.Tensor:
     """`sqrt(x)` whose derivatives of every order are finite (zero) where `x == 0`.
 
     The forward value is bit-identical to `x.sqrt()`; only the infinite slope at 0 is replaced.
+
+    Examples:
+        >>> import torch
+        >>> from higher.optim.rule import sqrt0
+        >>> x = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> torch.autograd.grad(sqrt0(x).sum(), x)[0].tolist()
+        [0.0, 0.25]
     """
     zero = x == 0
     return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
 def is_zero(value: object) -> bool:
-    """True only for a number equal to 0: a tensor hyperparameter keeps its term (and grad)."""
+    """True only for a number equal to 0: a tensor hyperparameter keeps its term (and grad).
+
+    Examples:
+        >>> import torch
+        >>> from higher.optim.rule import is_zero
+        >>> is_zero(0.0), is_zero(torch.tensor(0.0))
+        (True, False)
+    """
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
@@ -34,7 +48,13 @@ _IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 
 
 def compiling() -> bool:
-    """Whether `torch.compile` is tracing the caller (then a compiler fuses the kernels)."""
+    """Whether `torch.compile` is tracing the caller (then a compiler fuses the kernels).
+
+    Examples:
+        >>> from higher.optim.rule import compiling
+        >>> compiling()
+        False
+    """
     return _IS_COMPILING is not None and bool(_IS_COMPILING())
 
 
@@ -81,37 +101,73 @@ def elementwise(
 
     When the tensors share a dtype and a device the kernel runs once on their concatenation (a
     handful of large ops instead of a handful per tensor, and as differentiable), else once per
-    tensor. A list given as None reaches the kernel as None. Each output is a list of tensors
-    shaped like `params` (or of None).
+    tensor; complex tensors run as real pairs, as torch runs them. A list given as None reaches
+    the kernel as None. Each output is a list of tensors shaped like `params` (or of None).
+
+    Examples:
+        >>> import torch
+        >>> from higher.optim.rule import elementwise
+        >>> new_p, new_m = elementwise(
+        ...     lambda p, g, m: (p - 0.5 * g, 0.9 * m + g),
+        ...     [torch.ones(2)], [torch.ones(2)], [torch.zeros(2)])
+        >>> new_p[0].tolist(), new_m[0].tolist()
+        ([0.5, 0.5], [1.0, 1.0])
     """
     if not params:
         return []
-    if any(p.is_complex() for p in params):  # as torch does: a complex entry is a real pair
-        real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
-        real_lists = [
-            None if xs is None else [torch.view_as_real(x) if x.is_complex() else x for x in xs]
-            for xs in lists
-        ]
-        real_outs = elementwise(kernel, real, *real_lists)
-        return [
-            [
-                None if x is None else torch.view_as_complex(x) if p.is_complex() else x
-                for x, p in zip(out, params, strict=True)
-            ]
-            for out in real_outs
-        ]
+    if any(p.is_complex() for p in params):
+        return _as_real_pairs(kernel, params, lists)
     if _fusable(params):
-        flat = [_fuse(params, params)] + [None if xs is None else _fuse(xs, params) for xs in lists]
-        outs = kernel(*flat)
-        sizes = [p.numel() for p in params]
-        result: list[list[torch.Tensor | None]] = []
-        for out in outs:
-            if out is None:
-                result.append([None] * len(params))
-            else:
-                parts = torch.split(out, sizes)
-                result.append([part.view(p.shape) for part, p in zip(parts, params, strict=True)])
-        return result
+        return _fused(kernel, params, lists)
+    return _per_tensor(kernel, params, lists)
+
+
+def _as_real_pairs(
+    kernel: Callable[..., tuple[torch.Tensor | None, ...]],
+    params: Tensors,
+    lists: tuple[MaybeTensors, ...],
+) -> list[list[torch.Tensor | None]]:
+    """`elementwise` over complex tensors viewed as real pairs, the outputs viewed back."""
+    real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+    real_lists = [
+        None if xs is None else [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+        for xs in lists
+    ]
+    real_outs = elementwise(kernel, real, *real_lists)
+    return [
+        [
+            None if x is None else torch.view_as_complex(x) if p.is_complex() else x
+            for x, p in zip(out, params, strict=True)
+        ]
+        for out in real_outs
+    ]
+
+
+def _fused(
+    kernel: Callable[..., tuple[torch.Tensor | None, ...]],
+    params: Tensors,
+    lists: tuple[MaybeTensors, ...],
+) -> list[list[torch.Tensor | None]]:
+    """The kernel once over the concatenated tensors; each output split back per parameter."""
+    flat = [_fuse(params, params)] + [None if xs is None else _fuse(xs, params) for xs in lists]
+    outs = kernel(*flat)
+    sizes = [p.numel() for p in params]
+    result: list[list[torch.Tensor | None]] = []
+    for out in outs:
+        if out is None:
+            result.append([None] * len(params))
+        else:
+            parts = torch.split(out, sizes)
+            result.append([part.view(p.shape) for part, p in zip(parts, params, strict=True)])
+    return result
+
+
+def _per_tensor(
+    kernel: Callable[..., tuple[torch.Tensor | None, ...]],
+    params: Tensors,
+    lists: tuple[MaybeTensors, ...],
+) -> list[list[torch.Tensor | None]]:
+    """The kernel once per parameter; the outputs transposed into one list per output."""
     per = [
         kernel(p, *[None if xs is None else xs[i] for xs in lists]) for i, p in enumerate(params)
     ]
@@ -119,7 +175,14 @@ def elementwise(
 
 
 def some(xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """The list with its None entries checked away (for a kernel output that is always set)."""
+    """The list with its None entries checked away (for a kernel output that is always set).
+
+    Examples:
+        >>> import torch
+        >>> from higher.optim.rule import some
+        >>> len(some([torch.ones(1), torch.zeros(1)]))
+        2
+    """
     out: list[torch.Tensor] = []
     for x in xs:
         assert x is not None

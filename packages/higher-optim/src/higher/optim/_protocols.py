@@ -17,7 +17,7 @@ class FunctionalModel(Protocol):
 
     `higher.patch.monkeypatch(module)` returns one; any object with these two members works.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> class Weights:
         ...     def __init__(self) -> None:

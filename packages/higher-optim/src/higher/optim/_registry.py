@@ -31,10 +31,13 @@ _NO_TWIN = {
 class PluginWarning(HigherWarning):
     """A plugin claims a torch optimizer that has a built-in twin; the built-in is used.
 
-    Example:
-        >>> import higher.optim
-        >>> issubclass(higher.optim.PluginWarning, UserWarning)
-        True
+    Examples:
+        >>> import warnings, higher.optim
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("a plugin claims torch.optim.adam.Adam", higher.optim.PluginWarning)
+        >>> [w.category.__name__ for w in seen]
+        ['PluginWarning']
     """
 
 
@@ -76,7 +79,7 @@ def register_optim(
 
     An explicit registration wins over a built-in and over plugins.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> class MySGD(torch.optim.SGD): ...
         >>> higher.optim.register_optim(MySGD, higher.optim.DifferentiableSGD)
@@ -141,13 +144,14 @@ def _load_plugin(name: str) -> type[DifferentiableOptimizer] | None:
 def clear_plugin_cache() -> None:
     """Forget discovered and loaded plugins (after installing one in a running process).
 
-    Example:
+    Examples:
         >>> import higher.optim
         >>> higher.optim.clear_plugin_cache()
     """
     _plugin_index.cache_clear()
     _load_plugin.cache_clear()
     _warn_if_claimed.cache_clear()
+    _warn_near_misses.cache_clear()
 
 
 def twin_of(optim_type: type[Any]) -> type[DifferentiableOptimizer]:
@@ -156,7 +160,7 @@ def twin_of(optim_type: type[Any]) -> type[DifferentiableOptimizer]:
     For each class of the MRO, in order: a `register_optim` registration, a built-in, then a
     plugin named after the class. A plugin that claims a built-in is not used (PluginWarning).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> higher.optim.twin_of(torch.optim.Adam).__name__
         'DifferentiableAdam'
@@ -177,12 +181,37 @@ def twin_of(optim_type: type[Any]) -> type[DifferentiableOptimizer]:
         twin = _load_plugin(qualified_name(cls))
         if twin is not None:
             return twin
+        _warn_near_misses(cls)
     raise UnsupportedOptimizerError(
         f"Optimizer type {qualified_name(optim_type)} not supported by higher yet: no built-in "
         "twin, registration or plugin. Write a DifferentiableOptimizer and call "
         "higher.optim.register_optim, or install a plugin (entry-point group "
         f"{GROUP!r} named {qualified_name(optim_type)!r})"
     )
+
+
+@functools.cache
+def _warn_near_misses(cls: type[Any]) -> None:
+    """Warn of entry points that name `cls` by another path (`torch.optim.SGD` for
+    `torch.optim.sgd.SGD`): they are not used, since a plugin is found by the exact name."""
+    exact = qualified_name(cls)
+    for name, claims in _plugin_index().items():
+        module, _, attr = name.rpartition(".")
+        if name == exact or attr != cls.__name__ or not module:
+            continue
+        try:  # the module the key names (the optimizer's, not the plugin's): safe to import
+            named = getattr(importlib.import_module(module), attr, None)
+        except Exception:  # a key naming nothing importable is no near miss
+            continue
+        if named is cls:
+            for ep in claims:
+                warnings.warn(
+                    f"the higher.optimizers plugin {_describe(ep)} is not used: it names "
+                    f"{exact} by another path; rename the entry point to {exact!r} (the "
+                    "class's __module__ and __qualname__)",
+                    PluginWarning,
+                    stacklevel=4,
+                )
 
 
 @functools.cache

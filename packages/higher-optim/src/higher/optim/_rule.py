@@ -9,6 +9,7 @@ import torch
 
 from ._errors import HyperparameterTypeError
 
+#: A param group's options as a rule reads them: option name -> value.
 Hyper = Mapping[str, Any]
 InitFn = Callable[[Sequence[torch.Tensor], Hyper], Any]
 UpdateFn = Callable[
@@ -17,6 +18,14 @@ UpdateFn = Callable[
 
 #: Options that change how torch computes a step, never what it computes: accepted, not needed.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+#: Keys torch keeps in param groups that are no option of the optimizer, so a twin passes them
+#: by: `param_names` (an optimizer built on named parameters) and what learning-rate schedulers
+#: add for their own bookkeeping (`initial_lr` by every scheduler, the learning-rate and
+#: momentum bounds by `OneCycleLR`, `swa_lr` by `SWALR`). Any other key a twin does not honour
+#: is refused.
+BOOKKEEPING_KEYS = frozenset(
+    {"param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"}
+)
 
 
 class Rule(NamedTuple):
@@ -31,7 +40,7 @@ class Rule(NamedTuple):
     A twin is a `RuleOptimizer` subclass with a `rule`; the built-in ones are reachable as
     `DifferentiableX.rule`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> rule = higher.optim.DifferentiableSGD.rule
         >>> w = torch.ones(2)
@@ -149,12 +158,26 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 
 
 def flag(rule: Rule, hyper: Hyper, name: str) -> bool:
-    """The value of a bool option, or the rule's default where this torch lacks the option."""
+    """The value of a bool option, or the rule's default where this torch lacks the option.
+
+    Examples:
+        >>> from higher.optim import DifferentiableSGD
+        >>> from higher.optim.rule import flag
+        >>> flag(DifferentiableSGD.rule, {"lr": 0.1}, "nesterov")
+        False
+    """
     return bool(hyper.get(name, rule.flags[name]))
 
 
 def split_lr(hyper: Hyper) -> tuple[Any, list[torch.Tensor] | None]:
-    """(`lr` when one value serves all params, per-parameter list of learning rates or None)."""
+    """(`lr` when one value serves all params, per-parameter list of learning rates or None).
+
+    Examples:
+        >>> import torch
+        >>> from higher.optim.rule import split_lr
+        >>> split_lr({"lr": 0.1}), split_lr({"lr": [torch.ones(1)]})[0]
+        ((0.1, None), None)
+    """
     lr = hyper["lr"]
     if isinstance(lr, (list, tuple)):
         return None, list(lr)

@@ -38,36 +38,60 @@ def asgd_init(params: Sequence[T], hyper: Hyper) -> ASGDState:
     return ASGDState(0, eta, torch.ones((), dtype=scalar_dtype()), _zeros(params))
 
 
+def _foreach_path(hyper: Hyper, params: Sequence[T]) -> bool:
+    """Whether torch takes its foreach (multi-tensor) path for these parameters: asked for, or
+    left to torch, which takes it where foreach kernels exist (CUDA) unless differentiable."""
+    foreach = hyper.get("foreach")
+    if foreach is None:
+        native = all(p.device.type in ("cuda", "xpu") for p in params)
+        return native and not hyper.get("differentiable", False)
+    return bool(foreach)
+
+
 def asgd_update(
     params: Sequence[T], grads: Sequence[T], state: ASGDState, hyper: Hyper
 ) -> tuple[list[T], ASGDState]:
-    """One step of `torch.optim.ASGD`, out of place (`lr` reaches the step through `eta`)."""
+    """One step of `torch.optim.ASGD`, out of place (`lr` reaches the step through `eta`).
+
+    torch's two paths compute ASGD differently (about 1e-8 apart, relative, after a few steps):
+    the per-tensor loop decays then steps, `p (1 - lambd eta) - eta g`, and computes the next
+    `eta` from the step count as a Python float; the foreach path steps once, `p - eta (g +
+    lambd p)`, always averages, and computes `eta` in the step count's dtype. The twin follows
+    the path torch takes for the same parameters and options."""
     lr = hyper["lr"]
     lambd, alpha, t0, wd = hyper["lambd"], hyper["alpha"], hyper["t0"], hyper["weight_decay"]
     maximize = flag(ASGD, hyper, "maximize")
+    foreach = _foreach_path(hyper, params)
     step = state.step + 1
     # torch reads eta and mu back from its scalar dtype as Python floats (float64)
     eta = state.eta.to(torch.float64)
     # torch averages once mu moves off 1; under torch.compile the test stays a tensor
     averaging = state.mu != 1
     traced = compiling()
-    average = traced or bool(averaging)
+    average = foreach or traced or bool(averaging)
 
     def kernel(p: T, g: T, ax: T) -> tuple[T, T]:
         g = -g if maximize else g
         if not is_zero(wd):
             g = g + wd * p
-        p = p * (1 - lambd * eta)
-        p = p - eta * g
-        if traced:
+        if foreach:
+            p = p - (g + lambd * p) * eta
+        else:
+            p = p * (1 - lambd * eta)
+            p = p - eta * g
+        if traced and not foreach:
             return p, torch.where(averaging, ax + (p - ax) * state.mu, p)
         ax = ax + (p - ax) * state.mu if average else p
         return p, ax
 
     new_p, ax = elementwise(kernel, params, grads, state.ax)
-    new_eta = lr / ((1 + lambd * lr * step) ** alpha)
-    new_mu = 1 / torch.clamp(step - torch.as_tensor(t0, dtype=torch.float64), min=1)
     dtype = state.eta.dtype
+    if foreach:  # eta from the step count as a tensor of the state's dtype
+        count = torch.tensor(float(step), dtype=dtype)
+        new_eta: T | float = lr / ((1 + lambd * lr * count) ** alpha)
+    else:
+        new_eta = lr / ((1 + lambd * lr * step) ** alpha)
+    new_mu = 1 / torch.clamp(step - torch.as_tensor(t0, dtype=torch.float64), min=1)
     eta_t = new_eta.to(dtype) if isinstance(new_eta, T) else torch.tensor(new_eta, dtype=dtype)
     return some(new_p), ASGDState(step, eta_t, new_mu.to(state.mu.dtype), some(ax))
 

@@ -26,7 +26,7 @@ class Bucket(NamedTuple):
     these slots; for a hand-written `_update`, one dict per slot); `hyper` the group's options
     as this step uses them (a per-parameter `lr` narrowed to these slots).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -46,7 +46,7 @@ class StepResult(NamedTuple):
     """What `StepPlan.update` returns: the new parameters (every one, in the order of
     `reference_params`; those not stepped are the inputs themselves) and each bucket's new state.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
@@ -115,7 +115,7 @@ class StepPlan(NamedTuple):
     `DifferentiableOptimizer.commit(plan, result)` stores the outcome. A plan is for one step:
     make it, run it, commit it.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w], lr=0.1), [w])
@@ -155,7 +155,7 @@ class StepPlan(NamedTuple):
         a parameter has no gradient): a pure function. `states` replaces the buckets' states
         (default: as planned).
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> plan = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w]).plan([w])
@@ -174,7 +174,7 @@ class StepPlan(NamedTuple):
         """`update` for gradients known to be right: a dense tensor shaped like its parameter
         for each stepped one (autograd's, for instance); nothing about them is checked.
 
-        Example:
+        Examples:
             >>> import torch, higher.optim
             >>> w = torch.nn.Parameter(torch.ones(1))
             >>> plan = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w]).plan([w])

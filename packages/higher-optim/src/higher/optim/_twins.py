@@ -9,7 +9,7 @@ import torch
 
 from ._base import DifferentiableOptimizer
 from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
-from ._rule import Rule, check_hyper, check_scalar
+from ._rule import BOOKKEEPING_KEYS, Rule, check_hyper, check_scalar
 from ._rules_adam import ADAM, ADAMW
 from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
 from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
@@ -21,10 +21,16 @@ from ._step import Bucket, StepPlan
 class UnsupportedOptionError(OptimError):
     """A torch optimizer was built with an option its differentiable twin does not honour.
 
-    Example:
-        >>> import higher.optim
-        >>> issubclass(higher.optim.UnsupportedOptionError, ValueError)
-        True
+    Examples:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> opt.param_groups[0]["stable"] = True  # an option the twin knows nothing of
+        >>> try:
+        ...     higher.optim.get_diff_optim(opt, [w])
+        ... except higher.optim.UnsupportedOptionError as err:
+        ...     print(str(err).split(" are ")[0])
+        SGD option(s) ['stable']
     """
 
 
@@ -43,11 +49,13 @@ class RuleOptimizer(DifferentiableOptimizer):
     """A differentiable twin defined by a pure `Rule`: each step runs `rule.update` once for
     the slots of a group that share a step count (the usual case: the whole group).
 
-    Example:
-        >>> import higher.optim
-        >>> higher.optim.DifferentiableAdam.rule.name, issubclass(
-        ...     higher.optim.DifferentiableAdam, higher.optim.RuleOptimizer)
-        ('Adam', True)
+    Examples:
+        >>> import torch, higher.optim
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w], lr=0.1), [w])
+        >>> plan = diffopt.plan([w])  # what the step will run: the rule, once per bucket
+        >>> plan.rule.name, plan.rule.hypers, len(plan.buckets)
+        ('Adam', ('lr', 'eps', 'weight_decay'), 1)
     """
 
     rule: ClassVar[Rule]
@@ -65,8 +73,8 @@ class RuleOptimizer(DifferentiableOptimizer):
     def _check_options(self, other: torch.optim.Optimizer) -> None:
         keys = set(other.defaults)
         for group in other.param_groups:
-            keys |= {k for k in group if k in other.defaults}
-        unknown = sorted(keys - self.rule.options)
+            keys |= set(group) - {"params"}
+        unknown = sorted(keys - self.rule.options - BOOKKEEPING_KEYS)
         if unknown:
             raise UnsupportedOptionError(
                 f"{type(other).__name__} option(s) {unknown} are not supported by "
@@ -177,7 +185,7 @@ class RuleOptimizer(DifferentiableOptimizer):
                 continue
             buckets: dict[tuple[Any, ...], list[int]] = {}
             for j in slots:
-                state = fresh.get((g, j)) or states[j]
+                state = fresh.get((g, j)) or states.get(j, {})
                 buckets.setdefault(_bucket_key(state, rule, params[mapping[j]]), []).append(j)
             out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
         # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
@@ -247,7 +255,7 @@ class DifferentiableSGD(RuleOptimizer):
     """Differentiable twin of `torch.optim.SGD` (momentum, dampening, nesterov, weight decay,
     maximize).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
@@ -262,7 +270,7 @@ class DifferentiableSGD(RuleOptimizer):
 class DifferentiableAdam(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adam` (amsgrad, maximize, decoupled weight decay).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdam(torch.optim.Adam([w], lr=0.1), [w])
@@ -276,7 +284,7 @@ class DifferentiableAdam(RuleOptimizer):
 class DifferentiableAdamW(RuleOptimizer):
     """Differentiable twin of `torch.optim.AdamW` (Adam with decoupled weight decay).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0)
@@ -290,7 +298,7 @@ class DifferentiableAdamW(RuleOptimizer):
 class DifferentiableAdagrad(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adagrad` (lr_decay, initial_accumulator_value, ...).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdagrad(torch.optim.Adagrad([w], lr=0.1), [w])
@@ -304,7 +312,7 @@ class DifferentiableAdagrad(RuleOptimizer):
 class DifferentiableAdadelta(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adadelta`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdadelta(torch.optim.Adadelta([w]), [w])
@@ -318,7 +326,7 @@ class DifferentiableAdadelta(RuleOptimizer):
 class DifferentiableAdamax(RuleOptimizer):
     """Differentiable twin of `torch.optim.Adamax`.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableAdamax(torch.optim.Adamax([w], lr=0.1), [w])
@@ -332,7 +340,7 @@ class DifferentiableAdamax(RuleOptimizer):
 class DifferentiableASGD(RuleOptimizer):
     """Differentiable twin of `torch.optim.ASGD` (lambd, alpha, t0; `ax` kept in the state).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableASGD(torch.optim.ASGD([w], lr=0.5), [w])
@@ -346,7 +354,7 @@ class DifferentiableASGD(RuleOptimizer):
 class DifferentiableRMSprop(RuleOptimizer):
     """Differentiable twin of `torch.optim.RMSprop` (alpha, eps, momentum, centered, ...).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableRMSprop(torch.optim.RMSprop([w], lr=0.01), [w])
@@ -360,7 +368,7 @@ class DifferentiableRMSprop(RuleOptimizer):
 class DifferentiableRprop(RuleOptimizer):
     """Differentiable twin of `torch.optim.Rprop` (etas, step_sizes).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableRprop(torch.optim.Rprop([w], lr=0.1), [w])
@@ -374,7 +382,7 @@ class DifferentiableRprop(RuleOptimizer):
 class DifferentiableNAdam(RuleOptimizer):
     """Differentiable twin of `torch.optim.NAdam` (momentum_decay, decoupled weight decay).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableNAdam(torch.optim.NAdam([w], lr=0.1), [w])
@@ -388,7 +396,7 @@ class DifferentiableNAdam(RuleOptimizer):
 class DifferentiableRAdam(RuleOptimizer):
     """Differentiable twin of `torch.optim.RAdam` (decoupled weight decay where torch has it).
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(1))
         >>> diffopt = higher.optim.DifferentiableRAdam(torch.optim.RAdam([w], lr=0.1), [w])
@@ -405,7 +413,7 @@ class DifferentiableAdafactor(RuleOptimizer):
     Where torch reads a norm back as a number, the twin keeps it a tensor, so its step is
     differentiable in the parameters as the mathematics says.
 
-    Example:
+    Examples:
         >>> import torch, higher.optim
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> opt = torch.optim.Adafactor([w], lr=0.1)

@@ -1,19 +1,21 @@
 """The update rules as pure functions, usable without any module or optimizer object.
 
-Each factory returns a `GradientTransformation(init, update)` in the style of optax:
-`state = tx.init(params)`, then `params, state = tx.update(grads, state, params)`; nothing is
-modified in place, so the whole unroll is differentiable. States are typed `NamedTuple`s.
+Each factory returns a `FunctionalOptimizer(init, step)`: `state = opt.init(params)`, then
+`params, state = opt.step(grads, state, params)` returns the NEW PARAMETERS (not updates to
+add, as optax's `update` does: there is no `apply_updates` step, and adding the result to the
+parameters would step twice). Nothing is modified in place, so the whole unroll is
+differentiable. States are typed `NamedTuple`s.
 
-Example:
+Examples:
     >>> import torch
     >>> from higher.optim import functional as F
     >>> w = torch.ones(2, requires_grad=True)
-    >>> tx = F.adam(lr=0.1)
-    >>> state = tx.init([w])
+    >>> opt = F.adam(lr=0.1)
+    >>> state = opt.init([w])
     >>> (g,) = torch.autograd.grad((w**2).sum(), [w], create_graph=True)
-    >>> (w1,), state = tx.update([g], state, [w])
-    >>> state.step
-    1
+    >>> (w1,), state = opt.step([g], state, [w])
+    >>> [round(v, 6) for v in w1.tolist()], state.step
+    ([0.9, 0.9], 1)
 """
 
 from __future__ import annotations
@@ -33,29 +35,45 @@ from ._rules_sgd import SGD, SGDState
 T = torch.Tensor
 
 
-class GradientTransformation(NamedTuple):
-    """`init(params) -> state` and `update(grads, state, params) -> (new_params, new_state)`.
+class FunctionalOptimizer(NamedTuple):
+    """`init(params) -> state` and `step(grads, state, params) -> (new_params, new_state)`.
 
-    Example:
+    `step` returns the new parameters themselves (not optax-style updates to add to them).
+    `update` is the same function under the name 0.3.0 gave it.
+
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.sgd(lr=0.1).init([]).momentum_buffer is None
-        True
+        >>> opt = F.sgd(lr=0.5, momentum=0.9)
+        >>> new, state = opt.step([torch.ones(1)], opt.init([torch.ones(1)]), [torch.ones(1)])
+        >>> new[0].item(), state.momentum_buffer[0].item()
+        (0.5, 1.0)
     """
 
     init: Callable[[Sequence[T]], Any]
-    update: Callable[[Sequence[T], Any, Sequence[T]], tuple[list[T], Any]]
+    step: Callable[[Sequence[T], Any, Sequence[T]], tuple[list[T], Any]]
+
+    @property
+    def update(self) -> Callable[[Sequence[T], Any, Sequence[T]], tuple[list[T], Any]]:
+        """`step`, under its 0.3.0 name."""
+        return self.step
 
 
-def _make(rule: Rule, hyper: dict[str, Any]) -> GradientTransformation:
+#: The 0.3.0 name of `FunctionalOptimizer` (it is no optax transformation: it returns the new
+#: parameters, not updates).
+GradientTransformation = FunctionalOptimizer
+
+
+def _make(rule: Rule, hyper: dict[str, Any]) -> FunctionalOptimizer:
     check_hyper(rule, hyper)
 
     def init(params: Sequence[T]) -> Any:
         return rule.init(list(params), hyper)
 
-    def update(grads: Sequence[T], state: Any, params: Sequence[T]) -> tuple[list[T], Any]:
+    def step(grads: Sequence[T], state: Any, params: Sequence[T]) -> tuple[list[T], Any]:
         return rule.update(list(params), list(grads), state, hyper)
 
-    return GradientTransformation(init, update)
+    return FunctionalOptimizer(init, step)
 
 
 def sgd(
@@ -65,14 +83,14 @@ def sgd(
     weight_decay: Any = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.SGD` as a pure rule (hyperparameters may be tensors that require grad).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
-        >>> tx = F.sgd(lr=0.5)
-        >>> tx.update([torch.ones(1)], tx.init([torch.ones(1)]), [torch.ones(1)])[0][0].item()
+        >>> opt = F.sgd(lr=0.5)
+        >>> opt.step([torch.ones(1)], opt.init([torch.ones(1)]), [torch.ones(1)])[0][0].item()
         0.5
     """
     return _make(SGD, dict(locals()))
@@ -86,14 +104,14 @@ def adam(
     amsgrad: bool = False,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.Adam` as a pure rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from higher.optim import functional as F
-        >>> tx = F.adam(lr=0.1)
-        >>> new, _ = tx.update([torch.ones(1)], tx.init([torch.ones(1)]), [torch.ones(1)])
+        >>> opt = F.adam(lr=0.1)
+        >>> new, _ = opt.step([torch.ones(1)], opt.init([torch.ones(1)]), [torch.ones(1)])
         >>> round(new[0].item(), 6)
         0.9
     """
@@ -107,13 +125,17 @@ def adamw(
     weight_decay: Any = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.AdamW` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.adamw(lr=0.1).init([]).step
-        0
+        >>> opt = F.adamw(lr=0.1)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.899, 1)
     """
     return _make(ADAMW, dict(locals()))
 
@@ -125,26 +147,34 @@ def adagrad(
     initial_accumulator_value: Any = 0.0,
     eps: Any = 1e-10,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.Adagrad` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.adagrad().init([]).sum
-        []
+        >>> opt = F.adagrad(lr=0.1)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.9, 1)
     """
     return _make(ADAGRAD, dict(locals()))
 
 
 def adadelta(
     lr: Any = 1.0, rho: Any = 0.9, eps: Any = 1e-6, weight_decay: Any = 0.0, maximize: bool = False
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.Adadelta` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.adadelta().init([]).step
-        0
+        >>> opt = F.adadelta(lr=1.0)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.9968, 1)
     """
     return _make(ADADELTA, dict(locals()))
 
@@ -155,13 +185,17 @@ def adamax(
     eps: Any = 1e-8,
     weight_decay: Any = 0.0,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.Adamax` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.adamax().init([]).exp_inf
-        []
+        >>> opt = F.adamax(lr=0.1)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.9, 1)
     """
     return _make(ADAMAX, dict(locals()))
 
@@ -173,13 +207,17 @@ def asgd(
     t0: Any = 1e6,
     weight_decay: Any = 0.0,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.ASGD` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.asgd(lr=0.5).init([]).eta.item()
-        0.5
+        >>> opt = F.asgd(lr=0.5)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.7499, 1)
     """
     return _make(ASGD, dict(locals()))
 
@@ -192,13 +230,17 @@ def rmsprop(
     momentum: Any = 0.0,
     centered: bool = False,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.RMSprop` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.rmsprop(centered=True).init([]).grad_avg
-        []
+        >>> opt = F.rmsprop(lr=0.01, centered=True)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.8995, 1)
     """
     return _make(RMSPROP, dict(locals()))
 
@@ -208,13 +250,17 @@ def rprop(
     etas: tuple[Any, Any] = (0.5, 1.2),
     step_sizes: tuple[Any, Any] = (1e-6, 50.0),
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.Rprop` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.rprop().init([]).step_size
-        []
+        >>> opt = F.rprop(lr=0.1)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.9, 1)
     """
     return _make(RPROP, dict(locals()))
 
@@ -227,13 +273,17 @@ def nadam(
     momentum_decay: Any = 4e-3,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.NAdam` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.nadam().init([]).mu_product.item()
-        1.0
+        >>> opt = F.nadam(lr=0.1)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.8944, 1)
     """
     return _make(NADAM, dict(locals()))
 
@@ -245,13 +295,17 @@ def radam(
     weight_decay: Any = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.RAdam` as a pure rule.
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.radam().init([]).step
-        0
+        >>> opt = F.radam(lr=0.1)
+        >>> w = torch.ones(2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.95, 1)
     """
     return _make(RADAM, dict(locals()))
 
@@ -263,19 +317,23 @@ def adafactor(
     d: Any = 1.0,
     weight_decay: Any = 0.0,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> FunctionalOptimizer:
     """`torch.optim.Adafactor` as a pure rule (available whatever the torch version).
 
-    Example:
+    Examples:
+        >>> import torch
         >>> from higher.optim import functional as F
-        >>> F.adafactor().init([]).variance
-        []
+        >>> opt = F.adafactor(lr=0.1)
+        >>> w = torch.ones(2, 2)
+        >>> new, state = opt.step([torch.full_like(w, 0.5)], opt.init([w]), [w])
+        >>> round(new[0].flatten()[0].item(), 4), state.step
+        (0.9, 1)
     """
     return _make(ADAFACTOR, dict(locals()))
 
 
 __all__ = [
-    "GradientTransformation",
+    "FunctionalOptimizer",
     "sgd",
     "adam",
     "adamw",

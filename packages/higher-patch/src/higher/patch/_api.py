@@ -30,7 +30,7 @@ def make_functional(
     Buffers are copied (cloned, detached). The module has no fast weights of its own until an
     `encapsulator(fmodule, module)` (or an assignment to `fast_params`) gives it some.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(3, 1)
         >>> fnet = higher.patch.make_functional(net)
         >>> y = fnet(torch.ones(2, 3), params=[torch.zeros(1, 3), torch.ones(1)])
@@ -64,7 +64,7 @@ def monkeypatch(
     Returns:
         The functional module, an instance of `type(module)` too.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(3, 1)
         >>> fnet = higher.patch.monkeypatch(net)
         >>> isinstance(fnet, torch.nn.Linear), len(fnet.fast_params)
@@ -82,13 +82,8 @@ def monkeypatch(
             initial.append(q.requires_grad_(p.requires_grad))
         else:
             initial.append(p.to(dev) if dev is not None else p)
-    fmodule = functional_tree(module, initial, dev)
-    store = fmodule._higher_store
-    store.stateless = False
-    store.track = track_higher_grads
-    store.history = [initial]
-    store.anchor = None if copy_initial_weights else initial
-    return fmodule
+    anchor = None if copy_initial_weights else initial
+    return functional_tree(module, initial, dev, track_higher_grads, anchor)
 
 
 def _buffer_owner(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
@@ -104,7 +99,7 @@ def buffer_sync(
 ) -> None:
     """Copy every buffer of `module` into the functional module `fmodule` (cloned, detached).
 
-    Example:
+    Examples:
         >>> bn = torch.nn.BatchNorm1d(2)
         >>> fbn = higher.patch.monkeypatch(bn)
         >>> _ = bn(torch.randn(4, 2))  # the original's statistics move on
@@ -126,7 +121,7 @@ def write_back_buffers(fmodule: FunctionalModule, module: torch.nn.Module | None
 
     Copied in place where shape and dtype agree, so the original keeps its tensor objects.
 
-    Example:
+    Examples:
         >>> bn = torch.nn.BatchNorm1d(2)
         >>> fbn = higher.patch.monkeypatch(bn)
         >>> _ = fbn(torch.randn(4, 2) + 3)  # only the copy's statistics move

@@ -10,7 +10,7 @@ class PatchError(HigherError, ValueError):
 
     It is a `ValueError`, as in higher 0.2.1, so `except ValueError` keeps working.
 
-    Example:
+    Examples:
         >>> import higher.patch
         >>> try:
         ...     higher.patch.monkeypatch("not a module")  # type: ignore[arg-type]

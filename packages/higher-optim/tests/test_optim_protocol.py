@@ -1,0 +1,366 @@
+"""The step protocol: `plan` changes nothing, `StepPlan.update` is pure, `commit` stores; and a
+step that is refused, at any point, leaves the optimizer exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import higher.optim
+
+T = torch.Tensor
+
+
+def params() -> list[T]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True),
+    ]
+
+
+def loss_of(ps: list[T]) -> T:
+    return (ps[0].sin().sum(0) * ps[1]).pow(2).sum()
+
+
+def snapshot(diffopt: higher.optim.DifferentiableOptimizer) -> Any:
+    """Everything a step may change: the options and slots of each group, and the state."""
+    groups = [
+        ({k: v for k, v in g.items() if k != "params"}, [p.tolist() for p in g["params"]])
+        for g in diffopt.param_groups
+    ]
+    state = [
+        {
+            j: {k: (v.clone() if isinstance(v, T) else v) for k, v in s.items()}
+            for j, s in gs.items()
+        }
+        for gs in diffopt.state
+    ]
+    return groups, state
+
+
+def assert_same(a: Any, b: Any) -> None:
+    (ga, sa), (gb, sb) = a, b
+    assert ga == gb
+    assert [sorted(s) for s in sa] == [sorted(s) for s in sb]
+    for x, y in zip(sa, sb, strict=True):
+        for j in x:
+            assert x[j].keys() == y[j].keys()
+            for k in x[j]:
+                if isinstance(x[j][k], T):
+                    assert torch.equal(x[j][k], y[j][k]), k
+                else:
+                    assert x[j][k] == y[j][k], k
+
+
+MAKERS: dict[str, Callable[[list[T]], torch.optim.Optimizer]] = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True),
+}
+
+
+class HandWritten(higher.optim.DifferentiableOptimizer):
+    """The 0.2.1 recipe: momentum SGD with its state kept in `self.state`."""
+
+    def _update(self, grouped_grads: Any, **kwargs: Any) -> None:
+        for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            for j, grad in enumerate(grads):
+                if grad is None:
+                    continue
+                state = self.state[g][j]
+                buf = grad if "buf" not in state else state["buf"] * 0.9 + grad
+                state["buf"] = buf
+                group["params"][j] = group["params"][j] - group["lr"] * buf
+
+
+def twins() -> list[tuple[str, Callable[[list[T]], higher.optim.DifferentiableOptimizer]]]:
+    def twin(make: Callable[[list[T]], torch.optim.Optimizer]) -> Callable[[list[T]], Any]:
+        return lambda ps: higher.optim.get_diff_optim(make(ps), ps)
+
+    out = [(name, twin(make)) for name, make in MAKERS.items()]
+    out.append(("hand-written", lambda ps: HandWritten(torch.optim.SGD(ps, lr=0.1), ps)))
+    return out
+
+
+@pytest.mark.parametrize(("name", "make"), twins(), ids=[n for n, _ in twins()])
+def test_plan_update_commit_is_step(
+    name: str, make: Callable[[list[T]], higher.optim.DifferentiableOptimizer]
+) -> None:
+    ps = params()
+    by_step, by_protocol = make(ps), make(ps)
+    current_a, current_b = list(ps), list(ps)
+    for _ in range(3):
+        current_a = by_step.step(loss_of(current_a), params=current_a)
+        grads = list(torch.autograd.grad(loss_of(current_b), current_b, create_graph=True))
+        before = snapshot(by_protocol)
+        plan = by_protocol.plan(current_b)
+        assert_same(snapshot(by_protocol), before)  # planning changes nothing
+        first = plan.update(current_b, grads)
+        again = plan.update(current_b, grads)  # pure: the same again, inputs untouched
+        for u, v in zip(first.params, again.params, strict=True):
+            assert torch.equal(u, v)
+        assert_same(snapshot(by_protocol), before)
+        current_b = by_protocol.commit(plan, first)
+    for a, b in zip(current_a, current_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same(snapshot(by_step), snapshot(by_protocol))
+    meta = [torch.autograd.grad(loss_of(c), ps) for c in (current_a, current_b)]
+    for a, b in zip(*meta, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_update_takes_other_states_and_hyperparameters() -> None:
+    """What a memory mode or forward-mode pass needs: the same plan, run on other inputs."""
+    ps = params()
+    diffopt = higher.optim.get_diff_optim(torch.optim.Adam(ps, lr=0.05), ps)
+    grads = list(torch.autograd.grad(loss_of(ps), ps))
+    plan = diffopt.plan(ps)
+    result = plan.update(ps, grads)
+    twice = plan.update(ps, grads, states=result.states)  # a second step from the first's state
+    assert twice.states[0].step == 2
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    hyper = plan._replace(buckets=[b._replace(hyper={**b.hyper, "lr": lr}) for b in plan.buckets])
+    new = hyper.update(ps, grads).params
+    for a, b in zip(new, result.params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+    (d_lr,) = torch.autograd.grad(torch.stack([p.sum() for p in new]).sum(), lr)
+    assert d_lr.item() != 0
+
+
+def test_stepped_decides_which_parameters_move() -> None:
+    ps = params()
+    diffopt = higher.optim.get_diff_optim(torch.optim.SGD(ps, lr=0.1, weight_decay=0.5), ps)
+    plan = diffopt.plan(ps, stepped=[False, True])
+    assert [b.indices for b in plan.buckets] == [(1,)]
+    new = diffopt.commit(plan, plan.update(ps, [None, torch.zeros(2, dtype=torch.float64)]))
+    assert new[0] is ps[0]
+    torch.testing.assert_close(new[1], ps[1] * 0.95)
+    with pytest.raises(higher.optim.OptimError, match="gradient 1 is NoneType"):
+        plan.update(ps, [None, None])
+    with pytest.raises(higher.optim.OptimError, match="stepped has 1 entries"):
+        diffopt.plan(ps, stepped=[True])
+
+
+# -- a step that is refused changes nothing ---------------------------------------------------
+
+
+def stepped_adam(track: bool = True) -> tuple[higher.optim.DifferentiableOptimizer, list[T]]:
+    ps = params()
+    diffopt = higher.optim.get_diff_optim(
+        torch.optim.Adam(ps, lr=0.05), ps, track_higher_grads=track
+    )
+    current = diffopt.step(loss_of(ps), params=ps)
+    return diffopt, current
+
+
+REFUSALS: dict[str, tuple[Callable[[higher.optim.DifferentiableOptimizer, list[T]], Any], str]] = {
+    "override with an unknown key": (
+        lambda d, c: d.step(loss_of(c), params=c, override={"lr": [5.0], "nonexistent": [1.0]}),
+        "nonexistent",
+    ),
+    "override of the wrong type": (
+        lambda d, c: d.step(loss_of(c), params=c, override={"lr": ["fast"]}),
+        "'lr' must be a number",
+    ),
+    "override lr tensor of a wrong shape": (
+        lambda d, c: d.step(loss_of(c), params=c, override={"lr": [torch.ones(3)]}),
+        r"'lr' is a tensor of shape \(3,\)",
+    ),
+    "per-parameter lr of a wrong shape": (
+        lambda d, c: d.step(
+            loss_of(c), params=c, override={"lr": [[torch.ones(3, 2), torch.ones(5)]]}
+        ),
+        r"'lr'\[1\] has shape \(5,\)",
+    ),
+    "params of the wrong dtype": (
+        lambda d, c: d.step(loss_of([p.float() for p in c]), params=[p.float() for p in c]),
+        "dtype torch.float32; expected torch.float64",
+    ),
+    "params of the wrong count": (
+        lambda d, c: d.step(loss_of(c), params=c[:1]),
+        "got 1 parameters; expected 2",
+    ),
+    "grad_callback returning None": (
+        lambda d, c: d.step(loss_of(c), params=c, grad_callback=lambda g: None),  # type: ignore[arg-type,return-value]
+        "must return a list of gradients",
+    ),
+    "grad_callback returning scalars": (
+        lambda d, c: d.step(
+            loss_of(c), params=c, grad_callback=lambda gs: [torch.tensor(1.0) for _ in gs]
+        ),
+        r"gradient 0 has shape \(\); expected \(3, 2\)",
+    ),
+    "grad_callback dropping a gradient": (
+        lambda d, c: d.step(loss_of(c), params=c, grad_callback=lambda gs: gs[:1]),
+        "returned 1 gradients; expected 2",
+    ),
+    "a loss of the original parameters": (
+        lambda d, c: d.step(loss_of(d.param_groups[0]["params"][:0] + params()), params=c),
+        "depends on none of the parameters given to step",
+    ),
+    "unexpected keyword": (
+        lambda d, c: d.step(loss_of(c), params=c, momentum=1),
+        "unexpected keyword",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_refused_step_changes_nothing(case: str) -> None:
+    call, message = REFUSALS[case]
+    diffopt, current = stepped_adam()
+    before = snapshot(diffopt)
+    with pytest.raises(higher.errors.HigherError, match=message):
+        call(diffopt, current)
+    assert_same(snapshot(diffopt), before)
+    # and the next step is the one an untouched optimizer takes
+    reference, ref_current = stepped_adam()
+    for a, b in zip(
+        diffopt.step(loss_of(current), params=current),
+        reference.step(loss_of(ref_current), params=ref_current),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_stale_loss_is_named() -> None:
+    ps = params()
+    fmodel = Weights([p.detach().clone().requires_grad_() for p in ps])
+    diffopt = higher.optim.get_diff_optim(torch.optim.SGD(ps, lr=0.1), ps, fmodel=fmodel)
+    stale = loss_of(fmodel.fast_params)
+    diffopt.step(stale)
+    with pytest.raises(higher.optim.OptimError, match="fast weights of an earlier step"):
+        diffopt.step(stale)
+
+
+class Weights:
+    """A minimal functional model: fast weights with a history, as `higher.patch` keeps them."""
+
+    def __init__(self, ps: list[T]) -> None:
+        self.history = [list(ps)]
+
+    @property
+    def fast_params(self) -> list[T]:
+        return self.history[-1]
+
+    def update_params(self, params: list[T]) -> None:
+        self.history.append(list(params))
+
+    def parameters(self, time: int | None = None) -> list[T]:
+        return self.history[-1 if time is None else time]
+
+
+def test_the_same_parameter_twice_is_refused() -> None:
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = torch.optim.SGD([w, w], lr=0.1)  # torch steps it twice, and warns
+    with pytest.raises(higher.optim.OptimError, match="same tensor as parameter 0 of group 0"):
+        higher.optim.get_diff_optim(opt, [w])
+
+
+# -- sparse gradients: as torch takes them -----------------------------------------------------
+
+
+def sparse_run(make: Callable[[Any], torch.optim.Optimizer], torch_too: bool = True) -> tuple[T, T]:
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(6, 3, sparse=True).double()
+    opt = make(emb.parameters())
+    diffopt = higher.optim.get_diff_optim(opt, [emb.weight])
+    ids = [torch.tensor([1, 2, 1]), torch.tensor([4, 2])]
+    current = [emb.weight.detach().clone().requires_grad_()]
+    for step in range(4):
+        idx = ids[step % 2]
+        if torch_too:
+            opt.zero_grad()
+            emb(idx).pow(2).sum().backward()
+            with warnings.catch_warnings():  # torch's own sparse Adagrad warns of its checks
+                warnings.filterwarnings("ignore", message="Sparse invariant checks")
+                opt.step()
+        current = diffopt.step(
+            torch.nn.functional.embedding(idx, current[0], sparse=True).pow(2).sum(),
+            params=current,
+        )
+    return current[0].detach(), emb.weight.detach()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01),
+    ],
+    ids=["sgd", "sgd-nesterov", "adagrad"],
+)
+def test_sparse_gradients_step_as_torch_does(make: Callable[[Any], torch.optim.Optimizer]) -> None:
+    ours, theirs = sparse_run(make)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda ps: torch.optim.Adam(ps), "Adam does not support sparse gradients"),
+        (lambda ps: torch.optim.RMSprop(ps), "RMSprop does not support sparse gradients"),
+        (lambda ps: torch.optim.Adagrad(ps, weight_decay=0.1), "weight_decay option is not"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1), "weight_decay option is not"),
+    ],
+    ids=["adam", "rmsprop", "adagrad-decay", "sgd-decay"],
+)
+def test_sparse_gradients_torch_refuses_are_refused(
+    make: Callable[[Any], torch.optim.Optimizer], message: str
+) -> None:
+    with pytest.raises(higher.optim.OptimError, match=message):
+        sparse_run(make, torch_too=False)
+
+
+def test_deepcopy_is_independent() -> None:
+    diffopt, current = stepped_adam()
+    twin = copy.deepcopy(diffopt)
+    a = diffopt.step(loss_of(current), params=current)
+    b = twin.step(loss_of(current), params=current)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_pickle_round_trip_continues_the_same() -> None:
+    import pickle
+
+    diffopt, current = stepped_adam()  # its state carries a graph
+    again = pickle.loads(pickle.dumps(diffopt))
+    assert all(t.grad_fn is None for s in again.state for slot in s.values() for t in slot.values()
+               if isinstance(t, T))  # fmt: skip
+    params = [p.detach().requires_grad_() for p in current]
+    for a, b in zip(
+        diffopt.step(loss_of(params), params=params),
+        again.step(loss_of(params), params=params),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_state_dict_round_trips_through_a_torch_optimizer() -> None:
+    ps = params()
+    leaves = [p.detach().clone().requires_grad_() for p in ps]
+    diffopt = higher.optim.get_diff_optim(torch.optim.Adam(ps, lr=0.05), ps)
+    current = diffopt.step(loss_of(ps), params=ps)
+    opt = torch.optim.Adam(leaves, lr=0.05)
+    opt.load_state_dict(diffopt.state_dict())  # torch takes it as its own
+    assert int(opt.state[leaves[0]]["step"]) == 1
+    back = higher.optim.get_diff_optim(torch.optim.Adam(ps, lr=1.0), ps)
+    back.load_state_dict(opt.state_dict())
+    assert back.param_groups[0]["lr"] == 0.05
+    for a, b in zip(
+        back.step(loss_of(current), params=current),
+        diffopt.step(loss_of(current), params=current),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(higher.optim.OptimError, match="sizes"):
+        back.load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
