@@ -231,8 +231,9 @@ def cuda(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: functional-module overhead (plain, torch.func, higher 0.2.1), then the suite
     against the peers (benchmarks/peers.py: higher 0.2.1 and TorchOpt 0.7.3 each in its own
-    venv, this project eager and with higher.compile_step, hand-written torch.func) into
-    benchmarks/results/. Arguments after `--`
+    venv, this project eager and with higher.compile_step, hand-written torch.func), and the
+    implicit-differentiation benchmarks (benchmarks/implicit.py against TorchOpt,
+    benchmarks/implicit_vs_unroll.py) into benchmarks/results/. Arguments after `--`
     go to peers.py (e.g. `nox -s bench -- --rounds 3`, `-- --device cuda`)."""
     _install_workspace(session, TORCH_AT_HAND)
     python = _peer_venvs(session)
@@ -249,6 +250,10 @@ def bench(session: nox.Session) -> None:
         "--compiled",
         *session.posargs,
     )
+    # One implicit hypergradient: higher.implicit vs TorchOpt's custom_root (same TorchOpt venv),
+    # then unrolled vs implicit hypergradients on the example's problem.
+    session.run("python", "benchmarks/implicit.py", "--torchopt-python", python["torchopt"])
+    session.run("python", "benchmarks/implicit_vs_unroll.py")
 
 
 @nox.session(python="3.11")
@@ -257,7 +262,7 @@ def memory(session: nox.Session) -> None:
     """Peak memory and time of one meta-gradient against the number of inner steps, per memory
     mode of innerloop_ctx(..., unroll=), beside higher 0.2.1 and TorchOpt 0.7.3 in their own
     venvs (benchmarks/memory.py) into benchmarks/results/. Arguments after `--` go to
-    memory.py (e.g. `nox -s memory -- --max-steps 100`). Takes about an hour on 2 CPU cores."""
+    memory.py (e.g. `nox -s memory -- --max-steps 100`). About half an hour on 2 busy CPU cores."""
     _install_workspace(session, TORCH_AT_HAND)
     python = _peer_venvs(session)
     session.run(

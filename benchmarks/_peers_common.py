@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ MEMORY_WORKLOADS: dict[str, str] = {
 }
 
 MetaStep = Callable[[], list[torch.Tensor]]
+P = TypeVar("P")  # a problem, as a contender's `build` takes it
 
 
 @dataclass
@@ -336,26 +337,44 @@ def worker_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--compiled", action="store_true", help="this project: compile_step")
     parser.add_argument("--unroll", help="this project: the memory mode (memory.py)")
+    parser.add_argument("--variant", default="", help="which API or solver a contender uses")
     return parser.parse_args()
 
 
 def serve(name: str, build: Callable[[Problem], MetaStep], versions: dict[str, str]) -> None:
+    """Answer the orchestrator's requests about `WORKLOADS`, one JSON line each, until "quit"
+    (see `serve_problems`)."""
+
+    def make(workload: str, smoke: bool, device: str, dtype: torch.dtype) -> Problem:
+        return make_problem(workload, Sizes.smoke() if smoke else Sizes(), device, dtype)
+
+    serve_problems(make, build, versions)
+
+
+def serve_problems(
+    make: Callable[[str, bool, str, torch.dtype], P],
+    build: Callable[[P], MetaStep],
+    versions: dict[str, str],
+) -> None:
     """Answer the orchestrator's requests, one JSON line each, until "quit".
 
-    Requests: {"op": "time", "workload": w, "reps": n} -> {"seconds": s};
-    {"op": "grad", "workload": w, "path": p[, "dtype": "float64"]} saves the meta-gradient;
-    {"op": "memory", "workload": w, "path": p} -> peak RSS and saved-for-backward MiB, and
-    saves that step's meta-gradient (run it in a fresh worker: the allocator keeps what earlier
-    steps freed); {"op": "versions"}.
+    `make(workload, smoke, device, dtype)` builds a workload's problem, `build(problem)` the
+    step that computes its gradient. Requests: {"op": "time", "workload": w, "reps": n} ->
+    {"seconds": s}; {"op": "grad", "workload": w, "path": p[, "dtype": "float64"]} saves the
+    meta-gradient; {"op": "memory", "workload": w, "path": p} -> peak RSS and saved-for-backward
+    MiB, and saves that step's meta-gradient (run it in a fresh worker: the allocator keeps what
+    earlier steps freed); {"op": "versions"}.
     """
     args = worker_args()
     torch.set_num_threads(args.threads)
-    sizes = Sizes.smoke() if args.smoke else Sizes()
     steps: dict[str, MetaStep] = {}
+
+    def problem(workload: str, dtype: torch.dtype = torch.float32) -> P:
+        return make(workload, args.smoke, args.device, dtype)
 
     def step_of(workload: str) -> MetaStep:
         if workload not in steps:
-            steps[workload] = build(make_problem(workload, sizes, args.device))
+            steps[workload] = build(problem(workload))
             steps[workload]()  # warm-up
         return steps[workload]
 
@@ -378,14 +397,14 @@ def serve(name: str, build: Callable[[Problem], MetaStep], versions: dict[str, s
                                            int(request.get("reps", 1)))}  # fmt: skip
         elif op == "grad":
             dtype = getattr(torch, request.get("dtype", "float32"))
-            problem = make_problem(request["workload"], sizes, args.device, dtype)
-            _save(build(problem)(), request["path"])
+            _save(build(problem(request["workload"], dtype))(), request["path"])
             answer = {"saved": request["path"]}
         elif op == "unroll":  # memory.py: one task unrolled for `steps` steps
-            problem = make_problem(request["workload"], sizes, args.device)
-            problem.steps = int(request["steps"])
-            step = build(problem)
-            if problem.steps <= 20:
+            unrolled = problem(request["workload"])
+            assert isinstance(unrolled, Problem)  # memory.py's workloads are peers.py's kind
+            unrolled.steps = int(request["steps"])
+            step = build(unrolled)
+            if unrolled.steps <= 20:
                 step()  # warm-up (a longer unroll comes after a shorter one in the same worker)
             elapsed: list[float] = []
 
@@ -403,10 +422,13 @@ def serve(name: str, build: Callable[[Problem], MetaStep], versions: dict[str, s
             if "path" in request:
                 _save(grads, request["path"])
         elif op == "memory":
-            step = build(make_problem(request["workload"], sizes, args.device))
+            step = build(problem(request["workload"]))
             answer, grads = rss_peak(step)
             _save(grads, request["path"])
-            answer["saved_mib"] = saved_bytes(step)
+            try:
+                answer["saved_mib"] = saved_bytes(step)
+            except RuntimeError:  # torch.func transforms refuse saved-tensor hooks: unmeasured
+                answer["saved_mib"] = float("nan")
         else:
             answer = {"error": f"unknown op {op!r}"}
         print(json.dumps(answer), flush=True)

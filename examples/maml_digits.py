@@ -178,12 +178,10 @@ def adapt_and_score(model: nn.Module, task: Task, cfg: Config) -> float:
             return accuracy(fmodel(task.x_query), task.y_query)
 
 
-def meta_train_step(
-    model: nn.Module, meta_opt: torch.optim.Optimizer, tasks: Sequence[Task], cfg: Config
-) -> float:
-    """One MAML update of `model` from a batch of tasks; return their mean query accuracy."""
+def meta_gradient(model: nn.Module, tasks: Sequence[Task], cfg: Config) -> list[float]:
+    """Add to `model`'s `.grad` the MAML gradient of the tasks' mean query loss; return each
+    task's query accuracy."""
     inner_opt = torch.optim.SGD(model.parameters(), lr=cfg.inner_lr)
-    meta_opt.zero_grad()
     scores = []
     for task in tasks:
         # copy_initial_weights=False: the fast weights start as the model's own parameters, so
@@ -197,6 +195,15 @@ def meta_train_step(
             logits = fmodel(task.x_query)
             (F.cross_entropy(logits, task.y_query) / len(tasks)).backward()
         scores.append(accuracy(logits, task.y_query))
+    return scores
+
+
+def meta_train_step(
+    model: nn.Module, meta_opt: torch.optim.Optimizer, tasks: Sequence[Task], cfg: Config
+) -> float:
+    """One MAML update of `model` from a batch of tasks; return their mean query accuracy."""
+    meta_opt.zero_grad()
+    scores = meta_gradient(model, tasks, cfg)
     meta_opt.step()
     return sum(scores) / len(scores)
 
@@ -257,8 +264,21 @@ class Curve:
     train: list[float] = dataclasses.field(default_factory=list)  # mean since the last point
 
 
-def run(cfg: Config, out: Path) -> tuple[Estimate, Estimate]:
-    """Meta-train, then meta-test against the baseline; save the learning curve to `out`."""
+TrainStep = Callable[[nn.Module, torch.optim.Optimizer, Sequence[Task], Config], float]
+Evaluate = Callable[[Callable[[int], nn.Module], Sequence[Task], Config, str | None], Estimate]
+
+
+def run(
+    cfg: Config,
+    out: Path | None,
+    train_step: TrainStep = meta_train_step,
+    evaluate: Evaluate = evaluate,
+) -> tuple[Estimate, Estimate]:
+    """Meta-train, then meta-test against the baseline; save the learning curve to `out`.
+
+    `train_step` and `evaluate` are the two places a run may be spread over processes
+    (distributed_maml.py); with `out=None` no progress is shown and nothing is saved.
+    """
     torch.manual_seed(cfg.seed)
     digits = load_classes()
     train_classes = [c for d in TRAIN_DIGITS for c in rotations_and_reflections(digits[d])]
@@ -269,26 +289,32 @@ def run(cfg: Config, out: Path) -> tuple[Estimate, Estimate]:
 
     model = make_model(cfg)
     meta_opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
-    curve = Curve(steps=[0], heldout=[evaluate(lambda _: model, curve_tasks, cfg)])
+    curve = Curve(steps=[0], heldout=[evaluate(lambda _: model, curve_tasks, cfg, None)])
     recent: list[float] = []
-    bar = tqdm(range(1, cfg.meta_steps + 1), desc="meta-training", unit="step")
+    steps = range(1, cfg.meta_steps + 1)
+    bar = tqdm(steps, desc="meta-training", unit="step", disable=out is None)
     bar.set_postfix(held_out=f"{curve.heldout[0].mean:.3f}")
     for step in bar:
-        recent.append(meta_train_step(model, meta_opt, train_sampler.tasks(cfg.meta_batch), cfg))
+        recent.append(train_step(model, meta_opt, train_sampler.tasks(cfg.meta_batch), cfg))
         if step % cfg.eval_every == 0 or step == cfg.meta_steps:
             curve.steps.append(step)
-            curve.heldout.append(evaluate(lambda _: model, curve_tasks, cfg))
+            curve.heldout.append(evaluate(lambda _: model, curve_tasks, cfg, None))
             curve.train.append(sum(recent) / len(recent))
             recent.clear()
             bar.set_postfix(
                 held_out=f"{curve.heldout[-1].mean:.3f}", train=f"{curve.train[-1]:.3f}"
             )
 
-    maml = evaluate(lambda _: model, test_tasks, cfg, desc="meta-test: MAML")
+    shown = out is not None
+    maml = evaluate(lambda _: model, test_tasks, cfg, "meta-test: MAML" if shown else None)
     baseline = evaluate(
-        random_inits(cfg, cfg.seed + 3), test_tasks, cfg, desc="meta-test: baseline"
+        random_inits(cfg, cfg.seed + 3),
+        test_tasks,
+        cfg,
+        "meta-test: baseline" if shown else None,
     )
-    plot(curve, baseline, cfg, out)
+    if out is not None:
+        plot(curve, baseline, cfg, out)
     return maml, baseline
 
 
@@ -323,13 +349,15 @@ def plot(curve: Curve, baseline: Estimate, cfg: Config, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path]:
+def parse_args(
+    argv: Sequence[str] | None = None, default_out: Path = DEFAULT_OUT
+) -> tuple[Config, Path]:
     parser = argparse.ArgumentParser(description="Few-shot MAML on scikit-learn's digits.")
     parser.add_argument("--shots", type=int, default=Config.shots, help="support images per class")
     parser.add_argument("--meta-steps", type=int, default=Config.meta_steps)
     parser.add_argument("--test-tasks", type=int, default=Config.test_tasks)
     parser.add_argument("--seed", type=int, default=Config.seed)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to save the PNG")
+    parser.add_argument("--out", type=Path, default=default_out, help="where to save the PNG")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -351,13 +379,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     maml, baseline = run(cfg, out)
-    print(
+    print(report(cfg, maml, baseline, out, time.perf_counter() - start))
+
+
+def report(cfg: Config, maml: Estimate, baseline: Estimate, out: Path, seconds: float) -> str:
+    """What a run prints: the two accuracies, where the curve went, how long it took."""
+    return (
         f"Meta-test on the held-out digits 5-9: {cfg.ways}-way {cfg.shots}-shot, "
         f"{cfg.test_tasks} tasks, {cfg.inner_steps} SGD steps (lr {cfg.inner_lr}).\n"
         "Query accuracy, mean with 95 % interval:\n"
         f"  MAML (meta-learned init)   {maml}\n"
         f"  baseline (random init)     {baseline}\n"
-        f"Learning curve saved to {out}  ({time.perf_counter() - start:.0f} s)"
+        f"Learning curve saved to {out}  ({seconds:.0f} s)"
     )
 
 

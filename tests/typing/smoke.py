@@ -38,6 +38,10 @@ created = higher.create_diff_optim(torch.optim.SGD, {"lr": 0.1}, params=list(mod
 hypers = higher.optim.get_trainable_opt_params(opt)
 flat: list[object] = higher.utils.flatten([1, [2, 3]])
 base: type[Exception] = higher.HigherError
+share: list[str] = higher.distributed.shard(["a", "b", "c"], rank=0, world_size=2)
+indices: range = higher.distributed.shard(5)
+rank_of: int = higher.distributed.world().rank
+total_weight: float = higher.distributed.all_reduce_grads(model, weight=len(share))
 
 
 # One HigherError for the type checker too: every distribution's errors are subclasses of it.
@@ -49,7 +53,21 @@ described = [
     describe(higher.optim.OptimError("bad lr")),
     describe(higher.patch.PatchError("bad params")),
     describe(higher.UsageError("bad model")),
+    describe(higher.distributed.DistributedError("ranks disagree")),
 ]
+
+# higher.implicit: a hypergradient at an inner solution, typed results.
+lam = torch.tensor(1.0, requires_grad=True)
+implicit: higher.implicit.Hypergrad = higher.implicit.hypergrad(
+    lambda t, h: ((t - 1) ** 2 + h * t**2).sum(),
+    lambda t, h: t.sum(),
+    torch.tensor([0.5]),
+    lam,
+    solver=higher.implicit.CG(tol=1e-8),
+)
+solve: higher.implicit.SolveResult = implicit.solves[0]
+iterations: int = solve.iterations
+described.append(describe(higher.implicit.ImplicitError("bad hyper")))
 
 # higher-contrib: the finite-difference checker.
 import higher.contrib  # noqa: E402  (kept beside its use)

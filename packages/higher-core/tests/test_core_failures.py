@@ -145,3 +145,18 @@ def test_a_failing_compiled_step_changes_nothing() -> None:
     with higher.innerloop_ctx(model, opt) as (f, d), pytest.raises(Boom):
         step(f, d, x, y)
     assert_unchanged(before, fingerprint(model, opt))
+
+
+def test_an_inner_loop_pickles_and_continues_the_same() -> None:
+    """`pickle` of the pair mid-loop (the graph cannot be saved: tensors come back detached)."""
+    import pickle
+
+    model, opt, x, y = setup()
+    with higher.innerloop_ctx(model, opt) as (f, d):
+        d.step(F.mse_loss(f(x), y))
+        f2, d2 = pickle.loads(pickle.dumps((f, d)))
+        assert d2.fmodel is f2  # the pair stays a pair
+        for a, b in zip(d.step(F.mse_loss(f(x), y)), d2.step(F.mse_loss(f2(x), y)), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        clone_f, clone_d = copy.deepcopy((f, d))
+        assert clone_d.fmodel is clone_f

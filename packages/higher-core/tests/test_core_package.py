@@ -13,7 +13,7 @@ import pytest
 import higher
 
 
-@pytest.mark.parametrize("module", ["higher", "higher.utils"])
+@pytest.mark.parametrize("module", ["higher", "higher.utils", "higher.distributed"])
 def test_every_public_name_imports_and_is_documented(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:
@@ -31,6 +31,8 @@ def test_every_public_name_imports_and_is_documented(module: str) -> None:
         "higher._errors",
         "higher._modes",
         "higher.utils",
+        "higher.distributed",
+        "higher._distributed",
     ],
 )
 def test_docstring_examples_run(module: str) -> None:

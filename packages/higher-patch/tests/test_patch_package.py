@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import higher.errors
 import higher.patch
@@ -38,3 +41,18 @@ def test_importing_patch_loads_no_optimizer_code() -> None:
 
 def test_ships_py_typed() -> None:
     assert (Path(higher.patch.__file__).parent / "py.typed").is_file()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["higher.patch", "higher.patch._api", "higher.patch._module", "higher.patch._compat_021"],
+)
+def test_docstring_examples_run(module: str) -> None:
+    import torch
+
+    import higher
+
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, extraglobs={"higher": higher, "torch": torch}, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -16,7 +16,9 @@ Examples:
     torch.Size([1, 2])
 """
 
+from higher import distributed as distributed
 from higher import errors as errors
+from higher import implicit as implicit
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
@@ -55,6 +57,8 @@ __all__ = [
     "UsageError",
     "UnrollError",
     "errors",
+    "distributed",
+    "implicit",
     "patch",
     "optim",
     "utils",

@@ -55,6 +55,11 @@ def innerloop_ctx(
             `diffopt.step(closure=lambda: loss_fn(fmodel(x), y))`. In these modes the fast
             weights of earlier steps are not kept (`fmodel.keep_history` is False).
 
+    A `torch.nn.parallel.DistributedDataParallel` model is patched through its `module`, and
+    the meta-gradients that reach its parameters (and learnable hyperparameters) are averaged
+    across its ranks at the end of each backward pass outside `ddp.no_sync()`, weighted by the
+    number of inner loops each rank ran: see `higher.distributed`.
+
     Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -71,9 +76,13 @@ def innerloop_ctx(
     if not isinstance(opt, torch.optim.Optimizer):
         raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
     mode = resolve(unroll)
+    ddp = None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # The wrapper holds process-group handles (not copyable): patch the model it wraps.
+        ddp, model = model, model.get_submodule("module")
     if not isinstance(mode, Full):
         with _unrolled(model, opt, device, copy_initial_weights, override, track_higher_grads,
-                       mode) as pair:  # fmt: skip
+                       mode, ddp) as pair:  # fmt: skip
             yield pair
         return
     fmodel = monkeypatch(
@@ -90,6 +99,10 @@ def innerloop_ctx(
         override=override,
         track_higher_grads=track_higher_grads,
     )
+    if ddp is not None:
+        from ._ddp import arm_inner_loop  # torch.distributed is touched only for a DDP model
+
+        arm_inner_loop(ddp, diffopt, copy_initial_weights)
     yield fmodel, diffopt
 
 
@@ -102,6 +115,7 @@ def _unrolled(
     override: Mapping[str, Sequence[Any]] | None,
     track_higher_grads: bool,
     mode: Mode,
+    ddp: torch.nn.parallel.DistributedDataParallel | None,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """`innerloop_ctx` in a memory mode: the optimizer's `step` is the mode's."""
     from ._forward import ForwardDriver
@@ -126,6 +140,10 @@ def _unrolled(
         assert not isinstance(mode, Full)
         driver = RecomputeDriver(mode, fmodel, diffopt)
     attach(diffopt, driver)
+    if ddp is not None:
+        from ._ddp import arm_inner_loop
+
+        arm_inner_loop(ddp, diffopt, copy_initial_weights)
     try:
         yield fmodel, diffopt
     finally:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from higher.errors import HigherError
+from typing import TYPE_CHECKING
+
+from higher.errors import HigherError, HigherWarning
+
+if TYPE_CHECKING:
+    from ._linsolve import SolveResult
 
 
 class UsageError(HigherError, TypeError):
@@ -16,6 +21,89 @@ class UsageError(HigherError, TypeError):
         ...     print(err)
         model must be a torch.nn.Module, got str
     """
+
+
+class DistributedError(HigherError, RuntimeError):
+    """Ranks disagree, or a collective across them failed (also a `RuntimeError`).
+
+    Raised by `higher.distributed` when the ranks pass different tensors to one reduction, when
+    a rank raised, exited or never reached the reduction before the process group's timeout, or
+    when a launcher says there are several processes but `torch.distributed` is not initialized.
+
+    Examples:
+        >>> issubclass(higher.distributed.DistributedError, RuntimeError)
+        True
+    """
+
+
+class DistributedValueError(HigherError, ValueError):
+    """An argument of `higher.distributed` has a wrong value (also a `ValueError`).
+
+    Examples:
+        >>> try:
+        ...     higher.distributed.shard(range(4), rank=2, world_size=2)
+        ... except higher.distributed.DistributedValueError as err:
+        ...     print(err)
+        rank must be in [0, 2), got 2
+    """
+
+
+class ImplicitError(HigherError, ValueError):
+    """`higher.implicit` got a malformed problem: a loss that is not a scalar, a hyperparameter
+    that does not require grad, weights the inner loss does not depend on, a bad solver option
+    (also a `ValueError`).
+
+    Examples:
+        >>> try:
+        ...     higher.implicit.CG(tol=-1.0)
+        ... except higher.implicit.ImplicitError as err:
+        ...     print(err)
+        CG: tol must be a finite number >= 0, got -1.0
+    """
+
+
+class ConvergenceError(HigherError, RuntimeError):
+    """A linear solve of `higher.implicit` did not reach its tolerance, with `on_fail="raise"`
+    (also a `RuntimeError`). `result` is the `SolveResult`: the status, iterations, residual.
+
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)  # indefinite
+        >>> try:
+        ...     higher.implicit.CG(on_fail="raise").solve(lambda v: A @ v, torch.ones(2).double())
+        ... except higher.implicit.ConvergenceError as err:
+        ...     print(err.result.status)
+        negative curvature
+    """
+
+    def __init__(self, message: str, result: SolveResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
+        return type(self), (str(self), self.result)
+
+
+class ConvergenceWarning(HigherWarning):
+    """A linear solve of `higher.implicit` did not reach its tolerance (`on_fail="warn"`, the
+    default): the answer is used, and `result` says how far it got.
+
+    Examples:
+        >>> import warnings
+        >>> A = torch.tensor([[1.0, 0.0], [0.0, 100.0]], dtype=torch.float64)
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     solver = higher.implicit.Neumann(maxiter=3)
+        ...     _ = solver.solve(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
+        >>> seen[0].message.result.status
+        'diverged'
+    """
+
+    def __init__(self, message: str, result: SolveResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
+        return type(self), (str(self), self.result)
 
 
 class UnrollError(HigherError, ValueError):

@@ -27,6 +27,21 @@ from ._api import get_trainable_opt_params as get_trainable_opt_params
 from ._base import DifferentiableOptimizer as DifferentiableOptimizer
 from ._clip import clip_grad_norm as clip_grad_norm
 from ._clip import clip_grad_value as clip_grad_value
+
+# higher 0.2.1's private names that published code imports (not API: see _compat_021).
+from ._compat_021 import _add as _add
+from ._compat_021 import _addcdiv as _addcdiv
+from ._compat_021 import _addcmul as _addcmul
+from ._compat_021 import _get_mask_closure as _get_mask_closure
+from ._compat_021 import _GradCallbackType as _GradCallbackType
+from ._compat_021 import _GradClosureType as _GradClosureType
+from ._compat_021 import _GroupedGradsType as _GroupedGradsType
+from ._compat_021 import _maybe_mask as _maybe_mask
+from ._compat_021 import _opt_mapping as _opt_mapping
+from ._compat_021 import _OptMappingType as _OptMappingType
+from ._compat_021 import _OverrideType as _OverrideType
+from ._compat_021 import _recursive_apply as _recursive_apply
+from ._compat_021 import _StateType as _StateType
 from ._errors import ArgumentTypeError as ArgumentTypeError
 from ._errors import HyperparameterTypeError as HyperparameterTypeError
 from ._errors import OptimError as OptimError

@@ -82,13 +82,8 @@ def monkeypatch(
             initial.append(q.requires_grad_(p.requires_grad))
         else:
             initial.append(p.to(dev) if dev is not None else p)
-    fmodule = functional_tree(module, initial, dev)
-    store = fmodule._higher_store
-    store.stateless = False
-    store.track = track_higher_grads
-    store.history = [initial]
-    store.anchor = None if copy_initial_weights else initial
-    return fmodule
+    anchor = None if copy_initial_weights else initial
+    return functional_tree(module, initial, dev, track_higher_grads, anchor)
 
 
 def _buffer_owner(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import copyreg
 import itertools
-from collections.abc import Callable, Iterator
-from typing import Any
+import types
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ._errors import PatchError
-from ._store import FastWeights, Params, Place
+from ._store import FastWeights, Params
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _CHILD_CLASSES: dict[type[torch.nn.Module], type[torch.nn.Module]] = {}
 _ROOT_CLASSES: dict[type[torch.nn.Module], type[FunctionalModule]] = {}
@@ -23,37 +29,249 @@ def _in_functorch_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _store_of(module: torch.nn.Module) -> FastWeights:
+    store: FastWeights = module.__dict__["_higher_store"]
+    return store
+
+
+class _FunctionalNode(torch.nn.Module):
+    """Behaviour shared by every module of a functional tree (the root and its submodules).
+
+    Assigning a fast-weight attribute replaces that fast weight; every `nn.Module` method that
+    would write weights in place, or reach the original module's tensors, is made safe here or
+    refused. The methods call on to the user's class (`super()`), so its overrides still run.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        index = self.__dict__.get("_higher_slot_index")
+        if index is not None and name in index and isinstance(value, torch.Tensor):
+            store = _store_of(self)
+            if store.slot_only:  # loading, or 0.2.1's helpers: the slot only, no history
+                self._parameters[name] = value  # type: ignore[assignment]
+                store.write_slot(index[name], value)
+                return
+            if store.stateless:
+                raise PatchError(
+                    f"cannot assign {name!r}: this functional module has no fast weights "
+                    "of its own (made by make_functional); pass params= to each call"
+                )
+            store.replace_one(index[name], value)
+            return
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Self:
+        raise PatchError(
+            "a functional module's fast weights cannot be moved or cast in place (to, cuda, "
+            "double, to_empty, share_memory, ...); move or cast the original module and patch it "
+            "again, or use monkeypatch(module, device=...)"
+        )
+
+    def register_parameter(self, name: str, param: torch.nn.Parameter | None) -> None:
+        """Refused: a functional module's parameters are the fast weights fixed at patch time."""
+        store = self.__dict__.get("_higher_store")
+        if store is not None and not store.slot_only:
+            raise PatchError(
+                f"cannot register parameter {name!r} on a functional module: its parameters are "
+                "the fast weights fixed when it was made; register it on the original module and "
+                "patch again"
+            )
+        super().register_parameter(name, param)
+
+    def _higher_indices(self) -> list[int]:
+        """The fast weights this module and its submodules hold, in the store's order."""
+        found = {
+            i for m in self.modules() for i in m.__dict__.get("_higher_slot_index", {}).values()
+        }
+        return sorted(found)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of the fast weights; the original module's `.grad` is left alone.
+
+        With `copy_initial_weights=False` the first fast weights are the original parameters:
+        their gradients belong to the outer loop, so they are skipped.
+
+        Example:
+            >>> net = torch.nn.Linear(2, 1)
+            >>> net(torch.ones(1, 2)).sum().backward()
+            >>> fnet = higher.patch.monkeypatch(net, copy_initial_weights=False)
+            >>> fnet.zero_grad()
+            >>> net.weight.grad is None
+            False
+        """
+        store = _store_of(self)
+        protected = {id(t) for t in store.anchor or ()}
+        for p in torch.nn.Module.parameters(self):
+            if id(p) in protected or p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    def requires_grad_(self, requires_grad: bool = True) -> Self:
+        """Make the current fast weights (of this module and below) require grad, or not.
+
+        The fast weights are replaced in the current step (no history entry): `False` detaches
+        them, `True` makes frozen ones new leaves that require grad. The original module's
+        parameters keep their flags.
+
+        Example:
+            >>> net = torch.nn.Linear(2, 1)
+            >>> fnet = higher.patch.monkeypatch(net, copy_initial_weights=False)
+            >>> _ = fnet.requires_grad_(False)
+            >>> [p.requires_grad for p in fnet.parameters()], net.weight.requires_grad
+            ([False, False], True)
+        """
+        store = _store_of(self)
+        if store.stateless:
+            return self
+        current = store.current()
+        changes: dict[int, torch.Tensor] = {}
+        for i in self._higher_indices():
+            p = current[i]
+            if p.requires_grad != requires_grad:
+                changes[i] = p.detach().requires_grad_(True) if requires_grad else p.detach()
+        if changes:
+            store.replace_many(changes)
+        return self
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load weights into the fast weights and buffers into this module's own buffers.
+
+        The original module is never written. The loaded parameters become new fast weights: a
+        new history entry while tracking (the current one is replaced when not tracking), with
+        each weight's `requires_grad` kept; parameters missing from a non-strict `state_dict`
+        keep their current fast weights. Buffers are loaded into the functional module's own
+        copies. A rejected load (torch's error for missing, unexpected or mis-shaped keys)
+        changes nothing.
+
+        Example:
+            >>> net = torch.nn.Linear(2, 1)
+            >>> fnet = higher.patch.monkeypatch(net, copy_initial_weights=False)
+            >>> _ = fnet.load_state_dict({"weight": torch.zeros(1, 2), "bias": torch.ones(1)})
+            >>> fnet.bias.tolist(), len(list(fnet.parameters(time=1))), net.bias.item() == 1.0
+            ([1.0], 2, False)
+        """
+        store = _store_of(self)
+        if store.stateless:
+            raise PatchError(
+                "load_state_dict: this functional module has no fast weights of its own (made by "
+                "make_functional); set fmodel.fast_params, or pass params= to each call"
+            )
+        current = store.current()
+        indices = self._higher_indices()
+        scratch = list(current)
+        for i in indices:  # torch copies into these, never into a fast weight or an original
+            scratch[i] = current[i].detach().clone()
+        saved = [
+            (m._buffers, name, buf, buf.clone())
+            for m in self.modules()
+            for name, buf in m._buffers.items()
+            if buf is not None
+        ]
+        store.place(scratch)
+        store.slot_only += 1
+        try:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+            loaded = store.current()
+            new = list(current)
+            given = self._higher_keys_given(state_dict)
+            for i in indices:
+                if i not in given:
+                    continue
+                t = loaded[i].detach()
+                spec = store.specs[i]
+                if (t.shape, t.dtype, t.device) != (spec.shape, spec.dtype, spec.device):
+                    store._mismatch(i, t, spec, "state_dict entry")
+                new[i] = t.requires_grad_(current[i].requires_grad)
+        except BaseException:
+            with torch.no_grad():
+                for slots, name, buf, value in saved:
+                    slots[name] = buf
+                    buf.copy_(value)
+            store.place(current)
+            raise
+        finally:
+            store.slot_only -= 1
+        if given:
+            store.set(new)
+        else:
+            store.place(current)
+        return result
+
+    def _higher_keys_given(self, state_dict: Mapping[str, Any]) -> set[int]:
+        """The fast weights (by index) that `state_dict` holds a value for, under any name."""
+        given: set[int] = set()
+        for prefix, m in self.named_modules(remove_duplicate=False):
+            head = f"{prefix}." if prefix else ""
+            for name, i in m.__dict__.get("_higher_slot_index", {}).items():
+                if head + name in state_dict:
+                    given.add(i)
+        return given
+
+    # ---- copying and pickling --------------------------------------------------------------
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        """A copy as `copy.deepcopy` makes of the user's class; fast weights become detached copies.
+
+        The copy honours the class's own `__deepcopy__`, `__reduce_ex__`, `__getstate__` and
+        `__setstate__`. Tensors with history cannot be deep-copied, so the copy's fast weights
+        (and history) are detached clones of them.
+        """
+        found = memo.get(id(self))
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        store = _store_of(self)
+        history = itertools.chain.from_iterable(store.history)
+        for t in itertools.chain(_tensors_of(self), history):
+            if id(t) not in memo and not t.is_leaf:
+                memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+        new = _deepcopy_module(self, memo)
+        new_store = copy.deepcopy(store, memo)
+        pairs = [(m, m.__dict__.get("_higher_slot_index", {})) for m in self.modules()]
+        _convert(new, pairs, new_store, root=isinstance(self, FunctionalModule))
+        if not new_store.stateless:
+            new_store.place(new_store.history[-1])
+        copied: Self = new
+        return copied
+
+    def __copy__(self) -> Self:
+        # A shallow copy as `copy.copy` makes of the user's class (not the pickling reduction).
+        user = super()
+        copier = getattr(user, "__copy__", None)
+        if copier is not None:
+            return copier()  # type: ignore[no-any-return]
+        reductor = copyreg.dispatch_table.get(_original_class(self))
+        rv = reductor(self) if reductor is not None else user.__reduce_ex__(4)
+        if isinstance(rv, str):
+            return self
+        return _reconstruct(self, None, *rv)  # type: ignore[no-any-return]
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # The functional classes are made at run time, so pickle cannot find them by name: pickle
+        # a plain copy of the user's module that holds the current fast weights (detached, as
+        # deepcopy gives them) and the buffers, and make it functional again when loading.
+        plain, earlier, store = _plain_copy(self)
+        return (_rebuild_functional, (plain, earlier, store.track, store.stateless))
+
+
 def _child_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
     """A subclass of `cls` whose fast-weight attributes route assignment to the fast weights."""
     child = _CHILD_CLASSES.get(cls)
     if child is None:
-
-        def __setattr__(self: torch.nn.Module, name: str, value: Any) -> None:
-            index = self.__dict__.get("_higher_slot_index")
-            if index is not None and name in index and isinstance(value, torch.Tensor):
-                store: FastWeights = self.__dict__["_higher_store"]
-                if store.stateless:
-                    raise PatchError(
-                        f"cannot assign {name!r}: this functional module has no fast weights "
-                        "of its own (made by make_functional); pass params= to each call"
-                    )
-                store.replace_one(index[name], value)
-                return
-            cls.__setattr__(self, name, value)
-
-        def _apply(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
-            raise PatchError(
-                "a functional module's fast weights cannot be moved or cast in place; move or cast "
-                "the original module and patch it again, or use monkeypatch(module, device=...)"
-            )
-
         namespace = {
-            "__setattr__": __setattr__,
-            "_apply": _apply,
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "_higher_original": cls,
         }
-        child = type(cls.__name__, (cls,), namespace)
+        child = type(cls.__name__, (_FunctionalNode, cls), namespace)
         _CHILD_CLASSES[cls] = child
     return child
 
@@ -67,12 +285,21 @@ def _root_class(cls: type[torch.nn.Module]) -> type[FunctionalModule]:
     return root
 
 
-class FunctionalModule(torch.nn.Module):
+def _original_class(module: torch.nn.Module) -> type[torch.nn.Module]:
+    original: type[torch.nn.Module] = getattr(type(module), "_higher_original", type(module))
+    return original
+
+
+class FunctionalModule(_FunctionalNode):
     """A stateless copy of a module, run with fast weights (returned by `monkeypatch`).
 
     The object is also an instance of the original module's class, so its custom methods and
     attributes work and read the current fast weights. `fmodel(x, params=p)` makes `p` the
     current fast weights (kept in the history while tracking) and runs the module's own forward.
+    It never writes the original module: `load_state_dict` loads into the fast weights,
+    `zero_grad` and `requires_grad_` leave the original's tensors alone, and moving or casting in
+    place (`to`, `double`, `share_memory`, ...) or `register_parameter` is refused.
+    `copy.deepcopy` and `pickle` (or `torch.save`) work; the copy's fast weights are detached.
 
     Examples:
         >>> net = torch.nn.Linear(3, 1)
@@ -275,23 +502,6 @@ class FunctionalModule(torch.nn.Module):
 
         write_back_buffers(self, module)
 
-    # ---- copying -----------------------------------------------------------------------------
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FunctionalModule:
-        # Tensors with history cannot be deep-copied: the copy gets detached clones of them.
-        history = itertools.chain.from_iterable(self._higher_store.history)
-        for t in itertools.chain(_tensors_of(self), history):
-            if id(t) not in memo and not t.is_leaf:
-                memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        # The instance dict, not __getstate__: parametrized modules refuse the latter.
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        store = new._higher_store
-        if not store.stateless:
-            store.place(store.history[-1])  # refresh caches keyed on tensor identity (RNNs)
-        return new
-
 
 def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     """Every tensor a module tree holds: parameters, buffers and plain tensor attributes."""
@@ -305,54 +515,195 @@ def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
                 yield v
 
 
-# Attribute values a module copy can share with the original: immutable, nothing to copy.
-_SHARED_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+# ---- copying a module tree as copy.deepcopy does ---------------------------------------------
+
+# Types `copy.deepcopy` returns as they are (its atomic types, and torch.dtype, which reduces to
+# its own name); a copy can share them.
+_ATOMIC = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        range,
+        type(Ellipsis),
+        type(NotImplemented),
+        types.CodeType,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        weakref.ref,
+        property,
+        torch.dtype,
+    }
+)
 _TENSOR_DICTS = ("_parameters", "_buffers")
+_DICTS = (dict, collections.OrderedDict)
 _EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
+_MISSING = object()
 
 
-def _copy_tree(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Module:
-    """`copy.deepcopy(module, memo)`, several times faster for plain module trees.
+def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
+    """`copy.deepcopy(module, memo)`, step for step, with a faster copy of a module's state.
 
-    Each module is copied attribute by attribute: immutable values are shared, parameter and
-    buffer dicts take their tensors from `memo`, submodules recurse (a shared submodule is
-    copied once), and anything else goes through `copy.deepcopy` with the same memo. Modules
-    with a copy protocol of their own (parametrized modules define `__deepcopy__`) use it.
+    The copy protocol is the module class's own, run as `copy.deepcopy` runs it: its
+    `__deepcopy__` if it has one, else `copyreg`'s reducer or `__reduce_ex__(4)` (which reads
+    `__getstate__`), the object rebuilt from the reduction and given the copied state through
+    `__setstate__`. Only the copy of a state dict is faster, and gives what `copy.deepcopy`
+    gives: values `copy.deepcopy` returns unchanged are shared, parameter and buffer dicts take
+    their tensors from `memo` (where every one of them is), empty containers are made afresh,
+    submodules recurse here, and everything else goes through `copy.deepcopy` with the same memo.
+    For a module of a functional tree the protocol is that of the user's class.
     """
-    found = memo.get(id(module))
-    if found is not None:
-        return found  # type: ignore[no-any-return]
-    cls = type(module)
-    if getattr(cls, "__deepcopy__", None) is not None or "__slots__" in cls.__dict__:
-        return copy.deepcopy(module, memo)
-    new = cls.__new__(cls)
+    found = memo.get(id(module), _MISSING)
+    if found is not _MISSING:
+        return found
+    user: Any = super(_FunctionalNode, module) if isinstance(module, _FunctionalNode) else module
+    copier = getattr(user, "__deepcopy__", None)
+    if copier is not None:
+        new = copier(memo)
+    else:
+        reductor = copyreg.dispatch_table.get(_original_class(module))
+        rv = reductor(module) if reductor is not None else user.__reduce_ex__(4)
+        new = module if isinstance(rv, str) else _reconstruct(module, memo, *rv)
+    if new is module:
+        raise PatchError(
+            f"copy.deepcopy of {type(module).__name__} returns the module itself; a functional "
+            "module needs a copy it can own (check the class's __deepcopy__ or __reduce_ex__)"
+        )
     memo[id(module)] = new
-    state: dict[str, Any] = {}
-    for key, value in module.__dict__.items():
-        if key in _TENSOR_DICTS:
-            state[key] = type(value)(
-                (name, None if t is None else memo.get(id(t), t)) for name, t in value.items()
-            )
-        elif key == "_modules":
-            state[key] = type(value)(
-                (name, None if m is None else _copy_tree(m, memo)) for name, m in value.items()
-            )
-        elif type(value) in _SHARED_TYPES:
-            state[key] = value
-        elif type(value) in _EMPTY_COPYABLE and not value:  # most hook dicts: a fresh empty one
-            state[key] = type(value)()
-        else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__dict__.update(state)
     return new
+
+
+def _reconstruct(
+    x: Any,
+    memo: dict[int, Any] | None,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    state: Any = None,
+    listiter: Iterator[Any] | None = None,
+    dictiter: Iterator[tuple[Any, Any]] | None = None,
+) -> Any:
+    """Rebuild `x` from its reduction, as `copy` does (deep when a memo is given)."""
+    deep = memo is not None
+    if memo is not None and args:
+        args = copy.deepcopy(args, memo)
+    new = func(*args)
+    if memo is not None:
+        memo[id(x)] = new
+    if state is not None:
+        if memo is not None:
+            memo.setdefault(id(memo), []).append(state)  # keep it alive: memo keys are ids
+            state = _copy_state(state, memo) if type(state) is dict else copy.deepcopy(state, memo)
+        if hasattr(new, "__setstate__"):
+            new.__setstate__(state)
+        else:
+            slotstate = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slotstate = state
+            if state is not None:
+                new.__dict__.update(state)
+            if slotstate is not None:
+                for key, value in slotstate.items():
+                    setattr(new, key, value)
+    if listiter is not None:
+        for item in listiter:
+            new.append(copy.deepcopy(item, memo) if deep else item)
+    if dictiter is not None:
+        for key, value in dictiter:
+            if memo is not None:
+                key, value = copy.deepcopy(key, memo), copy.deepcopy(value, memo)
+            new[key] = value
+    return new
+
+
+def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
+    """`copy.deepcopy(state, memo)` for a module's state dict (see `_deepcopy_module`)."""
+    if any(type(key) is not str for key in state):
+        return copy.deepcopy(state, memo)
+    new: dict[str, Any] = {}
+    memo[id(state)] = new
+    for key, value in state.items():
+        kind = type(value)
+        if kind in _ATOMIC or issubclass(kind, type):
+            new[key] = value
+            continue
+        found = memo.get(id(value), _MISSING)
+        if found is not _MISSING:
+            new[key] = found
+        elif key in _TENSOR_DICTS and kind in _DICTS and _all_in_memo(value, memo):
+            tensors: dict[str, Any] = kind()
+            memo[id(value)] = tensors
+            for name, t in value.items():
+                tensors[name] = None if t is None else memo[id(t)]
+            new[key] = tensors
+        elif key == "_modules" and kind in _DICTS and _all_modules(value):
+            children: dict[str, Any] = kind()
+            memo[id(value)] = children
+            for name, m in value.items():
+                children[name] = None if m is None else _deepcopy_module(m, memo)
+            new[key] = children
+        elif kind in _EMPTY_COPYABLE and not value:
+            new[key] = memo[id(value)] = kind()
+        else:
+            new[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _all_in_memo(tensors: dict[Any, Any], memo: dict[int, Any]) -> bool:
+    return all(type(k) is str and (t is None or id(t) in memo) for k, t in tensors.items())
+
+
+def _all_modules(children: dict[Any, Any]) -> bool:
+    return all(
+        type(k) is str and (m is None or isinstance(m, torch.nn.Module))
+        for k, m in children.items()
+    )
+
+
+def _convert(
+    new: torch.nn.Module,
+    pairs: list[tuple[torch.nn.Module, dict[str, int]]],
+    store: FastWeights,
+    root: bool = True,
+) -> None:
+    """Make the copied tree `new` functional: `pairs` are the copied modules and slot indexes."""
+    copies = list(new.modules())
+    for (orig, index), m in zip(pairs, copies):
+        cls = _original_class(orig)
+        if type(m) not in (cls, _CHILD_CLASSES.get(cls), _ROOT_CLASSES.get(cls)):
+            break
+        if any(name not in m._parameters for name in index):
+            break
+    else:
+        if len(copies) == len(pairs):
+            for (orig, index), m in zip(pairs, copies):
+                m.__dict__["_higher_store"] = store
+                m.__dict__["_higher_slot_index"] = index
+                m.__class__ = _child_class(_original_class(orig))
+            if root:
+                new.__class__ = _root_class(_original_class(pairs[0][0]))
+            store.bind(new)
+            store.slot_only = 0  # a copied store writes slots only until bound
+            return
+    raise PatchError(
+        f"the copy of {_original_class(pairs[0][0]).__name__} made by its copy protocol "
+        "(__deepcopy__/__reduce_ex__) does not have the module's structure (the same submodules "
+        "and parameter names, in order); a functional module cannot be made from it"
+    )
 
 
 def functional_tree(
     module: torch.nn.Module,
     initial: list[torch.Tensor] | None,
     device: torch.device | None,
+    track: bool = True,
+    anchor: list[torch.Tensor] | None = None,
 ) -> FunctionalModule:
-    """Copy `module` into a functional tree whose slots hold `initial` (or nothing yet)."""
+    """Copy `module` into a functional tree whose fast weights start at `initial` (None: it has
+    none of its own, as from `make_functional`); `track` and `anchor` as `FastWeights` takes."""
     if not isinstance(module, torch.nn.Module):
         raise PatchError(f"expected a torch.nn.Module to patch, got {type(module).__name__}")
     if isinstance(module, FunctionalModule) or "_higher_store" in module.__dict__:
@@ -368,38 +719,74 @@ def functional_tree(
     for t in _tensors_of(module):  # plain tensor attributes that carry a graph (weight_norm's)
         if id(t) not in memo and not t.is_leaf:
             memo[id(t)] = t.detach()
-    fmodule = _copy_tree(module, memo)
+    fmodule = _deepcopy_module(module, memo)
+    history = None if initial is None else [initial]
+    return _adopt(fmodule, module, history, device, module, track, anchor)
 
+
+def _adopt(
+    tree: torch.nn.Module,
+    model: torch.nn.Module,
+    history: list[list[torch.Tensor]] | None,
+    device: torch.device | None,
+    source: torch.nn.Module | None,
+    track: bool = True,
+    anchor: list[torch.Tensor] | None = None,
+) -> FunctionalModule:
+    """Make `tree`, a copy of `model` (or `model` itself), functional: its store built with
+    `history` (its slots hold the last entry) and the other arguments of `FastWeights`."""
     # Resolve every place each weight occupies, once: tied weights and shared submodules.
+    unique = list(model.parameters())
     index_of = {id(p): i for i, p in enumerate(unique)}
-    names = [name for name, _ in module.named_parameters()]  # same order as parameters()
-    places: list[list[tuple[torch.nn.Module, str]]] = [[] for _ in unique]
-    copies = dict(zip((id(m) for m in module.modules()), fmodule.modules()))
-    seen: set[tuple[int, str]] = set()
-    for orig in module.modules():
-        for pname, param in orig._parameters.items():
-            if param is None or (id(orig), pname) in seen:
-                continue
-            seen.add((id(orig), pname))
-            places[index_of[id(param)]].append((copies[id(orig)], pname))
+    pairs = [
+        (m, {name: index_of[id(p)] for name, p in m._parameters.items() if p is not None})
+        for m in model.modules()
+    ]
+    names = [name for name, _ in model.named_parameters()]  # same order as parameters()
+    store = FastWeights(names, unique, source, device, history, track, anchor)
+    _convert(tree, pairs, store)
+    assert isinstance(tree, FunctionalModule)
+    # No weights yet (make_functional): empty slots, even where a class's own copy protocol
+    # built parameters of its own.
+    store.place(history[-1] if history else [None] * len(unique))
+    return tree
 
-    store = FastWeights(
-        names,
-        [[Place(m, n) for m, n in ps] for ps in places],
-        unique,
-        source=module,
-        device=device,
-    )
-    slot_index: dict[int, dict[str, int]] = {}
-    for i, ps in enumerate(places):
-        for m, n in ps:
-            slot_index.setdefault(id(m), {})[n] = i
-    for m in fmodule.modules():
-        m.__dict__["_higher_store"] = store
-        m.__dict__["_higher_slot_index"] = slot_index.get(id(m), {})
-        m.__class__ = _child_class(type(m))
-    fmodule.__class__ = _root_class(type(module))
-    assert isinstance(fmodule, FunctionalModule)
-    if initial is not None:
-        store.place(initial)
-    return fmodule
+
+# ---- pickling -----------------------------------------------------------------------------
+
+
+def _plain_copy(
+    module: _FunctionalNode,
+) -> tuple[torch.nn.Module, list[list[torch.Tensor]], FastWeights]:
+    """A copy of the user's module tree holding the current fast weights as its parameters.
+
+    Returns the copy, the earlier history (detached, in the copy's parameter order) and the
+    copied store. A functional module without fast weights gets zero placeholders.
+    """
+    clone = copy.deepcopy(module)
+    store = _store_of(clone)
+    if store.stateless:
+        weights: list[torch.Tensor] = [
+            torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in store.specs
+        ]
+    else:
+        weights = store.history[-1]
+    params = [torch.nn.Parameter(t, requires_grad=t.requires_grad) for t in weights]
+    store.place(params)
+    for m in clone.modules():
+        m.__dict__.pop("_higher_store")
+        m.__dict__.pop("_higher_slot_index")
+        m.__class__ = _original_class(m)
+    position = {id(p): i for i, p in enumerate(params)}
+    order = [position[id(p)] for p in clone.parameters()]
+    earlier = [[entry[i] for i in order] for entry in store.history[:-1]]
+    return clone, earlier, store
+
+
+def _rebuild_functional(
+    plain: torch.nn.Module, earlier: list[list[torch.Tensor]], track: bool, stateless: bool
+) -> FunctionalModule:
+    """Unpickle a functional module: `plain` becomes functional, its parameters the fast weights."""
+    weights = [p.detach().requires_grad_(p.requires_grad) for p in plain.parameters()]
+    history = None if stateless else [*earlier, weights]
+    return _adopt(plain, plain, history, None, None, track)  # it is ours: no copy needed

@@ -8,22 +8,16 @@ weights is a flat loop of dict writes and a forward is the user's own forward, u
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ._errors import PatchError
 
 Params = Sequence[torch.Tensor] | Iterable[torch.Tensor] | Mapping[str, torch.Tensor]
-
-
-class Place(NamedTuple):
-    """One place a fast weight occupies: `module._parameters[name]`."""
-
-    module: torch.nn.Module
-    name: str
 
 
 class _Spec(NamedTuple):
@@ -33,39 +27,79 @@ class _Spec(NamedTuple):
 
 
 class FastWeights:
-    """History and placement of the fast weights of one functional tree (shared by its modules)."""
+    """History and placement of the fast weights of one functional tree (shared by its modules).
+
+    The placement (which slot of which module holds which weight) is derived from the tree by
+    `bind`; it refers to modules only weakly, so a tree and its store form no reference cycle and
+    refcounting alone frees them.
+    """
 
     def __init__(
         self,
         names: list[str],
-        places: list[list[Place]],
         references: Sequence[torch.Tensor],
         source: torch.nn.Module | None,
         device: torch.device | None,
+        history: list[list[torch.Tensor]] | None = None,
+        track: bool = True,
+        anchor: list[torch.Tensor] | None = None,
     ) -> None:
+        """`history`: the fast weights so far, the current last (None: no fast weights of its
+        own, as from `make_functional`); `track`: keep every step's; `anchor` (with
+        copy_initial_weights=False, the module's own parameters): when not tracking, new fast
+        weights pass gradients straight through to them (first-order MAML)."""
         self.names = names
         self.specs = [
             _Spec(t.shape, t.dtype, device if device is not None else t.device) for t in references
         ]
-        self.writes = [(p.module._parameters, p.name, i) for i, ps in enumerate(places) for p in ps]
-        self.first_places = [(ps[0].module._parameters, ps[0].name) for ps in places]
-        # RNNs keep their own list of weights besides `_parameters`: keep it in step.
-        self.rnn_writes = [
-            (p.module, list(getattr(p.module, "_flat_weights_names", ())).index(p.name), i)
-            for i, ps in enumerate(places)
-            for p in ps
-            if p.name in getattr(p.module, "_flat_weights_names", ())
-        ]
-        self.history: list[list[torch.Tensor]] = []
-        self.track = True
+        self.writes: list[tuple[dict[str, torch.Tensor | None], str, int]] = []
+        self.first_places: list[tuple[dict[str, torch.Tensor | None], str]] = []
+        # RNNs keep their own list of weights besides `_parameters`: (module, [(j, i), ...]).
+        self.rnn_writes: list[tuple[weakref.ref[torch.nn.Module], list[tuple[int, int]]]] = []
+        self.history: list[list[torch.Tensor]] = [] if history is None else history
+        self.track = track
         self.keep = True  # keep the weights of every step (False: only the latest)
         self.substitutes: list[list[torch.Tensor]] = []  # the weights of `using` blocks
-        self.stateless = True
+        self.stateless = history is None
         self.transient = 0  # depth of calls running with weights that stay out of the history
-        # With copy_initial_weights=False: the module's own parameters. When not tracking, new
-        # fast weights pass gradients straight through to them (first-order MAML).
-        self.anchor: list[torch.Tensor] | None = None
+        self.slot_only = 0  # depth of code writing slots directly (loading, 0.2.1 helpers)
+        self.anchor = anchor
         self.source = weakref.ref(source) if source is not None else None
+
+    def bind(self, root: torch.nn.Module) -> None:
+        """Find the slots of each weight in the tree `root` (from `_higher_slot_index`)."""
+        writes: list[tuple[dict[str, torch.Tensor | None], str, int]] = []
+        first: dict[int, tuple[dict[str, torch.Tensor | None], str]] = {}
+        rnn: list[tuple[weakref.ref[torch.nn.Module], list[tuple[int, int]]]] = []
+        for module in root.modules():
+            index: dict[str, int] = module.__dict__.get("_higher_slot_index", {})
+            slots = module._parameters
+            for name, i in index.items():
+                writes.append((slots, name, i))  # type: ignore[arg-type]
+                first.setdefault(i, (slots, name))  # type: ignore[arg-type]
+            flat_names = list(module.__dict__.get("_flat_weights_names", ()))
+            pairs = [(flat_names.index(n), i) for n, i in index.items() if n in flat_names]
+            if pairs:
+                rnn.append((weakref.ref(module), pairs))
+        self.writes = writes
+        self.first_places = [first[i] for i in sorted(first)]
+        self.rnn_writes = rnn
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FastWeights:
+        # The placement is not copied: the copy is bound to the copied tree (`bind`).
+        new = FastWeights.__new__(FastWeights)
+        memo[id(self)] = new
+        new.__dict__["slot_only"] = 1  # a class's own __setstate__ may assign weights: slots only
+        for key, value in self.__dict__.items():
+            if key == "slot_only":
+                continue
+            if key in ("writes", "first_places", "rnn_writes"):
+                new.__dict__[key] = []
+            elif key == "source":
+                new.__dict__[key] = value  # the same original module
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -138,13 +172,18 @@ class FastWeights:
     def place(self, params: Sequence[torch.Tensor | None]) -> None:
         """Write `params` into every slot of the tree (no validation: callers check first)."""
         for slots, name, i in self.writes:
-            slots[name] = params[i]  # type: ignore[assignment]
-        for module, j, i in self.rnn_writes:
-            t = params[i]
-            module.__dict__["_flat_weights"][j] = t
-            refs = module.__dict__.get("_flat_weight_refs")
-            if refs is not None:  # newer torch checks these to see if weights changed
-                refs[j] = weakref.ref(t) if t is not None else None
+            slots[name] = params[i]
+        for ref, pairs in self.rnn_writes:
+            module = ref()
+            if module is None:
+                continue
+            flat = module.__dict__["_flat_weights"]
+            refs = module.__dict__.get("_flat_weight_refs")  # newer torch checks these
+            for j, i in pairs:
+                t = params[i]
+                flat[j] = t
+                if refs is not None:
+                    refs[j] = weakref.ref(t) if t is not None else None
 
     def current(self) -> list[torch.Tensor]:
         """The slot contents now (what a forward would use)."""
@@ -195,15 +234,29 @@ class FastWeights:
 
     def replace_one(self, index: int, value: torch.Tensor) -> None:
         """Replace one fast weight in the current step (attribute assignment on a submodule)."""
-        spec = self.specs[index]
-        if value.shape != spec.shape or value.dtype != spec.dtype or value.device != spec.device:
-            self._mismatch(index, value, spec, "assigned value")
+        self.replace_many({index: value})
+
+    def replace_many(self, values: Mapping[int, torch.Tensor]) -> None:
+        """Replace fast weights in the current step, adding no history entry."""
+        for index, value in values.items():
+            spec = self.specs[index]
+            if (value.shape, value.dtype, value.device) != (spec.shape, spec.dtype, spec.device):
+                self._mismatch(index, value, spec, "assigned value")
         current = list(self.history[-1]) if self.history else self.current()
-        current[index] = value
+        for index, value in values.items():
+            current[index] = value
         if self.history:
             self.history[-1] = current
         else:
             self.history.append(current)
+        self.place(current)
+
+    def write_slot(self, index: int, value: torch.Tensor | None) -> None:
+        """Put `value` in every slot of weight `index`, leaving the history as it is."""
+        if not self.first_places:
+            return  # not bound to a tree yet (being copied): the slots are set when bound
+        current: list[torch.Tensor | None] = list(self.current())
+        current[index] = value
         self.place(current)
 
 

@@ -1,0 +1,52 @@
+"""Implicit differentiation: hypergradients at the inner optimum, without the unroll.
+
+When the inner problem is solved to (near) convergence — hyperparameter optimization of a
+regularizer, iMAML, data reweighting — the implicit function theorem gives the hypergradient from
+the solution alone, at the cost of a linear solve with Hessian-vector products: memory and time
+no longer grow with the number of inner steps, and the answer does not depend on the path.
+
+- `hypergrad(inner_loss, outer_loss, params, hyper)`: solve the inner problem however you like,
+  then ask for d outer / d hyper at the solution; `hypergrad_batch` for a batch of tasks.
+- `custom_root(optimality_fn)`: a decorator (as in TorchOpt and JAXopt) that makes a solver's
+  output differentiable through its optimality condition.
+- Linear solvers `CG`, `Neumann`, `Direct`, each with `tol`/`maxiter`, a `SolveResult`, and
+  `on_fail="warn"|"raise"`: a non-converged solve is never silent.
+
+Examples:
+    >>> import torch, higher
+    >>> lam = torch.tensor(1.0, requires_grad=True)
+    >>> theta = torch.tensor(0.5)  # the minimizer of (θ - 1)²/2 + λθ²/2 at λ = 1
+    >>> inner = lambda theta, lam: (theta - 1) ** 2 / 2 + lam * theta**2 / 2
+    >>> higher.implicit.hypergrad(inner, lambda theta, lam: theta, theta, lam).grads[0].item()
+    -0.25
+"""
+
+from ._errors import ConvergenceError as ConvergenceError
+from ._errors import ConvergenceWarning as ConvergenceWarning
+from ._errors import ImplicitError as ImplicitError
+from ._implicit import Hypergrad as Hypergrad
+from ._implicit import Task as Task
+from ._implicit import custom_root as custom_root
+from ._implicit import hypergrad as hypergrad
+from ._implicit import hypergrad_batch as hypergrad_batch
+from ._linsolve import CG as CG
+from ._linsolve import Direct as Direct
+from ._linsolve import LinearSolver as LinearSolver
+from ._linsolve import Neumann as Neumann
+from ._linsolve import SolveResult as SolveResult
+
+__all__ = [
+    "hypergrad",
+    "hypergrad_batch",
+    "custom_root",
+    "Hypergrad",
+    "Task",
+    "CG",
+    "Neumann",
+    "Direct",
+    "LinearSolver",
+    "SolveResult",
+    "ImplicitError",
+    "ConvergenceError",
+    "ConvergenceWarning",
+]
