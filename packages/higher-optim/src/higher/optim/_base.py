@@ -511,16 +511,10 @@ class DifferentiableOptimizer(abc.ABC):
         if closure is not None or loss is None:
             loss = self._closure_loss(loss, closure)
         param_list = self._current_params(params)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise OptimError(f"the loss must be a scalar tensor (one element), got {shape}")
-        self._check_step_params(param_list)
-        grads = self._gradients(loss, param_list)
-        callback = grad_callback if grad_callback is not None else self._grad_callback
-        if callback is not None:
-            grads = self._called_back(callback, grads)
+        grads = self.gradients(loss, param_list, grad_callback=grad_callback)
         plan = self._plan(param_list, [g is not None for g in grads], override, kwargs)
-        if callback is None and not any(g is not None and g.is_sparse for g in grads):
+        called_back = grad_callback is not None or self._grad_callback is not None
+        if not called_back and not any(g is not None and g.is_sparse for g in grads):
             return self.commit(plan, plan.run(param_list, grads))  # autograd's own gradients
         return self.commit(plan, plan.update(param_list, grads))
 
