@@ -83,9 +83,19 @@ def test_unroll_comparison_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "implicit_vs_unroll.json").read_text())["rows"]
-    assert set(rows) == {"unrolled", "implicit (CG)", "implicit (CG), L-BFGS inner"}
+    assert set(rows) == {
+        "unrolled",
+        "unrolled, recompute",
+        "truncated (last 10%)",
+        "implicit (CG)",
+        "implicit (CG), L-BFGS inner",
+    }
     for name, points in rows.items():
         errors = [p["error"] for p in points]
         # more inner steps: closer to the optimum, a more accurate hypergradient
         assert errors == sorted(errors, reverse=True) and 0 < errors[-1] < 1, (name, errors)
+        assert all(p["peak_mib"] > 0 for p in points), name
+    # recompute is the unrolled hypergradient itself, rebuilt in the backward pass
+    for exact, rebuilt in zip(rows["unrolled"], rows["unrolled, recompute"], strict=True):
+        assert abs(exact["error"] - rebuilt["error"]) <= 1e-9 * exact["error"]
     assert (tmp_path / "implicit_vs_unroll.png").stat().st_size > 1000
