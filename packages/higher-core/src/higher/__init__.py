@@ -20,9 +20,13 @@ from higher import errors as errors
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
+from higher._batched import BatchedModule as BatchedModule
+from higher._batched import BatchedOptimizer as BatchedOptimizer
+from higher._batched import batched_innerloop_ctx as batched_innerloop_ctx
 from higher._compiled import CompiledStep as CompiledStep
 from higher._compiled import compile_step as compile_step
 from higher._context import innerloop_ctx as innerloop_ctx
+from higher._errors import FastPathError as FastPathError
 from higher._errors import UsageError as UsageError
 from higher.errors import HigherError as HigherError
 from higher.errors import HigherWarning as HigherWarning
@@ -37,6 +41,9 @@ __all__ = [
     "innerloop_ctx",
     "compile_step",
     "CompiledStep",
+    "batched_innerloop_ctx",
+    "BatchedModule",
+    "BatchedOptimizer",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",
@@ -44,6 +51,7 @@ __all__ = [
     "HigherError",
     "HigherWarning",
     "UsageError",
+    "FastPathError",
     "errors",
     "patch",
     "optim",
