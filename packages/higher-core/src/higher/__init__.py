@@ -28,6 +28,8 @@ from higher._compiled import compile_step as compile_step
 from higher._context import innerloop_ctx as innerloop_ctx
 from higher._errors import FastPathError as FastPathError
 from higher._errors import UsageError as UsageError
+from higher._metastep import MetaStep as MetaStep
+from higher._metastep import compile_meta_step as compile_meta_step
 from higher.errors import HigherError as HigherError
 from higher.errors import HigherWarning as HigherWarning
 from higher.optim import create_diff_optim as create_diff_optim
@@ -41,6 +43,8 @@ __all__ = [
     "innerloop_ctx",
     "compile_step",
     "CompiledStep",
+    "compile_meta_step",
+    "MetaStep",
     "batched_innerloop_ctx",
     "BatchedModule",
     "BatchedOptimizer",

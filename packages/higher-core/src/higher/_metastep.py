@@ -1,0 +1,415 @@
+"""`compile_meta_step`: a whole meta-step (k inner steps and the outer loss) as one compiled graph.
+
+The inner loop is a `scan` (torch's higher-order loop operator) over one step body: forward,
+inner loss, its gradient (`torch.func.grad`) and the optimizer's pure update
+(`StepPlan.run` of the step protocol). torch.compile traces the body once, whatever `k` is, so
+the compile time does not grow with the number of steps; the compiled backward of the graph is
+the meta-gradient. With `tasks=T` the loop runs for every task at once under `torch.func.vmap`.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _NormBase
+
+from higher.optim import StepPlan, get_diff_optim
+from higher.patch import FunctionalModule, monkeypatch
+
+from ._compiled import _NON_LEAF_GRAD, _TORCH_DEPRECATED, _signature, torch_version
+from ._errors import FastPathError, UsageError
+from ._trees import flatten, unflatten
+
+LossFn = Callable[..., torch.Tensor]
+
+# The oldest torch the compiled meta-step is verified on: scan with autograd under
+# torch.compile, vmap of scan, and torch.func.grad inside the scanned body.
+_MIN_TORCH = (2, 13)
+
+
+class MetaStep:
+    """A meta-step as one compiled function: `meta(model, opt, *batch)` unrolls `steps` steps
+    of `opt`'s differentiable twin on `inner_loss_fn(fmodel, *batch)`, starting from `model`'s
+    parameters, and returns `outer_loss_fn(fmodel, *batch)` at the adapted weights; its
+    backward is the meta-gradient (into `model.parameters()` and the tensors of `override`
+    that require grad). Made by `higher.compile_meta_step`.
+
+    It computes what this loop computes (in float64, to round-off):
+
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False,
+                                  override=override) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(inner_loss_fn(fmodel, *batch))
+            meta_loss = outer_loss_fn(fmodel, *batch)
+
+    With `tasks=T`, every positional tensor of `batch` carries the task dimension first, the
+    loop runs once per task (vmapped) and the result is the `T` outer losses (reduce them, e.g.
+    `.mean()`, before `backward()`). Keyword arguments are shared by every task.
+
+    The loss functions get `fmodel`: a callable that runs the model's forward with the current
+    weights (call it as `fmodel(x)`; it has no attributes). The model and the optimizer are not
+    changed: buffers (running statistics) are read, and updated on copies.
+
+    Refused with `FastPathError`: torch older than 2.13 (use `compile=False`, which runs the
+    same steps as a Python loop on any torch); optimizers with a hand-written `_update`; rules
+    whose step branches on the step count (RAdam: its state's step count is a tensor inside
+    the loop); normalization by batch statistics (BatchNorm in training mode: torch.compile's
+    second-order gradient through it is wrong); random ops in the losses; control flow that
+    depends on tensor values. The compiled backward is differentiable once (no gradient of
+    the meta-gradient).
+
+    Example:
+        >>> import torch, higher
+        >>> net = torch.nn.Linear(2, 1)
+        >>> mse = lambda m, x, y: (m(x) - y).pow(2).mean()
+        >>> meta = higher.compile_meta_step(mse, mse, steps=3, compile=False)
+        >>> loss = meta(net, torch.optim.SGD(net.parameters(), lr=0.1),
+        ...             torch.ones(4, 2), torch.zeros(4, 1))
+        >>> loss.backward()
+        >>> net.weight.grad.shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(
+        self,
+        inner_loss_fn: LossFn,
+        outer_loss_fn: LossFn,
+        *,
+        steps: int,
+        tasks: int | None = None,
+        compile: bool = True,
+        **compile_kwargs: Any,
+    ) -> None:
+        if not callable(inner_loss_fn) or not callable(outer_loss_fn):
+            raise UsageError("inner_loss_fn and outer_loss_fn must be callable")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise FastPathError(f"steps must be a positive int, got {steps!r}")
+        if tasks is not None and (
+            isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1
+        ):
+            raise FastPathError(f"tasks must be None or a positive int, got {tasks!r}")
+        if compile and torch_version() < _MIN_TORCH:
+            raise FastPathError(
+                f"compile_meta_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (scan with "
+                f"autograd under torch.compile); this is torch {torch.__version__}. Use "
+                "compile_meta_step(..., compile=False), which runs the same steps as a loop"
+            )
+        self._inner = inner_loss_fn
+        self._outer = outer_loss_fn
+        self._steps = steps
+        self._tasks = tasks
+        self._compiled = compile
+        self._models: weakref.WeakKeyDictionary[torch.nn.Module, FunctionalModule]
+        self._models = weakref.WeakKeyDictionary()
+        self._unused: dict[Hashable, frozenset[int]] = {}
+        self._fn: Callable[..., Any] = self._pure
+        if compile:
+            # a code object of its own, as compile_step does: other meta-steps neither evict
+            # its graphs nor make its shapes dynamic
+            pure = MetaStep._pure
+            code = pure.__code__.replace(co_name=f"_meta_step_{id(self)}")
+            own = types.FunctionType(code, pure.__globals__, code.co_name, pure.__defaults__)
+            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+
+    @property
+    def steps(self) -> int:
+        """The number of inner steps."""
+        return self._steps
+
+    @property
+    def tasks(self) -> int | None:
+        """The number of tasks batched (None: one task, unbatched)."""
+        return self._tasks
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        *batch: Any,
+        override: dict[str, list[Any]] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The outer loss after `steps` inner steps from `model`'s parameters (with `tasks`,
+        one per task)."""
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        fmodule = self._functional(model)
+        params: list[torch.Tensor] = list(model.parameters())
+        if self._tasks is not None:
+            for k, arg in enumerate(batch):
+                if isinstance(arg, torch.Tensor) and (
+                    arg.dim() == 0 or arg.shape[0] != self._tasks
+                ):
+                    raise FastPathError(
+                        f"positional argument {k} has shape {tuple(arg.shape)}; with tasks="
+                        f"{self._tasks} each takes the task dimension first: shape "
+                        f"({self._tasks}, ...) (pass shared tensors as keyword arguments)"
+                    )
+        names = tuple(fmodule.named_fast_params())
+        buffers = dict(model.named_buffers())
+        twin = get_diff_optim(opt, params, override=override)
+        key = (names, tuple(p.requires_grad for p in params), _signature(batch), _signature(kwargs))
+        unused = self._unused.get(key)
+        if unused is None:
+            unused = self._unused[key] = self._find_unused(
+                fmodule, names, params, buffers, batch, kwargs
+            )
+        stepped = [p.requires_grad and i not in unused for i, p in enumerate(params)]
+        plan = twin.plan(params, stepped=stepped)
+        if plan.rule is None:
+            raise FastPathError(
+                "compile_meta_step runs rule-based differentiable optimizers (every built-in "
+                f"twin, and plugins written as a Rule); {type(twin).__name__} implements "
+                "_update by hand: use innerloop_ctx for it"
+            )
+        traced = plan._replace(options=[], requires_grad=[])
+        if not self._compiled:
+            return self._fn(fmodule, names, params, buffers, traced, False, batch, kwargs)  # type: ignore[no-any-return]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
+            )
+            with fmodule.vacated():
+                try:
+                    return self._fn(fmodule, names, params, buffers, traced, True, batch, kwargs)  # type: ignore[no-any-return]
+                except torch._dynamo.exc.Unsupported as err:
+                    raise FastPathError(
+                        "compile_meta_step could not trace the meta-step as one graph (control "
+                        "flow that depends on tensor values, random ops, a rule that branches "
+                        f"on its step count, or an op torch.compile does not support): "
+                        f"{str(err).splitlines()[0]}. Use compile_meta_step(..., compile=False) "
+                        "or innerloop_ctx"
+                    ) from err
+
+    def _functional(self, model: torch.nn.Module) -> FunctionalModule:
+        """The functional copy whose forward the graph runs (made once per model); its modes
+        follow the model's, and normalization by batch statistics is refused."""
+        fmodule = self._models.get(model)
+        if fmodule is None:
+            fmodule = self._models[model] = monkeypatch(model)
+        for (name, sub), copy in zip(model.named_modules(), fmodule.modules()):
+            copy.training = sub.training
+            batch_stats = isinstance(sub, _NormBase) and (
+                sub.training or not sub.track_running_stats
+            )
+            if batch_stats and (self._compiled or self._tasks is not None):
+                where = f"{type(sub).__name__} ({name or 'the model'})"
+                raise FastPathError(
+                    f"compile_meta_step does not run {where} with batch statistics (training "
+                    "mode, or track_running_stats=False): the second-order gradient of "
+                    "torch.compile and of vmap(grad) through them is wrong. Put the "
+                    "normalization layers in eval mode, or use batched_innerloop_ctx (exact "
+                    "with batch statistics) or innerloop_ctx"
+                )
+        return fmodule
+
+    def _find_unused(
+        self,
+        fmodule: FunctionalModule,
+        names: tuple[str, ...],
+        params: list[torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> frozenset[int]:
+        """The parameters the inner loss does not use (one eager forward and gradient on the
+        first task, buffers on copies): they are not stepped, as with `diffopt.step`."""
+        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        first = batch
+        if self._tasks is not None:
+            first = tuple(a[0] if isinstance(a, torch.Tensor) else a for a in batch)
+        tensors = {**{k: b.clone() for k, b in buffers.items()}, **dict(zip(names, probe))}
+
+        def model(*args: Any, **kw: Any) -> Any:
+            return torch.func.functional_call(fmodule, tensors, args, kw)
+
+        loss = self._inner(model, *first, **kwargs)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise FastPathError(f"inner_loss_fn must return a scalar tensor, got {shape}")
+        wanted = [i for i, p in enumerate(probe) if p.requires_grad]
+        if not wanted:
+            return frozenset()
+        if not loss.requires_grad:
+            raise FastPathError(
+                "the inner loss does not depend on the model's parameters: inner_loss_fn must "
+                "compute it from what fmodel(...) returns"
+            )
+        grads = torch.autograd.grad(loss, [probe[i] for i in wanted], allow_unused=True)
+        return frozenset(i for i, g in zip(wanted, grads) if g is None)
+
+    def _pure(
+        self,
+        module: torch.nn.Module,
+        names: tuple[str, ...],
+        params: list[torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        plan: StepPlan,
+        use_scan: bool,
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The meta-step as a pure function of its inputs (what torch.compile traces)."""
+        inner_fn, outer_fn, steps = self._inner, self._outer, self._steps
+        stepped = sorted(i for bucket in plan.buckets for i in bucket.indices)
+
+        def with_weights(live: list[torch.Tensor]) -> Callable[..., Any]:
+            current = list(params)
+            for k, i in enumerate(stepped):
+                current[i] = live[k]
+            # modules update buffers in place (running averages): on copies made here
+            tensors = {**{k: b.clone() for k, b in buffers.items()}, **dict(zip(names, current))}
+
+            def model(*args: Any, **kw: Any) -> Any:
+                return torch.func.functional_call(module, tensors, args, kw)
+
+            return model
+
+        tasks = self._tasks
+        dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in batch)
+
+        def task_step(
+            live: list[torch.Tensor], states: list[Any], *data: Any
+        ) -> tuple[list[torch.Tensor], list[Any]]:
+            def inner_loss(live: list[torch.Tensor]) -> torch.Tensor:
+                return inner_fn(with_weights(live), *data, **kwargs)
+
+            grads = torch.func.grad(inner_loss)(live)
+            full_p: list[torch.Tensor] = list(params)
+            full_g: list[torch.Tensor | None] = [None] * len(params)
+            for k, i in enumerate(stepped):
+                full_p[i], full_g[i] = live[k], grads[k]
+            result = plan.run(full_p, full_g, states)
+            return [result.params[i] for i in stepped], result.states
+
+        def outer_task(live: list[torch.Tensor], *data: Any) -> torch.Tensor:
+            return outer_fn(with_weights(live), *data, **kwargs)
+
+        # With tasks, every task's step runs under vmap inside the loop body (vmap around the
+        # loop gives the carry a layout torch's scan refuses); the carry is stacked per task.
+        def step(
+            live: list[torch.Tensor], states: list[Any], batched: bool = True
+        ) -> tuple[list[torch.Tensor], list[Any]]:
+            if tasks is None:
+                return task_step(live, states, *batch)
+            leaves, spec = flatten(states)  # vmap takes and returns tensors only
+            out: dict[str, Any] = {}
+
+            def flat_step(
+                live: list[torch.Tensor], leaves: list[torch.Tensor], *data: Any
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                new_live, new_states = task_step(live, unflatten(spec, leaves), *data)
+                new_leaves, out["spec"] = flatten(new_states)
+                return new_live, new_leaves
+
+            in_dims = (0 if batched else None, 0 if batched else None, *dims)
+            run = torch.func.vmap(flat_step, in_dims=in_dims, randomness="error")
+            new_live, new_leaves = run(live, leaves, *batch)
+            return new_live, unflatten(out["spec"], new_leaves)
+
+        live = [params[i] for i in stepped]
+        states = [bucket.state for bucket in plan.buckets]
+        if tasks is not None or use_scan:  # inside vmap or the loop a count must be a tensor
+            states = _tensor_counts(states)
+        # the first step outside the loop: it creates state (momentum buffers) and makes the
+        # carry depend on the data (and the task), as it does in every later step
+        live, states = step(live, states, batched=False)
+        if use_scan and steps > 1:
+            live = _loop(step, live, states, steps - 1)
+        else:
+            for _ in range(steps - 1):
+                live, states = step(live, states)
+        if tasks is None:
+            return outer_task(live, *batch)
+        return torch.func.vmap(outer_task, in_dims=(0, *dims))(live, *batch)
+
+
+def _tensor_counts(states: list[Any]) -> list[Any]:
+    """The states with every step count (a Python number) made a float64 tensor: inside the
+    loop the body is traced once, so a count must be a value of the carry, not a constant."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return torch.tensor(float(x), dtype=torch.float64)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*[walk(v) for v in x])
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return [walk(s) for s in states]
+
+
+def _loop(
+    step: Callable[[list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]],
+    live: list[torch.Tensor],
+    states: list[Any],
+    n: int,
+) -> list[torch.Tensor]:
+    """`n` more steps in one `scan`. Every carried tensor travels flat (1-D) and contiguous:
+    torch's scan backward compares the strides of size-one dimensions, which autograd does
+    not keep (a (40, 1) weight failed as its gradient's strides differed)."""
+    from torch._higher_order_ops.scan import scan
+
+    state_leaves, spec = flatten(states)
+    shapes = [t.shape for t in live] + [t.shape for t in state_leaves]
+    n_live = len(live)
+
+    def body(carry: list[torch.Tensor], _: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        tensors = [c.view(s) for c, s in zip(carry, shapes)]
+        new_live, new_states = step(tensors[:n_live], unflatten(spec, tensors[n_live:]))
+        leaves, _spec = flatten(new_states)
+        # no output may alias an input (a state field the rule passes through unchanged)
+        out = [
+            (o.clone() if o is t else o).reshape(-1) for o, t in zip([*new_live, *leaves], tensors)
+        ]
+        return out, torch.zeros((), dtype=carry[0].dtype, device=carry[0].device)
+
+    init = [t.reshape(-1).clone() for t in [*live, *state_leaves]]
+    xs = torch.zeros(n, device=init[0].device)
+    final, _ = scan(body, init, xs)
+    return [f.view(s) for f, s in zip(final[:n_live], shapes[:n_live])]
+
+
+def compile_meta_step(
+    inner_loss_fn: LossFn,
+    outer_loss_fn: LossFn,
+    *,
+    steps: int,
+    tasks: int | None = None,
+    compile: bool = True,
+    **compile_kwargs: Any,
+) -> MetaStep:
+    """Make a `MetaStep`: `meta(model, opt, *batch)` is the outer loss after `steps` inner
+    steps of `opt`'s twin from `model`'s parameters, the whole meta-step one compiled graph
+    whose backward is the meta-gradient.
+
+    Make it once and call it every meta-iteration: the graph is compiled on the first call (the
+    loop body once, whatever `steps` is; torch caches compiled artefacts on disk, so a second
+    process compiles faster) and reused while the model, the optimizer's options and the batch
+    shapes stay the same. `compile_kwargs` go to `torch.compile`; `compile=False` runs the same
+    steps as a Python loop (any torch).
+
+    Example:
+        >>> import torch, higher
+        >>> net = torch.nn.Linear(1, 1)
+        >>> mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)
+        >>> meta = higher.compile_meta_step(mse, mse, steps=5, tasks=4, compile=False)
+        >>> x, y = torch.randn(4, 10, 1), torch.randn(4, 10, 1)   # 4 tasks of 10 points
+        >>> meta(net, torch.optim.SGD(net.parameters(), lr=0.1), x, y).shape
+        torch.Size([4])
+    """
+    return MetaStep(
+        inner_loss_fn, outer_loss_fn, steps=steps, tasks=tasks, compile=compile, **compile_kwargs
+    )
+
+
+__all__ = ["MetaStep", "compile_meta_step"]
