@@ -16,13 +16,12 @@ was measured wrong on torch 2.13.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from higher.optim import DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
+from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
 from higher.optim import FunctionalModel as FunctionalModel
 from higher.patch import FunctionalModule, monkeypatch
 
@@ -227,8 +226,9 @@ class BatchedOptimizer:
         self._fmodel = fmodel
         # per-task shaped stand-ins for `plan`: it checks shapes and makes fresh states of them
         self._templates = templates
-        # the state tensors made by a step (stacked per task), by id
-        self._stacked: dict[int, weakref.ref[torch.Tensor]] = {}
+        # (group, slot) of the slots stepped here: their state is stacked per task (before their
+        # first step it is the torch optimizer's, or fresh, one for every task)
+        self._stepped: set[tuple[int, int]] = set()
         if twin.plan(templates).rule is None:
             raise FastPathError(
                 "batched tasks run rule-based differentiable optimizers (every built-in twin, "
@@ -301,7 +301,21 @@ class BatchedOptimizer:
             self._templates, stepped=[g is not None for g in grads], override=override
         )
         result = self._run(plan, current, grads, callback)
-        return self._twin.commit(plan, result)
+        new = self._twin.commit(plan, result)
+        self._stepped.update((b.group, j) for b in plan.buckets for j in b.slots)
+        return new
+
+    def _dims(self, bucket: Bucket, state: Any) -> list[int | None]:
+        """vmap's in_dims of the tensors of a bucket's state, in `flatten`'s order: 0 for a
+        slot stepped here before (stacked), None for one that was not (shared by the tasks)."""
+        stacked = [(bucket.group, j) in self._stepped for j in bucket.slots]
+        dims: list[int | None] = []
+        for value in state:
+            if isinstance(value, torch.Tensor):
+                dims.append(0 if all(stacked) else None)
+            elif isinstance(value, (list, tuple)):
+                dims.extend(0 if s else None for v, s in zip(value, stacked) if v is not None)
+        return dims
 
     def _run(
         self,
@@ -354,8 +368,7 @@ class BatchedOptimizer:
             new_sl, specs["shared"] = flatten(new_shared)
             return [result.params[i] for i in stepped], new_tl, new_sl
 
-        stacked = self._stacked
-        task_dims = [0 if _held(stacked, t) else None for t in task_leaves]
+        task_dims = [d for b, t in zip(plan.buckets, task_part) for d in self._dims(b, t)]
         out_dims: Any = (0, 0, None)  # the shared state fields stay unbatched
         run = torch.func.vmap(one, in_dims=(0, 0, task_dims, None), out_dims=out_dims)
         try:
@@ -368,8 +381,6 @@ class BatchedOptimizer:
                 f"{plan.name}'s state fields {sorted(shared)} depend on each task's values; "
                 "batched tasks keep them shared: use innerloop_ctx per task"
             ) from err
-        self._stacked = {k: r for k, r in stacked.items() if r() is not None}
-        self._stacked.update((id(t), weakref.ref(t)) for t in new_tl)
         new_params = list(params)
         for k, i in enumerate(stepped):
             new_params[i] = out_params[k]
@@ -392,11 +403,6 @@ def _present(grads: list[torch.Tensor | None], stepped: list[int]) -> list[torch
 def _merge(task: Any, shared_part: Any, shared: frozenset[str]) -> Any:
     """A rule state from its per-task fields and its shared ones."""
     return map_fields(task, lambda name, v: getattr(shared_part, name) if name in shared else v)
-
-
-def _held(stacked: dict[int, weakref.ref[torch.Tensor]], t: torch.Tensor) -> bool:
-    ref = stacked.get(id(t))
-    return ref is not None and ref() is t
 
 
 @contextlib.contextmanager
