@@ -89,7 +89,8 @@ def main() -> None:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
             command = [sys.executable, __file__, "--worker", "--steps", str(steps),
                        "--workload", args.workload, "--backend", args.backend,
-                       "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+                       "--threads", str(args.threads)]  # fmt: skip
+            command += ["--smoke"] if args.smoke else []
             results = []
             for _ in range(2):  # cold, then warm on the cache the first left
                 done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)

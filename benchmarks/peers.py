@@ -43,14 +43,9 @@ BATCHED = "higher (this), vmap"
 META = "higher (this), compile_meta_step"
 OURS_ALL = (OURS, COMPILED, BATCHED, META)
 PEERS = (LEGACY, TORCHOPT)  # the libraries the targets compare against
-#: the workloads a contender sits out: compile_step and compile_meta_step refuse BatchNorm with
-#: batch statistics (torch.compile's second-order gradient through it is wrong in torch
-#: 2.13/2.14); batching tasks does nothing for a workload of one task
-SKIPS = {
-    COMPILED: ("conv-sgd", "conv-adam"),
-    META: ("conv-sgd", "conv-adam"),
-    BATCHED: ("long", "hpo"),
-}
+#: the workloads a contender sits out: compile_step refuses BatchNorm with batch statistics;
+#: batching tasks does nothing for a workload of one task
+SKIPS = {COMPILED: ("conv-sgd", "conv-adam"), BATCHED: ("long", "hpo")}
 #: seconds per meta-step are averaged over this many back-to-back steps per round
 REPS = {"conv-sgd": 1, "conv-adam": 1, "sine": 3, "sine-32": 1, "sine-128": 1, "long": 2,
         "hpo": 3}  # fmt: skip
@@ -266,8 +261,7 @@ def table(result: dict[str, Any]) -> str:
             "(fast weights stacked per task, forward and update vmapped; BatchNorm in training "
             f"mode exact); it sits out the one-task workloads. {META}: the whole meta-step "
             "(every inner step, every task, the outer loss) one graph of "
-            f"`higher.compile_meta_step` ({result['args'].get('backend', 'inductor')}); it "
-            "sits out the conv workloads, as compile_step does.",
+            f"`higher.compile_meta_step` ({result['args'].get('backend', 'inductor')}).",
             "",
         ]
     if any(COMPILED in rows for rows in result["rows"].values()):

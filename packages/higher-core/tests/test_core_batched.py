@@ -4,7 +4,7 @@ statistics, per-task gradient clipping, first order), and refuses what it cannot
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -73,7 +73,7 @@ def batched_loop(
         return torch.vmap(loss)(fmodel(x), y).sum(), fmodel.named_buffers()
 
 
-def assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+def assert_close(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
 
@@ -98,18 +98,18 @@ def test_batchnorm_in_training_mode_and_per_task_clipping_are_exact() -> None:
     x = torch.randn(TASKS, 6, 1, 6, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (TASKS, 6), generator=g)
     clip = higher.optim.clip_grad_norm(0.5)
-    grads, buffers = [], []
-    for run in (per_task_loop, batched_loop):
-        model = convnet()
-        opt = torch.optim.SGD(model.parameters(), lr=0.2)
-        meta, bufs = run(model, opt, x, y, F.cross_entropy, 2, grad_callback=clip)
-        grads.append(torch.autograd.grad(meta, list(model.parameters())))
-        buffers.append(bufs)
-    assert_close(grads[0], grads[1])
-    for name, stacked in buffers[1].items():
-        expected = torch.stack([task[name] for task in buffers[0]])
-        torch.testing.assert_close(stacked, expected, rtol=1e-12, atol=1e-14)
-    assert not torch.equal(buffers[1]["1.running_mean"][0], buffers[1]["1.running_mean"][1])
+    model = convnet()
+    meta, per_task = per_task_loop(model, torch.optim.SGD(model.parameters(), lr=0.2), x, y,
+                                   F.cross_entropy, 2, grad_callback=clip)  # fmt: skip
+    want = torch.autograd.grad(meta, list(model.parameters()))
+    model = convnet()
+    meta, stacked = batched_loop(model, torch.optim.SGD(model.parameters(), lr=0.2), x, y,
+                                 F.cross_entropy, 2, grad_callback=clip)  # fmt: skip
+    assert_close(torch.autograd.grad(meta, list(model.parameters())), want)
+    for name, value in stacked.items():
+        expected = torch.stack([task[name] for task in per_task])
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(stacked["1.running_mean"][0], stacked["1.running_mean"][1])
 
 
 def test_first_order_and_per_task_initial_weights() -> None:

@@ -9,6 +9,7 @@ the meta-gradient. With `tasks=T` the loop runs for every task at once under `to
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 import weakref
@@ -16,7 +17,6 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-from torch.nn.modules.batchnorm import _NormBase
 
 from higher.optim import StepPlan, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
@@ -195,20 +195,8 @@ class MetaStep:
         fmodule = self._models.get(model)
         if fmodule is None:
             fmodule = self._models[model] = monkeypatch(model)
-        for (name, sub), copy in zip(model.named_modules(), fmodule.modules()):
+        for sub, copy in zip(model.modules(), fmodule.modules()):
             copy.training = sub.training
-            batch_stats = isinstance(sub, _NormBase) and (
-                sub.training or not sub.track_running_stats
-            )
-            if batch_stats and (self._compiled or self._tasks is not None):
-                where = f"{type(sub).__name__} ({name or 'the model'})"
-                raise FastPathError(
-                    f"compile_meta_step does not run {where} with batch statistics (training "
-                    "mode, or track_running_stats=False): the second-order gradient of "
-                    "torch.compile and of vmap(grad) through them is wrong. Put the "
-                    "normalization layers in eval mode, or use batched_innerloop_ctx (exact "
-                    "with batch statistics) or innerloop_ctx"
-                )
         return fmodule
 
     def _find_unused(
@@ -261,12 +249,15 @@ class MetaStep:
         inner_fn, outer_fn, steps = self._inner, self._outer, self._steps
         stepped = sorted(i for bucket in plan.buckets for i in bucket.indices)
 
-        def with_weights(live: list[torch.Tensor]) -> Callable[..., Any]:
+        def with_weights(
+            live: list[torch.Tensor], bufs: dict[str, torch.Tensor] | None = None
+        ) -> Callable[..., Any]:
             current = list(params)
             for k, i in enumerate(stepped):
                 current[i] = live[k]
             # modules update buffers in place (running averages): on copies made here
-            tensors = {**{k: b.clone() for k, b in buffers.items()}, **dict(zip(names, current))}
+            copies = {k: b.clone() for k, b in (buffers if bufs is None else bufs).items()}
+            tensors = {**copies, **dict(zip(names, current))}
 
             def model(*args: Any, **kw: Any) -> Any:
                 return torch.func.functional_call(module, tensors, args, kw)
@@ -276,13 +267,9 @@ class MetaStep:
         tasks = self._tasks
         dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in batch)
 
-        def task_step(
-            live: list[torch.Tensor], states: list[Any], *data: Any
+        def update(
+            live: list[torch.Tensor], grads: list[torch.Tensor], states: list[Any]
         ) -> tuple[list[torch.Tensor], list[Any]]:
-            def inner_loss(live: list[torch.Tensor]) -> torch.Tensor:
-                return inner_fn(with_weights(live), *data, **kwargs)
-
-            grads = torch.func.grad(inner_loss)(live)
             full_p: list[torch.Tensor] = list(params)
             full_g: list[torch.Tensor | None] = [None] * len(params)
             for k, i in enumerate(stepped):
@@ -290,29 +277,47 @@ class MetaStep:
             result = plan.run(full_p, full_g, states)
             return [result.params[i] for i in stepped], result.states
 
-        def outer_task(live: list[torch.Tensor], *data: Any) -> torch.Tensor:
-            return outer_fn(with_weights(live), *data, **kwargs)
+        def task_loss(
+            fn: LossFn, live: list[torch.Tensor], bufs: dict[str, torch.Tensor], *data: Any
+        ) -> torch.Tensor:
+            return fn(with_weights(live, bufs), *data, **kwargs)
 
-        # With tasks, every task's step runs under vmap inside the loop body (vmap around the
-        # loop gives the carry a layout torch's scan refuses); the carry is stacked per task.
+        def all_losses(fn: LossFn, live: list[torch.Tensor]) -> torch.Tensor:
+            """Every task's loss (live stacked per task), one vmapped forward; buffers one
+            per task, as each task's own copy of the model would hold them."""
+            assert tasks is not None
+            bufs = {k: b.expand(tasks, *b.shape).clone() for k, b in buffers.items()}
+            run = torch.func.vmap(
+                functools.partial(task_loss, fn), in_dims=(0, 0, *dims), randomness="error"
+            )
+            return run(live, bufs, *batch)
+
         def step(
             live: list[torch.Tensor], states: list[Any], batched: bool = True
         ) -> tuple[list[torch.Tensor], list[Any]]:
             if tasks is None:
-                return task_step(live, states, *batch)
+                grads = torch.func.grad(
+                    lambda live: inner_fn(with_weights(live), *batch, **kwargs)
+                )(live)
+                return update(live, grads, states)
+            # The gradient of the sum of the tasks' losses w.r.t. the stacked weights is each
+            # task's gradient (task t's loss reads slice t only): grad of vmap, exact to any
+            # order with batch statistics too (vmap of grad is not). The rule runs per task.
+            if not batched:
+                live = [p.expand(tasks, *p.shape) for p in live]
+            grads = torch.func.grad(lambda live: all_losses(inner_fn, live).sum())(live)
             leaves, spec = flatten(states)  # vmap takes and returns tensors only
             out: dict[str, Any] = {}
 
-            def flat_step(
-                live: list[torch.Tensor], leaves: list[torch.Tensor], *data: Any
+            def flat_update(
+                live: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]
             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-                new_live, new_states = task_step(live, unflatten(spec, leaves), *data)
+                new_live, new_states = update(live, grads, unflatten(spec, leaves))
                 new_leaves, out["spec"] = flatten(new_states)
                 return new_live, new_leaves
 
-            in_dims = (0 if batched else None, 0 if batched else None, *dims)
-            run = torch.func.vmap(flat_step, in_dims=in_dims, randomness="error")
-            new_live, new_leaves = run(live, leaves, *batch)
+            run = torch.func.vmap(flat_update, in_dims=(0, 0, 0 if batched else None))
+            new_live, new_leaves = run(live, grads, leaves)
             return new_live, unflatten(out["spec"], new_leaves)
 
         live = [params[i] for i in stepped]
@@ -328,8 +333,8 @@ class MetaStep:
             for _ in range(steps - 1):
                 live, states = step(live, states)
         if tasks is None:
-            return outer_task(live, *batch)
-        return torch.func.vmap(outer_task, in_dims=(0, *dims))(live, *batch)
+            return outer_fn(with_weights(live), *batch, **kwargs)
+        return all_losses(outer_fn, live)
 
 
 def _tensor_counts(states: list[Any]) -> list[Any]:
