@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for c, timing_worker in zip(contenders, workers):
             if not runs(c.name, workload):
                 continue
-            worker = timing_worker if args.smoke else Worker(c, args)
+            worker = timing_worker if args.smoke or args.same_process_memory else Worker(c, args)
             path = tmp / f"{workload}-{len(grads[workload])}.pt"
             memory[workload][c.name] = worker.ask(op="memory", workload=workload, path=str(path))
             if worker is not timing_worker:
@@ -336,6 +336,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--backend", default="inductor", help="torch.compile backend of compile_meta_step"
+    )
+    parser.add_argument(
+        "--same-process-memory",
+        action="store_true",
+        help="memory and meta-gradients from the timing workers (quicker: no fresh process, "
+        "no second compile; the RSS figures then include what earlier steps left)",
     )
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS))
     parser.add_argument("--out", type=Path, default=HERE / "results")
