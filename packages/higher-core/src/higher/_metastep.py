@@ -110,6 +110,7 @@ class MetaStep:
         self._models: weakref.WeakKeyDictionary[torch.nn.Module, FunctionalModule]
         self._models = weakref.WeakKeyDictionary()
         self._unused: dict[Hashable, frozenset[int]] = {}
+        self._peel: dict[Hashable, bool] = {}
         self._fn: Callable[..., Any] = self._pure
         if compile:
             # a code object of its own, as compile_step does: other meta-steps neither evict
@@ -174,7 +175,8 @@ class MetaStep:
             )
         traced = plan._replace(options=[], requires_grad=[])
         if not self._compiled:
-            return self._fn(fmodule, names, params, buffers, traced, False, batch, kwargs)  # type: ignore[no-any-return]
+            return self._fn(fmodule, names, params, buffers, traced, None, batch, kwargs)  # type: ignore[no-any-return]
+        peel = self._first_step_apart(plan, params)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
             warnings.filterwarnings(
@@ -182,7 +184,7 @@ class MetaStep:
             )
             with fmodule.vacated():
                 try:
-                    return self._fn(fmodule, names, params, buffers, traced, True, batch, kwargs)  # type: ignore[no-any-return]
+                    return self._fn(fmodule, names, params, buffers, traced, peel, batch, kwargs)  # type: ignore[no-any-return]
                 except torch._dynamo.exc.Unsupported as err:
                     raise FastPathError(
                         "compile_meta_step could not trace the meta-step as one graph (control "
@@ -191,6 +193,24 @@ class MetaStep:
                         f"{str(err).splitlines()[0]}. Use compile_meta_step(..., compile=False) "
                         "or innerloop_ctx"
                     ) from err
+
+    def _first_step_apart(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
+        """Whether the first step must run before the loop: when it changes the state's form
+        (SGD's momentum buffer starts as None), which a loop's carry cannot. Found by one
+        step of the rule on detached copies, once per form of the initial state."""
+        before = [_form(s) for s in _tensor_counts([b.state for b in plan.buckets])]
+        key = (plan.name, repr(before))
+        known = self._peel.get(key)
+        if known is None:
+            with torch.no_grad():
+                copies = [p.detach() for p in params]
+                grads: list[torch.Tensor | None] = [None] * len(params)
+                for bucket in plan.buckets:
+                    for i in bucket.indices:
+                        grads[i] = torch.ones_like(copies[i])
+                after = plan.run(copies, grads).states
+            known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
+        return known
 
     def _functional(self, model: torch.nn.Module) -> FunctionalModule:
         """The functional copy whose forward the graph runs (made once per model); its modes
@@ -244,11 +264,13 @@ class MetaStep:
         params: list[torch.Tensor],
         buffers: dict[str, torch.Tensor],
         plan: StepPlan,
-        use_scan: bool,
+        peel: bool | None,
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        """The meta-step as a pure function of its inputs (what torch.compile traces)."""
+        """The meta-step as a pure function of its inputs (what torch.compile traces). `peel`:
+        None runs the steps as a Python loop; else they run in a scan, the first one before
+        it when `peel` is True."""
         inner_fn, outer_fn, steps = self._inner, self._outer, self._steps
         stepped = sorted(i for bucket in plan.buckets for i in bucket.indices)
 
@@ -325,19 +347,32 @@ class MetaStep:
 
         live = [params[i] for i in stepped]
         states = [bucket.state for bucket in plan.buckets]
-        if tasks is not None or use_scan:  # inside vmap or the loop a count must be a tensor
+        if tasks is not None or peel is not None:  # in vmap or a loop, counts are tensors
             states = _tensor_counts(states)
-        # the first step outside the loop: it creates state (momentum buffers) and makes the
-        # carry depend on the data (and the task), as it does in every later step
-        live, states = step(live, states, batched=False)
-        if use_scan and steps > 1:
-            live = _loop(step, live, states, steps - 1)
+        if peel is None:
+            for k in range(steps):
+                live, states = step(live, states, batched=k > 0)
+        elif peel or steps == 1:
+            # the first step apart: it creates state (momentum buffers), and it makes the
+            # carry depend on the data (and the task), as every later step does
+            live, states = step(live, states, batched=False)
+            if steps > 1:
+                live = _loop(step, live, states, steps - 1)
         else:
-            for _ in range(steps - 1):
-                live, states = step(live, states)
+            if tasks is not None:  # the carry is stacked per task from the start
+                live = [p.expand(tasks, *p.shape) for p in live]
+                leaves, spec = flatten(states)
+                states = unflatten(spec, [t.expand(tasks, *t.shape) for t in leaves])
+            live = _loop(step, live, states, steps)
         if tasks is None:
             return outer_fn(with_weights(live), *batch, **kwargs)
         return all_losses(outer_fn, live)
+
+
+def _form(state: Any) -> Any:
+    """What a loop's carry must keep of a state: its structure, shapes and dtypes."""
+    leaves, spec = flatten(state)
+    return repr(spec), [(tuple(t.shape), t.dtype) for t in leaves]
 
 
 def _tensor_counts(states: list[Any]) -> list[Any]:
