@@ -22,7 +22,16 @@ def test_every_public_name_imports_and_is_documented(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["higher", "higher._compiled", "higher._context", "higher._errors", "higher.utils"]
+    "module",
+    [
+        "higher",
+        "higher._compiled",
+        "higher._context",
+        "higher._errors",
+        "higher._batched",
+        "higher._metastep",
+        "higher.utils",
+    ],
 )
 def test_docstring_examples_run(module: str) -> None:
     mod = importlib.import_module(module)
