@@ -175,8 +175,12 @@ class MetaStep:
             )
         traced = plan._replace(options=[], requires_grad=[])
         if not self._compiled:
-            return self._fn(fmodule, names, params, buffers, traced, None, batch, kwargs)  # type: ignore[no-any-return]
-        peel = self._first_step_apart(plan, params)
+            return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
+        start = None
+        if self._first_step_apart(plan, params):
+            # eagerly, before the graph: inductor's meta-gradient through a scan that starts
+            # from a step traced in the same graph was wrong (torch 2.13; aot_eager right)
+            start = self._pure(fmodule, names, params, buffers, traced, "first", batch, kwargs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
             warnings.filterwarnings(
@@ -184,7 +188,9 @@ class MetaStep:
             )
             with fmodule.vacated():
                 try:
-                    return self._fn(fmodule, names, params, buffers, traced, peel, batch, kwargs)  # type: ignore[no-any-return]
+                    return self._fn(  # type: ignore[no-any-return]
+                        fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
+                    )
                 except torch._dynamo.exc.Unsupported as err:
                     raise FastPathError(
                         "compile_meta_step could not trace the meta-step as one graph (control "
@@ -264,13 +270,16 @@ class MetaStep:
         params: list[torch.Tensor],
         buffers: dict[str, torch.Tensor],
         plan: StepPlan,
-        peel: bool | None,
+        mode: str,
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        """The meta-step as a pure function of its inputs (what torch.compile traces). `peel`:
-        None runs the steps as a Python loop; else they run in a scan, the first one before
-        it when `peel` is True."""
+        start: tuple[list[torch.Tensor], list[Any]] | None = None,
+    ) -> Any:
+        """The meta-step as a pure function of its inputs (what torch.compile traces).
+
+        `mode` "loop": the steps as a Python loop; "scan": in a scan, from `start` (the
+        weights and state after the first step) when given; "first": only the first step,
+        returning the weights and state after it."""
         inner_fn, outer_fn, steps = self._inner, self._outer, self._steps
         stepped = sorted(i for bucket in plan.buckets for i in bucket.indices)
 
@@ -347,15 +356,15 @@ class MetaStep:
 
         live = [params[i] for i in stepped]
         states = [bucket.state for bucket in plan.buckets]
-        if tasks is not None or peel is not None:  # in vmap or a loop, counts are tensors
+        if tasks is not None or mode != "loop":  # in vmap or a loop, counts are tensors
             states = _tensor_counts(states)
-        if peel is None:
+        if mode == "first":
+            return step(live, states, batched=False)
+        if mode == "loop":
             for k in range(steps):
                 live, states = step(live, states, batched=k > 0)
-        elif peel or steps == 1:
-            # the first step apart: it creates state (momentum buffers), and it makes the
-            # carry depend on the data (and the task), as every later step does
-            live, states = step(live, states, batched=False)
+        elif start is not None:
+            live, states = start
             if steps > 1:
                 live = _loop(step, live, states, steps - 1)
         else:
@@ -397,29 +406,43 @@ def _loop(
     states: list[Any],
     n: int,
 ) -> list[torch.Tensor]:
-    """`n` more steps in one `scan`. Every carried tensor travels flat (1-D) and contiguous:
-    torch's scan backward compares the strides of size-one dimensions, which autograd does
-    not keep (a (40, 1) weight failed as its gradient's strides differed)."""
+    """`n` more steps in one `scan`. The carry is one flat buffer per dtype and device (the
+    weights and the state's tensors concatenated): a few loop variables instead of dozens
+    (each costs the compiled loop checks and copies per iteration), and no size-one
+    dimension, whose strides torch's scan backward compares literally (a (40, 1) weight
+    failed there, as its gradient's strides differed)."""
     from torch._higher_order_ops.scan import scan
 
     state_leaves, spec = flatten(states)
-    shapes = [t.shape for t in live] + [t.shape for t in state_leaves]
+    tensors = [*live, *state_leaves]
+    shapes = [t.shape for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    members = list(groups.values())
     n_live = len(live)
 
-    def body(carry: list[torch.Tensor], _: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        tensors = [c.view(s) for c, s in zip(carry, shapes)]
-        new_live, new_states = step(tensors[:n_live], unflatten(spec, tensors[n_live:]))
-        leaves, _spec = flatten(new_states)
-        # no output may alias an input (a state field the rule passes through unchanged)
-        out = [
-            (o.clone() if o is t else o).reshape(-1) for o, t in zip([*new_live, *leaves], tensors)
-        ]
-        return out, torch.zeros((), dtype=carry[0].dtype, device=carry[0].device)
+    def pack(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat([ts[i].reshape(-1) for i in idx]) for idx in members]
 
-    init = [t.reshape(-1).clone() for t in [*live, *state_leaves]]
-    xs = torch.zeros(n, device=init[0].device)
-    final, _ = scan(body, init, xs)
-    return [f.view(s) for f, s in zip(final[:n_live], shapes[:n_live])]
+    def unpack(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
+        for buffer, idx in zip(buffers, members):
+            parts = torch.split(buffer, [sizes[i] for i in idx])
+            for i, part in zip(idx, parts):
+                out[i] = part.view(shapes[i])
+        return out
+
+    def body(carry: list[torch.Tensor], _: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ts = unpack(carry)
+        new_live, new_states = step(ts[:n_live], unflatten(spec, ts[n_live:]))
+        leaves, _spec = flatten(new_states)
+        return pack([*new_live, *leaves]), torch.zeros((), device=carry[0].device)
+
+    xs = torch.zeros(n, device=tensors[0].device)
+    final, _ = scan(body, pack(tensors), xs)
+    return unpack(final)[:n_live]
 
 
 def compile_meta_step(
