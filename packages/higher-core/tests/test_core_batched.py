@@ -180,3 +180,14 @@ def test_refusals_are_clear() -> None:
         higher.batched_innerloop_ctx(model, Plain(model.parameters(), lr=0.1), tasks=2),
     ):
         pass
+
+
+@pytest.mark.cuda
+def test_on_cuda_equals_the_per_task_loop() -> None:
+    x, y = (t.cuda() for t in regression())
+    grads = []
+    for run in (per_task_loop, batched_loop):
+        model = mlp().cuda()
+        meta, _ = run(model, OPTIMIZERS["adam"](model.parameters()), x, y, F.mse_loss, 3)
+        grads.append(torch.autograd.grad(meta, list(model.parameters())))
+    assert_close(grads[0], grads[1])

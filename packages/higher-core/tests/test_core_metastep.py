@@ -180,3 +180,18 @@ def test_refusals_are_clear() -> None:
     with pytest.raises(higher.FastPathError, match="rule-based"):
         loop(model, Plain(model.parameters()), x, y)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not COMPILES, reason="the compiled form needs torch >= 2.13 (tested above)")
+def test_on_cuda_the_compiled_form_equals_the_loop() -> None:
+    x, y = (t.cuda() for t in data())
+    got = []
+    for compiled in (False, True):
+        model = mlp().cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        meta = higher.compile_meta_step(mse, mse, steps=STEPS, tasks=TASKS, compile=compiled)
+        got.append(
+            list(torch.autograd.grad(meta(model, opt, x, y).sum(), list(model.parameters())))
+        )
+    assert_close(got[1], got[0])

@@ -357,7 +357,7 @@ class MetaStep:
         live = [params[i] for i in stepped]
         states = [bucket.state for bucket in plan.buckets]
         if tasks is not None or mode != "loop":  # in vmap or a loop, counts are tensors
-            states = _tensor_counts(states)
+            states = _tensor_counts(states, params[0].device if params else None)
         if mode == "first":
             return step(live, states, batched=False)
         if mode == "loop":
@@ -384,13 +384,13 @@ def _form(state: Any) -> Any:
     return repr(spec), [(tuple(t.shape), t.dtype) for t in leaves]
 
 
-def _tensor_counts(states: list[Any]) -> list[Any]:
-    """The states with every step count (a Python number) made a float64 tensor: inside the
-    loop the body is traced once, so a count must be a value of the carry, not a constant."""
+def _tensor_counts(states: list[Any], device: torch.device | None = None) -> list[Any]:
+    """The states with every step count (a Python number) made a float64 tensor (on `device`):
+    inside the loop the body is traced once, so a count must be a value of the carry."""
 
     def walk(x: Any) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return torch.tensor(float(x), dtype=torch.float64)
+            return torch.tensor(float(x), dtype=torch.float64, device=device)
         if isinstance(x, tuple) and hasattr(x, "_fields"):
             return type(x)(*[walk(v) for v in x])
         if isinstance(x, (list, tuple)):
