@@ -177,9 +177,11 @@ class MetaStep:
         if not self._compiled:
             return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
         start = None
-        if self._first_step_apart(plan, params):
+        if self._tasks is not None or self._first_step_apart(plan, params):
             # eagerly, before the graph: inductor's meta-gradient through a scan that starts
-            # from a step traced in the same graph was wrong (torch 2.13; aot_eager right)
+            # from a step traced in the same graph was wrong, and with tasks through a scan
+            # that starts from the expanded initial weights and state (Adam; torch 2.13,
+            # aot_eager right in both)
             start = self._pure(fmodule, names, params, buffers, traced, "first", batch, kwargs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
@@ -367,11 +369,8 @@ class MetaStep:
             live, states = start
             if steps > 1:
                 live = _loop(step, live, states, steps - 1)
-        else:
-            if tasks is not None:  # the carry is stacked per task from the start
-                live = [p.expand(tasks, *p.shape) for p in live]
-                leaves, spec = flatten(states)
-                states = unflatten(spec, [t.expand(tasks, *t.shape) for t in leaves])
+        else:  # with tasks, the first step always runs apart (see __call__)
+            assert tasks is None
             live = _loop(step, live, states, steps)
         if tasks is None:
             return outer_fn(with_weights(live), *batch, **kwargs)
