@@ -118,6 +118,11 @@ class MetaStep:
             pure = MetaStep._pure
             code = pure.__code__.replace(co_name=f"_meta_step_{id(self)}")
             own = types.FunctionType(code, pure.__globals__, code.co_name, pure.__defaults__)
+            inductor = compile_kwargs.get("backend", "inductor") == "inductor"
+            if inductor and not {"mode", "options"} & set(compile_kwargs):
+                # the loop body's generated wrapper checks every tensor's size and stride at
+                # every iteration; dynamo's guards check the inputs once per call
+                compile_kwargs["options"] = {"size_asserts": False}
             self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
 
     @property
