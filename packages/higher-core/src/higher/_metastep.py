@@ -333,20 +333,28 @@ class MetaStep:
             )
             return run(live, bufs, *batch)
 
+        def gradient(
+            fn: Callable[[list[torch.Tensor]], torch.Tensor], live: list[torch.Tensor]
+        ) -> Any:
+            if mode != "first":  # traced: torch.func's transform, one graph
+                return torch.func.grad(fn)(live)
+            # the step before the graph runs eagerly: plain autograd, which (unlike torch.func)
+            # also runs under saved-tensor hooks (activation offloading, memory probes)
+            with torch.enable_grad():
+                return torch.autograd.grad(fn(live), live, create_graph=True)
+
         def step(
             live: list[torch.Tensor], states: list[Any], batched: bool = True
         ) -> tuple[list[torch.Tensor], list[Any]]:
             if tasks is None:
-                grads = torch.func.grad(
-                    lambda live: inner_fn(with_weights(live), *batch, **kwargs)
-                )(live)
-                return update(live, grads, states)
+                grads = gradient(lambda live: inner_fn(with_weights(live), *batch, **kwargs), live)
+                return update(live, list(grads), states)
             # The gradient of the sum of the tasks' losses w.r.t. the stacked weights is each
             # task's gradient (task t's loss reads slice t only): grad of vmap, exact to any
             # order with batch statistics too (vmap of grad is not). The rule runs per task.
             if not batched:
                 live = [p.expand(tasks, *p.shape) for p in live]
-            grads = torch.func.grad(lambda live: all_losses(inner_fn, live).sum())(live)
+            grads = gradient(lambda live: all_losses(inner_fn, live).sum(), live)
             leaves, spec = flatten(states)  # vmap takes and returns tensors only
             out: dict[str, Any] = {}
 
