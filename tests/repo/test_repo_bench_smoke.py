@@ -84,10 +84,16 @@ def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
-    assert set(rows["conv-sgd"]) == {"higher (this)", "torch.func", "higher (this), vmap"}
+    assert set(rows["conv-sgd"]) == {
+        "higher (this)",
+        "torch.func",
+        "higher (this), vmap",
+        "higher (this), compile_meta_step",
+    }
     assert "higher (this), vmap" not in rows["long"]  # one task: nothing to batch
     for workload, name in [
         ("conv-sgd", "higher (this), vmap"),  # BatchNorm in training mode, batched: exact
+        ("conv-sgd", "higher (this), compile_meta_step"),  # and compiled
         ("sine-32", "higher (this), vmap"),
         ("sine-32", "higher (this), compile_meta_step"),
         ("long", "higher (this), compile_meta_step"),
