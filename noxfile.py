@@ -231,9 +231,10 @@ def cuda(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: functional-module overhead (plain, torch.func, higher 0.2.1), then the suite
     against the peers (benchmarks/peers.py: higher 0.2.1 and TorchOpt 0.7.3 each in its own
-    venv, this project eager and with higher.compile_step, hand-written torch.func), and the
-    implicit-differentiation benchmarks (benchmarks/implicit.py against TorchOpt,
-    benchmarks/implicit_vs_unroll.py) into benchmarks/results/. Arguments after `--`
+    venv, this project eager, with higher.compile_step, with batched tasks (vmap) and with
+    higher.compile_meta_step, hand-written torch.func), and the implicit-differentiation
+    benchmarks (benchmarks/implicit.py against TorchOpt, benchmarks/implicit_vs_unroll.py) into
+    benchmarks/results/. Arguments after `--`
     go to peers.py (e.g. `nox -s bench -- --rounds 3`, `-- --device cuda`)."""
     _install_workspace(session, TORCH_AT_HAND)
     python = _peer_venvs(session)
@@ -248,6 +249,7 @@ def bench(session: nox.Session) -> None:
         "--torchopt-python",
         python["torchopt"],
         "--compiled",
+        "--fast-paths",
         *session.posargs,
     )
     # One implicit hypergradient: higher.implicit vs TorchOpt's custom_root (same TorchOpt venv),

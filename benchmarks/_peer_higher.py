@@ -9,7 +9,9 @@ With `--compiled` (this project only) each inner step is `higher.compile_step`'s
 graph per step, made once per workload and reused by every meta-step after the warm-up. With
 `--unroll MODE` (this project only: memory.py) the inner loop runs in that memory mode
 ("recompute", "recompute-C": every C-th state kept, "truncated-W", "forward"), each step's loss
-given as a closure.
+given as a closure. With `--batched` the tasks run at once: `higher.batched_innerloop_ctx` (vmap
+over tasks), the same loop over stacked task data. With `--meta-step` the whole meta-step is one
+compiled graph (`higher.compile_meta_step`, tasks vmapped inside it), made once per workload.
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ def _mode(name: str | None) -> Any:
 def build(problem: Problem) -> MetaStep:
     import higher
 
-    unroll = _mode(worker_args().unroll)
+    args = worker_args()
+    if args.batched:
+        return _batched(problem)
+    if args.meta_step:
+        return _meta_step(problem, args.backend)
+    unroll = _mode(args.unroll)
     modes = {} if unroll is None else {"unroll": unroll}
     step = None
-    if worker_args().compiled:
+    if args.compiled:
         if problem.name not in _COMPILED:
             loss = problem.loss
             _COMPILED[problem.name] = higher.compile_step(lambda m, x, y: loss(m(x), y))
@@ -98,6 +105,73 @@ def build(problem: Problem) -> MetaStep:
 
     if step is not None:
         meta_step()  # compiles the step (seconds), kept out of every measurement
+    return meta_step
+
+
+def _optimizer(problem: Problem) -> tuple[torch.optim.Optimizer, list[torch.Tensor], Any]:
+    """This project's optimizer for `problem`, what the meta-gradient is taken of, override."""
+    params: list[torch.Tensor] = list(problem.model.parameters())
+    if problem.wrt == "lr":  # Meta-SGD: one group, lr a list of tensors, one per parameter
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=problem.lr)
+        return opt, problem.lrs, {"lr": [problem.lrs]}
+    if problem.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=problem.lr, betas=problem.betas, eps=problem.eps)
+        return opt, params, None
+    return torch.optim.SGD(params, lr=problem.lr), params, None
+
+
+def _stacked(problem: Problem) -> list[torch.Tensor]:
+    """The tasks' (support x, support y, query x, query y), each stacked over tasks."""
+    return [torch.stack(parts) for parts in zip(*problem.tasks)]
+
+
+def _batched(problem: Problem) -> MetaStep:
+    """Every task at once: batched_innerloop_ctx, the per-task losses from torch.vmap."""
+    import higher
+
+    model, loss = problem.model, torch.vmap(problem.loss)
+    opt, wrt, override = _optimizer(problem)
+    hpo = problem.wrt == "lr"
+    xs, ys, xq, yq = _stacked(problem)
+    n_tasks = len(problem.tasks)
+
+    def meta_step() -> list[torch.Tensor]:
+        with higher.batched_innerloop_ctx(
+            model, opt, tasks=n_tasks, copy_initial_weights=hpo, override=override
+        ) as (fmodel, diffopt):
+            for _ in range(problem.steps):
+                diffopt.step(loss(fmodel(xs), ys))
+            meta_loss = loss(fmodel(xq), yq).sum() / n_tasks
+            return list(torch.autograd.grad(meta_loss, wrt))
+
+    return meta_step
+
+
+def _meta_step(problem: Problem, backend: str) -> MetaStep:
+    """The whole meta-step compiled: compile_meta_step, tasks vmapped inside the graph."""
+    import higher
+
+    loss = problem.loss
+
+    def inner(m: Any, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+              yq: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return loss(m(xs), ys)
+
+    def outer(m: Any, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+              yq: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return loss(m(xq), yq)
+
+    n_tasks = len(problem.tasks)
+    tasks = n_tasks if n_tasks > 1 else None
+    batch = _stacked(problem) if tasks else list(problem.tasks[0])
+    meta = higher.compile_meta_step(inner, outer, steps=problem.steps, tasks=tasks,
+                                    backend=backend)  # fmt: skip
+    opt, wrt, override = _optimizer(problem)
+
+    def meta_step() -> list[torch.Tensor]:
+        meta_loss = meta(problem.model, opt, *batch, override=override).sum() / n_tasks
+        return list(torch.autograd.grad(meta_loss, wrt))
+
     return meta_step
 
 

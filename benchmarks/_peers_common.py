@@ -28,6 +28,8 @@ WORKLOADS: dict[str, str] = {
     "conv-sgd": "4×conv64+BN+ReLU+pool, 28×28×1, 5-way, 4 tasks, 5+15 shots, 5 SGD steps",
     "conv-adam": "same conv net and tasks, 5 Adam steps (torch.optim-exact Adam)",
     "sine": "MLP 1→40→40→1, 8 tasks, 10 shots, 10 SGD steps",
+    "sine-32": "the sine workload with 32 tasks (the tasks axis)",
+    "sine-128": "the sine workload with 128 tasks",
     "long": "MLP 8→32→32→1, 1 task, 100 SGD steps",
     "hpo": "per-parameter learning rates of an MLP 8→32→32→1, 50-step SGD unroll",
 }
@@ -63,9 +65,12 @@ class Sizes:
     hpo_steps: int = 50
     mlp_width: int = 256  # memory.py's MLP
 
+    #: tasks of the sine-32 and sine-128 workloads (the tasks axis)
+    sine_more: tuple[int, int] = (32, 128)
+
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(8, 1, 5, 1, 1, 2, 2, 4, 2, 4, 4, mlp_width=16)
+        return cls(8, 1, 5, 1, 1, 2, 2, 4, 2, 4, 4, mlp_width=16, sine_more=(3, 4))
 
 
 @dataclass
@@ -146,10 +151,12 @@ def make_problem(
             1e-3 if adam else 0.4,
             s.conv_steps,
         )
-    elif name == "sine":
+    elif name.startswith("sine"):
         model = mlp(1, 40, 40, 1)
         tasks = []
-        for _ in range(sizes.sine_tasks):
+        n_tasks = {"sine": sizes.sine_tasks, "sine-32": sizes.sine_more[0],
+                   "sine-128": sizes.sine_more[1]}[name]  # fmt: skip
+        for _ in range(n_tasks):
             amp, phase = (
                 0.1 + 4.9 * torch.rand(1, generator=gen),
                 torch.pi * torch.rand(1, generator=gen),
@@ -338,6 +345,9 @@ def worker_args() -> argparse.Namespace:
     parser.add_argument("--compiled", action="store_true", help="this project: compile_step")
     parser.add_argument("--unroll", help="this project: the memory mode (memory.py)")
     parser.add_argument("--variant", default="", help="which API or solver a contender uses")
+    parser.add_argument("--batched", action="store_true", help="this project: batched tasks")
+    parser.add_argument("--meta-step", action="store_true", help="this project: compile_meta_step")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     return parser.parse_args()
 
 
@@ -368,14 +378,18 @@ def serve_problems(
     args = worker_args()
     torch.set_num_threads(args.threads)
     steps: dict[str, MetaStep] = {}
+    first: dict[str, float] = {}  # seconds of the build and first meta-step (compiling, if any)
 
     def problem(workload: str, dtype: torch.dtype = torch.float32) -> P:
         return make(workload, args.smoke, args.device, dtype)
 
     def step_of(workload: str) -> MetaStep:
         if workload not in steps:
+            start = time.perf_counter()
             steps[workload] = build(problem(workload))
             steps[workload]()  # warm-up
+            sync(args.device)
+            first[workload] = time.perf_counter() - start
         return steps[workload]
 
     for line in sys.stdin:
@@ -393,8 +407,9 @@ def serve_problems(
                 "python": sys.version.split()[0],
             }
         elif op == "time":
-            answer = {"seconds": time_step(step_of(request["workload"]), args.device,
-                                           int(request.get("reps", 1)))}  # fmt: skip
+            workload = request["workload"]
+            seconds = time_step(step_of(workload), args.device, int(request.get("reps", 1)))
+            answer = {"seconds": seconds, "first_s": first[workload]}
         elif op == "grad":
             dtype = getattr(torch, request.get("dtype", "float32"))
             _save(build(problem(request["workload"], dtype))(), request["path"])

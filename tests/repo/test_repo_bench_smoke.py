@@ -34,7 +34,7 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
     assert "| workload | contender |" in table
     assert (tmp_path / "peers.png").stat().st_size > 1000
     result = json.loads((tmp_path / "peers.json").read_text())
-    workloads = {"conv-sgd", "conv-adam", "sine", "long", "hpo"}
+    workloads = {"conv-sgd", "conv-adam", "sine", "sine-32", "sine-128", "long", "hpo"}
     assert set(result["rows"]) == workloads
     for workload, rows in result["rows"].items():
         assert set(rows) == {"higher (this)", "torch.func"}, workload
@@ -67,6 +67,56 @@ def test_compiled_contender_smoke(tmp_path: Path) -> None:
         assert compiled["max_rel_diff"] < 1e-4, (workload, compiled)
         assert compiled["max_rel_diff_f64"] < 1e-3, (workload, compiled)
         assert compiled["median_ms"] > 0
+
+
+@pytest.mark.skipif(torch_version() < (2, 13), reason="compile_meta_step needs torch >= 2.13")
+def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
+    """The batched-tasks (vmap) and compile_meta_step contenders (aot_eager: what inductor
+    compiles, traced in seconds) run the workloads they accept, their meta-gradients match
+    torch.func's, and the first meta-step's seconds are reported."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "peers.py"), "--smoke", "--threads", "1", "--fast-paths",
+         "--backend", "aot_eager", "--workloads", "conv-sgd", "sine-32", "long", "--out",
+         str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    assert set(rows["conv-sgd"]) == {
+        "higher (this)",
+        "torch.func",
+        "higher (this), vmap",
+        "higher (this), compile_meta_step",
+    }
+    assert "higher (this), vmap" not in rows["long"]  # one task: nothing to batch
+    for workload, name in [
+        ("conv-sgd", "higher (this), vmap"),  # BatchNorm in training mode, batched: exact
+        ("conv-sgd", "higher (this), compile_meta_step"),  # and compiled
+        ("sine-32", "higher (this), vmap"),
+        ("sine-32", "higher (this), compile_meta_step"),
+        ("long", "higher (this), compile_meta_step"),
+    ]:
+        row = rows[workload][name]
+        assert row["max_rel_diff"] < 1e-4, (workload, name, row)
+        assert row["max_rel_diff_f64"] < 1e-3, (workload, name, row)
+        assert row["median_ms"] > 0 and row["first_s"] > 0
+    table = (tmp_path / "peers.md").read_text()
+    assert "| first s |" in table and "compile_meta_step" in table
+
+
+@pytest.mark.skipif(torch_version() < (2, 13), reason="compile_meta_step needs torch >= 2.13")
+def test_meta_step_compile_time_smoke() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "meta_step_compile.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    k, cold, warm, run = done.stdout.splitlines()[-1].split()
+    assert k == "2" and float(cold) > 0 and float(warm) > 0 and float(run) > 0
 
 
 @pytest.mark.skipif(torch_version() < (2, 3), reason="compile_step needs torch >= 2.3")

@@ -33,6 +33,8 @@ def test_every_public_name_imports_and_is_documented(module: str) -> None:
         "higher.utils",
         "higher.distributed",
         "higher._distributed",
+        "higher._batched",
+        "higher._metastep",
     ],
 )
 def test_docstring_examples_run(module: str) -> None:

@@ -22,11 +22,17 @@ from higher import implicit as implicit
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
+from higher._batched import BatchedModule as BatchedModule
+from higher._batched import BatchedOptimizer as BatchedOptimizer
+from higher._batched import batched_innerloop_ctx as batched_innerloop_ctx
 from higher._compiled import CompiledStep as CompiledStep
 from higher._compiled import compile_step as compile_step
 from higher._context import innerloop_ctx as innerloop_ctx
+from higher._errors import FastPathError as FastPathError
 from higher._errors import UnrollError as UnrollError
 from higher._errors import UsageError as UsageError
+from higher._metastep import MetaStep as MetaStep
+from higher._metastep import compile_meta_step as compile_meta_step
 from higher._modes import ForwardMode as ForwardMode
 from higher._modes import Full as Full
 from higher._modes import Recompute as Recompute
@@ -48,6 +54,11 @@ __all__ = [
     "Recompute",
     "Truncated",
     "ForwardMode",
+    "compile_meta_step",
+    "MetaStep",
+    "batched_innerloop_ctx",
+    "BatchedModule",
+    "BatchedOptimizer",
     "monkeypatch",
     "get_diff_optim",
     "create_diff_optim",
@@ -56,6 +67,7 @@ __all__ = [
     "HigherWarning",
     "UsageError",
     "UnrollError",
+    "FastPathError",
     "errors",
     "distributed",
     "implicit",

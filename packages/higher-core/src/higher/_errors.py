@@ -120,3 +120,19 @@ class UnrollError(HigherError, ValueError):
         ...         print(str(err)[:46])
         unroll='recompute' rebuilds each step during t
     """
+
+
+class FastPathError(HigherError, ValueError):
+    """A fast path (batched tasks, the compiled meta-step) refused its input: a value of the
+    wrong shape, or a model, optimizer or torch it cannot run exactly (also a `ValueError`).
+
+    Examples:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> try:
+        ...     with higher.batched_innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1),
+        ...                                       tasks=0):
+        ...         pass
+        ... except higher.FastPathError as err:
+        ...     print(err)
+        tasks must be a positive int (the number of tasks batched), got 0
+    """

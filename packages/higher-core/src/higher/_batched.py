@@ -1,0 +1,482 @@
+"""Batched tasks: the ordinary inner loop, run for many tasks at once with `torch.func.vmap`.
+
+`batched_innerloop_ctx(model, opt, tasks=T)` yields a `BatchedModule` (fast weights with a
+leading task dimension, a forward vmapped over tasks) and a `BatchedOptimizer` (the twin of
+`opt`, whose update rule runs per task under vmap through the step protocol). One step of the
+batched loop computes what `T` separate inner loops compute, task for task.
+
+Why the gradients are exact: the per-task losses come out of one vmapped forward, and task
+`t`'s loss depends on task `t`'s slice of the stacked weights only, so the gradient of their
+sum with respect to the stacked weights is, slice by slice, each task's own gradient (plain
+autograd through the vmapped forward, to any order). `vmap(grad(...))`, the other way round,
+is not used: its second-order gradient through batch statistics (BatchNorm in training mode)
+was measured wrong on torch 2.13.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
+from higher.optim import FunctionalModel as FunctionalModel
+from higher.patch import FunctionalModule, monkeypatch
+
+from ._errors import FastPathError, UsageError
+from ._trees import flatten, map_fields, unflatten
+
+Params = Sequence[torch.Tensor]
+
+
+class BatchedModule:
+    """A functional model for `tasks` tasks at once: each fast weight (and buffer) carries a
+    leading task dimension, and a call runs the model's forward once per task under
+    `torch.func.vmap`. Made by `higher.batched_innerloop_ctx`.
+
+    Positional tensor arguments carry the task dimension first (`x[t]` is task `t`'s input);
+    keyword arguments and non-tensor arguments are shared by every task. Buffers (BatchNorm's
+    running statistics) are one per task, updated as each task's own copy would be. Random ops
+    (dropout) draw independently per task.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> with higher.batched_innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1),
+        ...                                   tasks=4) as (fmodel, diffopt):
+        ...     out = fmodel(torch.ones(4, 10, 3))
+        >>> out.shape, fmodel.fast_params[0].shape
+        (torch.Size([4, 10, 1]), torch.Size([4, 1, 3]))
+    """
+
+    def __init__(
+        self, module: FunctionalModule, tasks: int, randomness: str, anchored: bool
+    ) -> None:
+        self._module = module
+        self._tasks = tasks
+        self._randomness = randomness
+        named = module.named_fast_params()
+        self._names = tuple(named)
+        self._specs = [(p.shape, p.dtype, p.device) for p in named.values()]
+        self._track = module.track_higher_grads
+        initial = [p.expand(tasks, *p.shape) for p in named.values()]
+        # With copy_initial_weights=False and first-order steps: what gradients pass through.
+        self._anchor = initial if anchored and not self._track else None
+        self._history: list[list[torch.Tensor]] = [initial]
+        buffers = dict(module.named_buffers())
+        self._buffer_names = tuple(buffers)
+        self._buffers = [b.unsqueeze(0).repeat(tasks, *[1] * b.dim()) for b in buffers.values()]
+
+    # ---- calling -----------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
+        """Run the forward of every task: positional tensors carry the task dimension first."""
+        if params is not None:
+            self.update_params(params)
+        in_dims: list[int | None] = [0, 0]
+        for k, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor):
+                if arg.dim() == 0 or arg.shape[0] != self._tasks:
+                    raise FastPathError(
+                        f"positional argument {k} has shape {tuple(arg.shape)}; a batched model "
+                        f"takes one input per task, shape ({self._tasks}, ...): pass a tensor "
+                        "shared by every task as a keyword argument, or expand it"
+                    )
+                in_dims.append(0)
+            else:
+                in_dims.append(None)
+        module, names, buffer_names = self._module, self._names, self._buffer_names
+
+        def one(params: list[torch.Tensor], buffers: list[torch.Tensor], *xs: Any) -> Any:
+            tensors = {**dict(zip(names, params)), **dict(zip(buffer_names, buffers))}
+            return torch.func.functional_call(module, tensors, xs, kwargs)
+
+        run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
+        return run(self._history[-1], self._buffers, *args)
+
+    # ---- fast weights ------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> int:
+        """The number of tasks (the size of every fast weight's leading dimension)."""
+        return self._tasks
+
+    @property
+    def fast_params(self) -> list[torch.Tensor]:
+        """The current fast weights, each of shape `(tasks, *parameter shape)`."""
+        return list(self._history[-1])
+
+    def parameters(self, time: int | None = None) -> Iterator[torch.Tensor]:
+        """Iterate over the stacked fast weights at step `time` (the latest by default).
+
+        Example:
+            >>> net = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> with higher.batched_innerloop_ctx(net, opt, tasks=3) as (fmodel, diffopt):
+            ...     _ = diffopt.step(torch.vmap(lambda y: y.pow(2).sum())(
+            ...         fmodel(torch.ones(3, 5, 2))))
+            >>> [p.shape[0] for p in fmodel.parameters(time=1)]
+            [3, 3]
+        """
+        return iter(self._at(time))
+
+    def named_fast_params(self, time: int | None = None) -> dict[str, torch.Tensor]:
+        """The stacked fast weights at step `time` by parameter name."""
+        return dict(zip(self._names, self._at(time)))
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers, one per task (leading dimension), by name."""
+        return dict(zip(self._buffer_names, self._buffers))
+
+    def _at(self, time: int | None) -> list[torch.Tensor]:
+        if time is None:
+            return self._history[-1]
+        n = len(self._history)
+        if isinstance(time, bool) or not isinstance(time, int) or not -n <= time < n:
+            raise FastPathError(
+                f"time={time!r} is not available: {n} step(s) kept (valid times {-n}..{n - 1}"
+                + ("" if self._track else "; with track_higher_grads=False only the latest")
+                + ")"
+            )
+        return self._history[time]
+
+    def update_params(self, params: Params) -> None:
+        """Make `params` (one stacked tensor per parameter) the current fast weights."""
+        checked = self._check(params)
+        if self._track:
+            self._history.append(checked)
+        else:
+            if self._anchor is not None:  # first order: gradients pass to the initial weights
+                checked = [
+                    q.detach() + (a - a.detach()) if a.requires_grad else q
+                    for q, a in zip(checked, self._anchor)
+                ]
+            self._history = [checked]
+
+    def _check(self, params: Params) -> list[torch.Tensor]:
+        params = list(params)
+        if len(params) != len(self._specs):
+            raise FastPathError(
+                f"got {len(params)} fast weights; expected {len(self._specs)} (one per "
+                f"parameter: {', '.join(self._names)})"
+            )
+        for i, (p, (shape, dtype, device)) in enumerate(zip(params, self._specs)):
+            want = (self._tasks, *shape)
+            if not isinstance(p, torch.Tensor) or p.shape != want:
+                got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise FastPathError(
+                    f"fast weight {i} ({self._names[i]}) is {got}; expected shape {want}: the "
+                    "parameter's shape with the task dimension first"
+                )
+            if p.dtype != dtype or p.device != device:
+                raise FastPathError(
+                    f"fast weight {i} ({self._names[i]}) is {p.dtype} on {p.device}; expected "
+                    f"{dtype} on {device}"
+                )
+        return params
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether every step's fast weights are kept (for higher-order gradients)."""
+        return self._track
+
+    # ---- modes -------------------------------------------------------------------------------
+
+    @property
+    def module(self) -> FunctionalModule:
+        """The functional copy of the model whose forward each task runs (set its modes here)."""
+        return self._module
+
+    def train(self, mode: bool = True) -> BatchedModule:
+        """Set training mode (as `torch.nn.Module.train`) on the model every task runs."""
+        self._module.train(mode)
+        return self
+
+    def eval(self) -> BatchedModule:
+        """Set evaluation mode on the model every task runs."""
+        return self.train(False)
+
+
+class BatchedOptimizer:
+    """The differentiable twin of a torch optimizer, stepping every task of a `BatchedModule`.
+
+    `step(losses)` takes `losses` of shape `(tasks,)`, one per task (`torch.vmap` of a loss
+    function over the model's output gives them), and runs the twin's update rule once per
+    task under `torch.func.vmap` (the step protocol's pure `StepPlan.update`): a
+    `grad_callback` such as `higher.optim.clip_grad_norm` sees one task's gradients at a time.
+    The state (`state`, `param_groups`) is the twin's, its tensors stacked per task.
+    Hyperparameters are shared by every task (tensors in `override` learnable as usual).
+    Made by `higher.batched_innerloop_ctx`.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        >>> with higher.batched_innerloop_ctx(net, opt, tasks=3) as (fmodel, diffopt):
+        ...     losses = torch.vmap(lambda y: y.pow(2).mean())(fmodel(torch.randn(3, 5, 2)))
+        ...     _ = diffopt.step(losses)
+        >>> diffopt.state[0][0]["exp_avg"].shape
+        torch.Size([3, 1, 2])
+    """
+
+    def __init__(
+        self, twin: DifferentiableOptimizer, fmodel: BatchedModule, templates: list[torch.Tensor]
+    ) -> None:
+        self._twin = twin
+        self._fmodel = fmodel
+        # per-task shaped stand-ins for `plan`: it checks shapes and makes fresh states of them
+        self._templates = templates
+        # (group, slot) of the slots stepped here: their state is stacked per task (before their
+        # first step it is the torch optimizer's, or fresh, one for every task)
+        self._stepped: set[tuple[int, int]] = set()
+        if twin.plan(templates).rule is None:
+            raise FastPathError(
+                "batched tasks run rule-based differentiable optimizers (every built-in twin, "
+                f"and plugins written as a Rule); {type(twin).__name__} implements _update by "
+                "hand: use innerloop_ctx per task for it"
+            )
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The twin's param groups (hyperparameters; `params` hold the stacked weights)."""
+        return self._twin.param_groups
+
+    @property
+    def state(self) -> Any:
+        """The twin's state, `state[group][slot]`, its tensors stacked per task."""
+        return self._twin.state
+
+    @property
+    def fmodel(self) -> BatchedModule:
+        """The batched model each step updates."""
+        return self._fmodel
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether steps keep their graph (False: first order)."""
+        return self._twin.track_higher_grads
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        params: Params | None = None,
+        override: Mapping[str, Sequence[Any]] | None = None,
+        grad_callback: Any = None,
+    ) -> list[torch.Tensor]:
+        """Take one step of every task on `loss`, shape `(tasks,)` (task `t`'s loss in entry
+        `t`, computed from task `t`'s fast weights only). Returns the new stacked weights
+        (the batched model is updated to them)."""
+        tasks = self._fmodel.tasks
+        if not isinstance(loss, torch.Tensor) or loss.shape != (tasks,):
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise FastPathError(
+                f"the loss has shape {got}; expected ({tasks},): one loss per task, e.g. "
+                "torch.vmap(torch.nn.functional.mse_loss)(fmodel(x), y) (a mean over tasks "
+                "would scale each task's gradient by 1/tasks)"
+            )
+        current = self._fmodel.fast_params if params is None else self._fmodel._check(params)
+        trainable = [i for i, p in enumerate(current) if p.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(current)
+        if trainable:
+            if not loss.requires_grad:
+                raise FastPathError(
+                    "the loss does not depend on the fast weights: compute it from fmodel(...)"
+                )
+            found = torch.autograd.grad(
+                loss,
+                [current[i] for i in trainable],
+                grad_outputs=torch.ones_like(loss),
+                create_graph=self._twin.track_higher_grads,
+                allow_unused=True,
+            )
+            if all(g is None for g in found):
+                raise FastPathError(
+                    "the loss depends on none of the current fast weights: compute it from "
+                    "fmodel(...) after the last step"
+                )
+            for i, g in zip(trainable, found):
+                grads[i] = g
+        callback = grad_callback if grad_callback is not None else self._twin.grad_callback
+        plan = self._twin.plan(
+            self._templates, stepped=[g is not None for g in grads], override=override
+        )
+        result = self._run(plan, current, grads, callback)
+        new = self._twin.commit(plan, result)
+        self._stepped.update((b.group, j) for b in plan.buckets for j in b.slots)
+        return new
+
+    def _dims(self, bucket: Bucket, state: Any) -> list[int | None]:
+        """vmap's in_dims of the tensors of a bucket's state, in `flatten`'s order: 0 for a
+        slot stepped here before (stacked), None for one that was not (shared by the tasks)."""
+        stacked = [(bucket.group, j) in self._stepped for j in bucket.slots]
+        dims: list[int | None] = []
+        for value in state:
+            if isinstance(value, torch.Tensor):
+                dims.append(0 if all(stacked) else None)
+            elif isinstance(value, (list, tuple)):
+                dims.extend(0 if s else None for v, s in zip(value, stacked) if v is not None)
+        return dims
+
+    def _run(
+        self,
+        plan: StepPlan,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        callback: Any,
+    ) -> StepResult:
+        """`plan.update` once per task under vmap; nothing is changed yet."""
+        assert plan.rule is not None
+        shared = frozenset(plan.rule.scalar_state)  # one value for a bucket: kept unstacked
+        states = [b.state for b in plan.buckets]
+        task_part = [map_fields(s, lambda n, v: None if n in shared else v) for s in states]
+        shared_part = [map_fields(s, lambda n, v: v if n in shared else None) for s in states]
+        task_leaves, task_spec = flatten(task_part)
+        shared_leaves, shared_spec = flatten(shared_part)
+        stepped = [i for b in plan.buckets for i in b.indices]
+        n = len(params)
+        specs: dict[str, Any] = {}
+
+        def one(
+            ps: list[torch.Tensor],
+            gs: list[torch.Tensor],
+            tl: list[torch.Tensor],
+            sl: list[torch.Tensor],
+        ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+            full: list[torch.Tensor | None] = [None] * n
+            for k, i in enumerate(stepped):
+                full[i] = gs[k]
+            if callback is not None:
+                returned = callback(full)
+                if not isinstance(returned, (list, tuple)) or len(returned) != n:
+                    raise FastPathError(
+                        f"grad_callback must return a list of {n} gradients (None where there "
+                        f"is none), got {type(returned).__name__}"
+                    )
+                full = list(returned)
+            merged = [
+                _merge(t, s, shared)
+                for t, s in zip(unflatten(task_spec, tl), unflatten(shared_spec, sl))
+            ]
+            result = (plan.update if callback is not None else plan.run)(ps, full, merged)
+            new_task = [
+                map_fields(s, lambda n, v: None if n in shared else v) for s in result.states
+            ]
+            new_shared = [
+                map_fields(s, lambda n, v: v if n in shared else None) for s in result.states
+            ]
+            new_tl, specs["task"] = flatten(new_task)
+            new_sl, specs["shared"] = flatten(new_shared)
+            return [result.params[i] for i in stepped], new_tl, new_sl
+
+        task_dims = [d for b, t in zip(plan.buckets, task_part) for d in self._dims(b, t)]
+        out_dims: Any = (0, 0, None)  # the shared state fields stay unbatched
+        run = torch.func.vmap(one, in_dims=(0, 0, task_dims, None), out_dims=out_dims)
+        try:
+            out_params, new_tl, new_sl = run(params, _present(grads, stepped), task_leaves,
+                                             shared_leaves)  # fmt: skip
+        except ValueError as err:
+            if "out_dims" not in str(err) and "BatchedTensor" not in str(err):
+                raise
+            raise FastPathError(
+                f"{plan.name}'s state fields {sorted(shared)} depend on each task's values; "
+                "batched tasks keep them shared: use innerloop_ctx per task"
+            ) from err
+        new_params = list(params)
+        for k, i in enumerate(stepped):
+            new_params[i] = out_params[k]
+        new_states = [
+            _merge(t, s, shared)
+            for t, s in zip(unflatten(specs["task"], new_tl), unflatten(specs["shared"], new_sl))
+        ]
+        return StepResult(new_params, new_states)
+
+
+def _present(grads: list[torch.Tensor | None], stepped: list[int]) -> list[torch.Tensor]:
+    out = []
+    for i in stepped:
+        g = grads[i]
+        assert g is not None  # a stepped parameter has a gradient
+        out.append(g)
+    return out
+
+
+def _merge(task: Any, shared_part: Any, shared: frozenset[str]) -> Any:
+    """A rule state from its per-task fields and its shared ones."""
+    return map_fields(task, lambda name, v: getattr(shared_part, name) if name in shared else v)
+
+
+@contextlib.contextmanager
+def batched_innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    tasks: int,
+    *,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: Mapping[str, Sequence[Any]] | None = None,
+    track_higher_grads: bool = True,
+    randomness: str = "different",
+) -> Iterator[tuple[BatchedModule, BatchedOptimizer]]:
+    """Yield `(fmodel, diffopt)` for `tasks` inner loops run at once with `torch.func.vmap`.
+
+    The loop is the one `innerloop_ctx` runs, over a stacked batch of tasks: inputs carry the
+    task dimension first, `fmodel(x)` runs every task's forward, and `diffopt.step(losses)`
+    takes one loss per task (shape `(tasks,)`) and steps each task with its own gradient and
+    optimizer state. Every task starts from `model`'s weights (with
+    `copy_initial_weights=False`, `model.parameters()` themselves, so a meta-loss's backward
+    sums every task's meta-gradient into their `.grad`); the results equal `tasks` separate
+    `innerloop_ctx` loops (float64 tests: SGD with momentum, Adam, learnable learning rates,
+    BatchNorm in training mode).
+
+    Refused, with `FastPathError`: optimizers with a hand-written `_update` (rule-based twins
+    only); a loss that is not one value per task. `randomness` goes to `torch.func.vmap`
+    ("different": each task draws its own dropout masks).
+
+    Example:
+        >>> net = torch.nn.Linear(1, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 5, 1), torch.randn(8, 5, 1)   # 8 tasks of 5 points
+        >>> mse = torch.vmap(torch.nn.functional.mse_loss)
+        >>> with higher.batched_innerloop_ctx(net, opt, tasks=8, copy_initial_weights=False) as (
+        ...     fmodel, diffopt):
+        ...     for _ in range(3):
+        ...         _ = diffopt.step(mse(fmodel(x), y))
+        ...     mse(fmodel(x), y).mean().backward()
+        >>> net.weight.grad.shape
+        torch.Size([1, 1])
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise FastPathError(
+            f"tasks must be a positive int (the number of tasks batched), got {tasks!r}"
+        )
+    if randomness not in ("different", "same", "error"):
+        raise FastPathError(
+            f"randomness must be 'different', 'same' or 'error' (torch.func.vmap's), got "
+            f"{randomness!r}"
+        )
+    fmodule = monkeypatch(
+        model,
+        device=device,
+        copy_initial_weights=copy_initial_weights,
+        track_higher_grads=track_higher_grads,
+    )
+    fmodel = BatchedModule(fmodule, tasks, randomness, anchored=not copy_initial_weights)
+    twin = get_diff_optim(
+        opt,
+        model.parameters(),
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+    )
+    templates = [p.detach() for p in fmodule.fast_params]
+    for t, p in zip(templates, fmodule.fast_params):
+        t.requires_grad_(p.requires_grad)
+    yield fmodel, BatchedOptimizer(twin, fmodel, templates)
+
+
+__all__ = ["BatchedModule", "BatchedOptimizer", "batched_innerloop_ctx"]

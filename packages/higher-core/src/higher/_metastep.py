@@ -1,0 +1,493 @@
+"""`compile_meta_step`: a whole meta-step (k inner steps and the outer loss) as one compiled graph.
+
+The inner loop is a `scan` (torch's higher-order loop operator) over one step body: forward,
+inner loss, its gradient (`torch.func.grad`) and the optimizer's pure update
+(`StepPlan.run` of the step protocol). torch.compile traces the body once, whatever `k` is, so
+the compile time does not grow with the number of steps; the compiled backward of the graph is
+the meta-gradient. With `tasks=T` the loop runs for every task at once under `torch.func.vmap`.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from higher.optim import StepPlan, get_diff_optim
+from higher.patch import FunctionalModule, monkeypatch
+
+from ._compiled import _NON_LEAF_GRAD, _TORCH_DEPRECATED, _signature, torch_version
+from ._errors import FastPathError, UsageError
+from ._trees import flatten, unflatten
+
+LossFn = Callable[..., torch.Tensor]
+
+# The oldest torch the compiled meta-step is verified on: scan with autograd under
+# torch.compile, vmap of scan, and torch.func.grad inside the scanned body.
+_MIN_TORCH = (2, 13)
+
+
+class MetaStep:
+    """A meta-step as one compiled function: `meta(model, opt, *batch)` unrolls `steps` steps
+    of `opt`'s differentiable twin on `inner_loss_fn(fmodel, *batch)`, starting from `model`'s
+    parameters, and returns `outer_loss_fn(fmodel, *batch)` at the adapted weights; its
+    backward is the meta-gradient (into `model.parameters()` and the tensors of `override`
+    that require grad). Made by `higher.compile_meta_step`.
+
+    It computes what this loop computes (in float64, to round-off):
+
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False,
+                                  override=override) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(inner_loss_fn(fmodel, *batch))
+            meta_loss = outer_loss_fn(fmodel, *batch)
+
+    With `tasks=T`, every positional tensor of `batch` carries the task dimension first, the
+    loop runs once per task (vmapped) and the result is the `T` outer losses (reduce them, e.g.
+    `.mean()`, before `backward()`). Keyword arguments are shared by every task.
+
+    The loss functions get `fmodel`: a callable that runs the model's forward with the current
+    weights (call it as `fmodel(x)`; it has no attributes). The model and the optimizer are not
+    changed: buffers (running statistics) are read, and updated on copies, one per task, that
+    are dropped. BatchNorm in training mode is exact (tested in float64, with tasks): each
+    task's gradient is taken as the gradient of the vmapped losses' sum, never as a vmapped
+    gradient (whose second-order term through batch statistics torch gets wrong).
+
+    Refused with `FastPathError`: torch older than 2.13 (use `compile=False`, which runs the
+    same steps as a Python loop on any torch); optimizers with a hand-written `_update`; what
+    torch.compile cannot trace as one graph (control flow on tensor values, among them a rule
+    that branches on its step count, which is a tensor inside the loop). Random ops (dropout)
+    raise torch's vmap randomness error with tasks. Tested: SGD (momentum, Nesterov) and Adam,
+    learnable learning rates. The compiled backward is differentiable once (no gradient of
+    the meta-gradient).
+
+    Example:
+        >>> import torch, higher
+        >>> net = torch.nn.Linear(2, 1)
+        >>> mse = lambda m, x, y: (m(x) - y).pow(2).mean()
+        >>> meta = higher.compile_meta_step(mse, mse, steps=3, compile=False)
+        >>> loss = meta(net, torch.optim.SGD(net.parameters(), lr=0.1),
+        ...             torch.ones(4, 2), torch.zeros(4, 1))
+        >>> loss.backward()
+        >>> net.weight.grad.shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(
+        self,
+        inner_loss_fn: LossFn,
+        outer_loss_fn: LossFn,
+        *,
+        steps: int,
+        tasks: int | None = None,
+        compile: bool = True,
+        **compile_kwargs: Any,
+    ) -> None:
+        if not callable(inner_loss_fn) or not callable(outer_loss_fn):
+            raise UsageError("inner_loss_fn and outer_loss_fn must be callable")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise FastPathError(f"steps must be a positive int, got {steps!r}")
+        if tasks is not None and (
+            isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1
+        ):
+            raise FastPathError(f"tasks must be None or a positive int, got {tasks!r}")
+        if compile and torch_version() < _MIN_TORCH:
+            raise FastPathError(
+                f"compile_meta_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (scan with "
+                f"autograd under torch.compile); this is torch {torch.__version__}. Use "
+                "compile_meta_step(..., compile=False), which runs the same steps as a loop"
+            )
+        self._inner = inner_loss_fn
+        self._outer = outer_loss_fn
+        self._steps = steps
+        self._tasks = tasks
+        self._compiled = compile
+        self._models: weakref.WeakKeyDictionary[torch.nn.Module, FunctionalModule]
+        self._models = weakref.WeakKeyDictionary()
+        self._unused: dict[Hashable, frozenset[int]] = {}
+        self._peel: dict[Hashable, bool] = {}
+        self._fn: Callable[..., Any] = self._pure
+        if compile:
+            # a code object of its own, as compile_step does: other meta-steps neither evict
+            # its graphs nor make its shapes dynamic
+            pure = MetaStep._pure
+            code = pure.__code__.replace(co_name=f"_meta_step_{id(self)}")
+            own = types.FunctionType(code, pure.__globals__, code.co_name, pure.__defaults__)
+            inductor = compile_kwargs.get("backend", "inductor") == "inductor"
+            if inductor and not {"mode", "options"} & set(compile_kwargs):
+                # the loop body's generated wrapper checks every tensor's size and stride at
+                # every iteration; dynamo's guards check the inputs once per call
+                compile_kwargs["options"] = {"size_asserts": False}
+            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+
+    @property
+    def steps(self) -> int:
+        """The number of inner steps."""
+        return self._steps
+
+    @property
+    def tasks(self) -> int | None:
+        """The number of tasks batched (None: one task, unbatched)."""
+        return self._tasks
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        *batch: Any,
+        override: dict[str, list[Any]] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The outer loss after `steps` inner steps from `model`'s parameters (with `tasks`,
+        one per task)."""
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        fmodule = self._functional(model)
+        params: list[torch.Tensor] = list(model.parameters())
+        if self._tasks is not None:
+            for k, arg in enumerate(batch):
+                if isinstance(arg, torch.Tensor) and (
+                    arg.dim() == 0 or arg.shape[0] != self._tasks
+                ):
+                    raise FastPathError(
+                        f"positional argument {k} has shape {tuple(arg.shape)}; with tasks="
+                        f"{self._tasks} each takes the task dimension first: shape "
+                        f"({self._tasks}, ...) (pass shared tensors as keyword arguments)"
+                    )
+        names = tuple(fmodule.named_fast_params())
+        buffers = dict(model.named_buffers())
+        twin = get_diff_optim(opt, params, override=override)
+        key = (names, tuple(p.requires_grad for p in params), _signature(batch), _signature(kwargs))
+        unused = self._unused.get(key)
+        if unused is None:
+            unused = self._unused[key] = self._find_unused(
+                fmodule, names, params, buffers, batch, kwargs
+            )
+        stepped = [p.requires_grad and i not in unused for i, p in enumerate(params)]
+        plan = twin.plan(params, stepped=stepped)
+        if plan.rule is None:
+            raise FastPathError(
+                "compile_meta_step runs rule-based differentiable optimizers (every built-in "
+                f"twin, and plugins written as a Rule); {type(twin).__name__} implements "
+                "_update by hand: use innerloop_ctx for it"
+            )
+        traced = plan._replace(options=[], requires_grad=[])
+        if not self._compiled:
+            return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
+        start = None
+        if self._tasks is not None or self._first_step_apart(plan, params):
+            # eagerly, before the graph: inductor's meta-gradient through a scan that starts
+            # from a step traced in the same graph was wrong, and with tasks through a scan
+            # that starts from the expanded initial weights and state (Adam; torch 2.13,
+            # aot_eager right in both)
+            start = self._pure(fmodule, names, params, buffers, traced, "first", batch, kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
+            )
+            with fmodule.vacated():
+                try:
+                    return self._fn(  # type: ignore[no-any-return]
+                        fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
+                    )
+                except torch._dynamo.exc.Unsupported as err:
+                    raise FastPathError(
+                        "compile_meta_step could not trace the meta-step as one graph (control "
+                        "flow that depends on tensor values, random ops, a rule that branches "
+                        f"on its step count, or an op torch.compile does not support): "
+                        f"{str(err).splitlines()[0]}. Use compile_meta_step(..., compile=False) "
+                        "or innerloop_ctx"
+                    ) from err
+
+    def _first_step_apart(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
+        """Whether the first step must run before the loop: when it changes the state's form
+        (SGD's momentum buffer starts as None), which a loop's carry cannot. Found by one
+        step of the rule on detached copies, once per form of the initial state."""
+        before = [_form(s) for s in _tensor_counts([b.state for b in plan.buckets])]
+        key = (plan.name, repr(before))
+        known = self._peel.get(key)
+        if known is None:
+            with torch.no_grad():
+                copies = [p.detach() for p in params]
+                grads: list[torch.Tensor | None] = [None] * len(params)
+                for bucket in plan.buckets:
+                    for i in bucket.indices:
+                        grads[i] = torch.ones_like(copies[i])
+                after = plan.run(copies, grads).states
+            known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
+        return known
+
+    def _functional(self, model: torch.nn.Module) -> FunctionalModule:
+        """The functional copy whose forward the graph runs (made once per model); its modes
+        follow the model's."""
+        fmodule = self._models.get(model)
+        if fmodule is None:
+            fmodule = self._models[model] = monkeypatch(model)
+        for sub, copy in zip(model.modules(), fmodule.modules()):
+            copy.training = sub.training
+        return fmodule
+
+    def _find_unused(
+        self,
+        fmodule: FunctionalModule,
+        names: tuple[str, ...],
+        params: list[torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> frozenset[int]:
+        """The parameters the inner loss does not use (one eager forward and gradient on the
+        first task, buffers on copies): they are not stepped, as with `diffopt.step`."""
+        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        first = batch
+        if self._tasks is not None:
+            first = tuple(a[0] if isinstance(a, torch.Tensor) else a for a in batch)
+        tensors = {**{k: b.clone() for k, b in buffers.items()}, **dict(zip(names, probe))}
+
+        def model(*args: Any, **kw: Any) -> Any:
+            return torch.func.functional_call(fmodule, tensors, args, kw)
+
+        loss = self._inner(model, *first, **kwargs)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise FastPathError(f"inner_loss_fn must return a scalar tensor, got {shape}")
+        wanted = [i for i, p in enumerate(probe) if p.requires_grad]
+        if not wanted:
+            return frozenset()
+        if not loss.requires_grad:
+            raise FastPathError(
+                "the inner loss does not depend on the model's parameters: inner_loss_fn must "
+                "compute it from what fmodel(...) returns"
+            )
+        grads = torch.autograd.grad(loss, [probe[i] for i in wanted], allow_unused=True)
+        return frozenset(i for i, g in zip(wanted, grads) if g is None)
+
+    def _pure(
+        self,
+        module: torch.nn.Module,
+        names: tuple[str, ...],
+        params: list[torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        plan: StepPlan,
+        mode: str,
+        batch: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        start: tuple[list[torch.Tensor], list[Any]] | None = None,
+    ) -> Any:
+        """The meta-step as a pure function of its inputs (what torch.compile traces).
+
+        `mode` "loop": the steps as a Python loop; "scan": in a scan, from `start` (the
+        weights and state after the first step) when given; "first": only the first step,
+        returning the weights and state after it."""
+        inner_fn, outer_fn, steps = self._inner, self._outer, self._steps
+        stepped = sorted(i for bucket in plan.buckets for i in bucket.indices)
+
+        def with_weights(
+            live: list[torch.Tensor], bufs: dict[str, torch.Tensor] | None = None
+        ) -> Callable[..., Any]:
+            current = list(params)
+            for k, i in enumerate(stepped):
+                current[i] = live[k]
+            # modules update buffers in place (running averages): on copies made here
+            copies = {k: b.clone() for k, b in (buffers if bufs is None else bufs).items()}
+            tensors = {**copies, **dict(zip(names, current))}
+
+            def model(*args: Any, **kw: Any) -> Any:
+                return torch.func.functional_call(module, tensors, args, kw)
+
+            return model
+
+        tasks = self._tasks
+        dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in batch)
+
+        def update(
+            live: list[torch.Tensor], grads: list[torch.Tensor], states: list[Any]
+        ) -> tuple[list[torch.Tensor], list[Any]]:
+            full_p: list[torch.Tensor] = list(params)
+            full_g: list[torch.Tensor | None] = [None] * len(params)
+            for k, i in enumerate(stepped):
+                full_p[i], full_g[i] = live[k], grads[k]
+            result = plan.run(full_p, full_g, states)
+            return [result.params[i] for i in stepped], result.states
+
+        def task_loss(
+            fn: LossFn, live: list[torch.Tensor], bufs: dict[str, torch.Tensor], *data: Any
+        ) -> torch.Tensor:
+            return fn(with_weights(live, bufs), *data, **kwargs)
+
+        def all_losses(fn: LossFn, live: list[torch.Tensor]) -> torch.Tensor:
+            """Every task's loss (live stacked per task), one vmapped forward; buffers one
+            per task, as each task's own copy of the model would hold them."""
+            assert tasks is not None
+            bufs = {k: b.expand(tasks, *b.shape).clone() for k, b in buffers.items()}
+            run = torch.func.vmap(
+                functools.partial(task_loss, fn), in_dims=(0, 0, *dims), randomness="error"
+            )
+            return run(live, bufs, *batch)
+
+        def gradient(
+            fn: Callable[[list[torch.Tensor]], torch.Tensor], live: list[torch.Tensor]
+        ) -> Any:
+            if mode != "first":  # traced: torch.func's transform, one graph
+                return torch.func.grad(fn)(live)
+            # the step before the graph runs eagerly: plain autograd, which (unlike torch.func)
+            # also runs under saved-tensor hooks (activation offloading, memory probes)
+            with torch.enable_grad():
+                return torch.autograd.grad(fn(live), live, create_graph=True)
+
+        def step(
+            live: list[torch.Tensor], states: list[Any], batched: bool = True
+        ) -> tuple[list[torch.Tensor], list[Any]]:
+            if tasks is None:
+                grads = gradient(lambda live: inner_fn(with_weights(live), *batch, **kwargs), live)
+                return update(live, list(grads), states)
+            # The gradient of the sum of the tasks' losses w.r.t. the stacked weights is each
+            # task's gradient (task t's loss reads slice t only): grad of vmap, exact to any
+            # order with batch statistics too (vmap of grad is not). The rule runs per task.
+            if not batched:
+                live = [p.expand(tasks, *p.shape) for p in live]
+            grads = gradient(lambda live: all_losses(inner_fn, live).sum(), live)
+            leaves, spec = flatten(states)  # vmap takes and returns tensors only
+            out: dict[str, Any] = {}
+
+            def flat_update(
+                live: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                new_live, new_states = update(live, grads, unflatten(spec, leaves))
+                new_leaves, out["spec"] = flatten(new_states)
+                return new_live, new_leaves
+
+            run = torch.func.vmap(flat_update, in_dims=(0, 0, 0 if batched else None))
+            new_live, new_leaves = run(live, grads, leaves)
+            return new_live, unflatten(out["spec"], new_leaves)
+
+        live = [params[i] for i in stepped]
+        states = [bucket.state for bucket in plan.buckets]
+        if tasks is not None or mode != "loop":  # in vmap or a loop, counts are tensors
+            states = _tensor_counts(states, params[0].device if params else None)
+        if mode == "first":
+            return step(live, states, batched=False)
+        if mode == "loop":
+            for k in range(steps):
+                live, states = step(live, states, batched=k > 0)
+        elif start is not None:
+            live, states = start
+            if steps > 1:
+                live = _loop(step, live, states, steps - 1)
+        else:  # with tasks, the first step always runs apart (see __call__)
+            assert tasks is None
+            live = _loop(step, live, states, steps)
+        if tasks is None:
+            return outer_fn(with_weights(live), *batch, **kwargs)
+        return all_losses(outer_fn, live)
+
+
+def _form(state: Any) -> Any:
+    """What a loop's carry must keep of a state: its structure, shapes and dtypes."""
+    leaves, spec = flatten(state)
+    return repr(spec), [(tuple(t.shape), t.dtype) for t in leaves]
+
+
+def _tensor_counts(states: list[Any], device: torch.device | None = None) -> list[Any]:
+    """The states with every step count (a Python number) made a float64 tensor (on `device`):
+    inside the loop the body is traced once, so a count must be a value of the carry."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return torch.tensor(float(x), dtype=torch.float64, device=device)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*[walk(v) for v in x])
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return [walk(s) for s in states]
+
+
+def _loop(
+    step: Callable[[list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]],
+    live: list[torch.Tensor],
+    states: list[Any],
+    n: int,
+) -> list[torch.Tensor]:
+    """`n` more steps in one `scan`. The carry is one flat buffer per dtype and device (the
+    weights and the state's tensors concatenated): a few loop variables instead of dozens
+    (each costs the compiled loop checks and copies per iteration), and no size-one
+    dimension, whose strides torch's scan backward compares literally (a (40, 1) weight
+    failed there, as its gradient's strides differed)."""
+    from torch._higher_order_ops.scan import scan
+
+    state_leaves, spec = flatten(states)
+    tensors = [*live, *state_leaves]
+    shapes = [t.shape for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    members = list(groups.values())
+    n_live = len(live)
+
+    def pack(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat([ts[i].reshape(-1) for i in idx]) for idx in members]
+
+    def unpack(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
+        for buffer, idx in zip(buffers, members):
+            parts = torch.split(buffer, [sizes[i] for i in idx])
+            for i, part in zip(idx, parts):
+                out[i] = part.view(shapes[i])
+        return out
+
+    def body(carry: list[torch.Tensor], _: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ts = unpack(carry)
+        new_live, new_states = step(ts[:n_live], unflatten(spec, ts[n_live:]))
+        leaves, _spec = flatten(new_states)
+        return pack([*new_live, *leaves]), torch.zeros((), device=carry[0].device)
+
+    xs = torch.zeros(n, device=tensors[0].device)
+    final, _ = scan(body, pack(tensors), xs)
+    return unpack(final)[:n_live]
+
+
+def compile_meta_step(
+    inner_loss_fn: LossFn,
+    outer_loss_fn: LossFn,
+    *,
+    steps: int,
+    tasks: int | None = None,
+    compile: bool = True,
+    **compile_kwargs: Any,
+) -> MetaStep:
+    """Make a `MetaStep`: `meta(model, opt, *batch)` is the outer loss after `steps` inner
+    steps of `opt`'s twin from `model`'s parameters, the whole meta-step one compiled graph
+    whose backward is the meta-gradient.
+
+    Make it once and call it every meta-iteration: the graph is compiled on the first call (the
+    loop body once, whatever `steps` is; torch caches compiled artefacts on disk, so a second
+    process compiles faster) and reused while the model, the optimizer's options and the batch
+    shapes stay the same. `compile_kwargs` go to `torch.compile`; `compile=False` runs the same
+    steps as a Python loop (any torch).
+
+    Example:
+        >>> import torch, higher
+        >>> net = torch.nn.Linear(1, 1)
+        >>> mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)
+        >>> meta = higher.compile_meta_step(mse, mse, steps=5, tasks=4, compile=False)
+        >>> x, y = torch.randn(4, 10, 1), torch.randn(4, 10, 1)   # 4 tasks of 10 points
+        >>> meta(net, torch.optim.SGD(net.parameters(), lr=0.1), x, y).shape
+        torch.Size([4])
+    """
+    return MetaStep(
+        inner_loss_fn, outer_loss_fn, steps=steps, tasks=tasks, compile=compile, **compile_kwargs
+    )
+
+
+__all__ = ["MetaStep", "compile_meta_step"]
