@@ -3,7 +3,9 @@ step that is refused, at any point, leaves the optimizer exactly as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -364,3 +366,21 @@ def test_state_dict_round_trips_through_a_torch_optimizer() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(higher.optim.OptimError, match="sizes"):
         back.load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
+
+
+def test_a_step_under_no_grad_is_first_order_and_keeps_the_weights_trainable() -> None:
+    """With a closure (which runs with grad enabled) a step under `torch.no_grad()` computes
+    what it computes with grad, keeps no graph, and the weights stay trainable for the next."""
+    results = []
+    for no_grad in (False, True):
+        ps = params()
+        diffopt = higher.optim.get_diff_optim(torch.optim.SGD(ps, lr=0.1, momentum=0.5), ps)
+        current = ps
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            for _ in range(3):
+                current = diffopt.step(closure=functools.partial(loss_of, current), params=current)
+        assert all(p.requires_grad for p in current)
+        assert all((p.grad_fn is None) == no_grad for p in current)
+        results.append([p.detach() for p in current])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)

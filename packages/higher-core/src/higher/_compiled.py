@@ -79,7 +79,8 @@ class CompiledStep:
     statistics, in eval mode, they run); control flow that depends on tensor values cannot be
     traced as one graph; torch 2.3 or newer. The compiled backward is differentiable once: a
     meta-gradient through the unroll, yes; a gradient of that meta-gradient, no (use
-    `diffopt.step` for third-order terms). `compile=False` runs `diffopt.step` itself.
+    `diffopt.step` for third-order terms). `compile=False` runs `diffopt.step` itself, the loss
+    given as a closure (so it also runs in the memory modes of `innerloop_ctx(..., unroll=...)`).
 
     Examples:
         >>> import torch, higher
@@ -127,10 +128,16 @@ class CompiledStep:
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Take one step of `diffopt` on `loss_fn(model, *batch, **kwargs)`; return the loss."""
-        if not self._compiled:
-            loss = self._loss_fn(fmodel, *batch, **kwargs)
-            diffopt.step(loss)
-            return loss
+        if not self._compiled:  # diffopt.step itself, the loss given as a closure (run with
+            # grad enabled, as the compiled step computes it, so it also steps under no_grad)
+            losses: list[torch.Tensor] = []
+
+            def closure() -> torch.Tensor:
+                losses.append(self._loss_fn(fmodel, *batch, **kwargs))
+                return losses[-1]
+
+            diffopt.step(closure=closure)
+            return losses[0]
         ctx = self._context(fmodel, diffopt)
         for name, ref in ctx.norms:  # their mode may change between steps
             norm = ref()
@@ -160,9 +167,7 @@ class CompiledStep:
                         buffer = owner._buffers[key_]
                         assert buffer is not None
                         buffer.copy_(moved[name])
-        # first order, or no graph at all: the weights stay trainable for the next step
-        first_order = not (diffopt.track_higher_grads and torch.is_grad_enabled())
-        diffopt.commit(plan, new, first_order=first_order)
+        diffopt.commit(plan, new)  # first order without tracking or under no_grad, as step
         return loss
 
     def _run(

@@ -437,8 +437,9 @@ class DifferentiableOptimizer(abc.ABC):
         Args:
             plan: the plan `result` came from.
             result: what `plan.update` returned.
-            first_order: detach the new parameters and the state (default: when this optimizer
-                does not track higher-order gradients).
+            first_order: detach the new parameters and the state, each keeping its
+                `requires_grad` (default: when this optimizer does not track higher-order
+                gradients, or grad mode is disabled).
 
         Examples:
             >>> import torch, higher.optim
@@ -448,8 +449,8 @@ class DifferentiableOptimizer(abc.ABC):
             >>> diffopt.commit(plan, plan.update([w], [torch.ones(1)]))[0].item()
             0.5
         """
-        if first_order is None:
-            first_order = not self._track_higher_grads
+        if first_order is None:  # no graph is kept without tracking, or with grad disabled
+            first_order = not (self._track_higher_grads and torch.is_grad_enabled())
         new_params = result.params
         if first_order:
             new_params = [
