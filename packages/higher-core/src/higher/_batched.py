@@ -25,7 +25,8 @@ from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, 
 from higher.optim import FunctionalModel as FunctionalModel
 from higher.patch import FunctionalModule, monkeypatch
 
-from ._errors import FastPathError, UsageError
+from ._context import check_model_and_opt
+from ._errors import FastPathError
 from ._trees import flatten, map_fields, unflatten
 
 Params = Sequence[torch.Tensor]
@@ -445,10 +446,7 @@ def batched_innerloop_ctx(
         >>> net.weight.grad.shape
         torch.Size([1, 1])
     """
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    check_model_and_opt(model, opt)
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise FastPathError(
             f"tasks must be a positive int (the number of tasks batched), got {tasks!r}"

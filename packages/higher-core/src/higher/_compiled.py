@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
+from higher.errors import HigherError
 from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
 from higher.patch import FunctionalModule
 
@@ -32,6 +34,26 @@ def torch_version() -> tuple[int, int]:
     """(major, minor) of the torch in use."""
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@contextlib.contextmanager
+def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str) -> Iterator[None]:
+    """The environment a compiled call of the functional model runs in: its slots empty, the
+    warnings tracing emits filtered, and what torch.compile cannot trace as one graph refused
+    as `error(refusal + torch's reason)`."""
+    with warnings.catch_warnings():
+        # torch.compile reads `.grad` of every input tensor while it traces; the weights of an
+        # unroll are not leaves, and torch warns of that read (an error under -W error).
+        warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+        # and the compiler imports modules of torch's that warn of their own deprecation
+        warnings.filterwarnings("ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning)
+        # The slots are empty during the call: weights the module holds would alias the
+        # inputs, which torch.compile guards by identity, in Python, at every call.
+        with fmodel.vacated():
+            try:
+                yield
+            except torch._dynamo.exc.Unsupported as err:
+                raise error(refusal.format(reason=str(err).splitlines()[0])) from err
 
 
 @dataclasses.dataclass
@@ -193,36 +215,23 @@ class CompiledStep:
                 buffers[name] = buffer
         # what the graph reads of the plan: its buckets (states, options) and rule
         traced = plan._replace(options=[], requires_grad=[])
-        with warnings.catch_warnings():
-            # torch.compile reads `.grad` of every input tensor while it traces; the weights of
-            # an unroll are not leaves, and torch warns of that read (an error under -W error).
-            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
-            # and the compiler imports modules of torch's that warn of their own deprecation
-            warnings.filterwarnings(
-                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
+        refusal = (
+            "compile_step could not trace the step as one graph (control flow that depends on "
+            "tensor values, or an op torch.compile does not support): {reason}. Use "
+            "compile_step(..., compile=False) or diffopt.step for this loss"
+        )
+        with traced_call(fmodel, UsageError, refusal):
+            result, loss, moved, nonzero = self._fn(
+                fmodel,
+                ctx.names,
+                params,
+                ctx.requires,
+                buffers,
+                traced,
+                diffopt.grad_callback,
+                batch,
+                kwargs,
             )
-            # The slots are empty during the call: weights the module holds would alias the
-            # inputs, which torch.compile guards by identity, in Python, at every call.
-            with fmodel.vacated():
-                try:
-                    result, loss, moved, nonzero = self._fn(
-                        fmodel,
-                        ctx.names,
-                        params,
-                        ctx.requires,
-                        buffers,
-                        traced,
-                        diffopt.grad_callback,
-                        batch,
-                        kwargs,
-                    )
-                except torch._dynamo.exc.Unsupported as err:
-                    raise UsageError(
-                        "compile_step could not trace the step as one graph (control flow that "
-                        "depends on tensor values, or an op torch.compile does not support): "
-                        f"{str(err).splitlines()[0]}. Use compile_step(..., compile=False) or "
-                        "diffopt.step for this loss"
-                    ) from err
         # the parameters not stepped are the inputs themselves (not what the graph passed on)
         new = [q if flags[i] else params[i] for i, q in enumerate(result.params)]
         used = nonzero.tolist() if isinstance(nonzero, torch.Tensor) else []

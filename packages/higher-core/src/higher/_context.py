@@ -71,10 +71,7 @@ def innerloop_ctx(
         >>> model.weight.grad.shape
         torch.Size([1, 2])
     """
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    check_model_and_opt(model, opt)
     mode = resolve(unroll)
     ddp = None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -149,3 +146,11 @@ def _unrolled(
     finally:
         attach(diffopt, None)
         driver.close(diffopt)
+
+
+def check_model_and_opt(model: object, opt: object) -> None:
+    """Refuse a model that is no module, or an optimizer that is no torch optimizer."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -21,7 +20,8 @@ import torch
 from higher.optim import StepPlan, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
-from ._compiled import _NON_LEAF_GRAD, _TORCH_DEPRECATED, _signature, torch_version
+from ._compiled import _signature, torch_version, traced_call
+from ._context import check_model_and_opt
 from ._errors import FastPathError, UsageError
 from ._trees import flatten, unflatten
 
@@ -145,10 +145,7 @@ class MetaStep:
     ) -> torch.Tensor:
         """The outer loss after `steps` inner steps from `model`'s parameters (with `tasks`,
         one per task)."""
-        if not isinstance(model, torch.nn.Module):
-            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise UsageError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        check_model_and_opt(model, opt)
         fmodule = self._functional(model)
         params: list[torch.Tensor] = list(model.parameters())
         if self._tasks is not None:
@@ -188,24 +185,16 @@ class MetaStep:
             # that starts from the expanded initial weights and state (Adam; torch 2.13,
             # aot_eager right in both)
             start = self._pure(fmodule, names, params, buffers, traced, "first", batch, kwargs)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
-            warnings.filterwarnings(
-                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
+        refusal = (
+            "compile_meta_step could not trace the meta-step as one graph (control flow that "
+            "depends on tensor values, random ops, a rule that branches on its step count, or "
+            "an op torch.compile does not support): {reason}. Use "
+            "compile_meta_step(..., compile=False) or innerloop_ctx"
+        )
+        with traced_call(fmodule, FastPathError, refusal):
+            return self._fn(  # type: ignore[no-any-return]
+                fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
             )
-            with fmodule.vacated():
-                try:
-                    return self._fn(  # type: ignore[no-any-return]
-                        fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
-                    )
-                except torch._dynamo.exc.Unsupported as err:
-                    raise FastPathError(
-                        "compile_meta_step could not trace the meta-step as one graph (control "
-                        "flow that depends on tensor values, random ops, a rule that branches "
-                        f"on its step count, or an op torch.compile does not support): "
-                        f"{str(err).splitlines()[0]}. Use compile_meta_step(..., compile=False) "
-                        "or innerloop_ctx"
-                    ) from err
 
     def _first_step_apart(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
         """Whether the first step must run before the loop: when it changes the state's form
