@@ -18,6 +18,11 @@ import torch
 import higher.optim
 
 STEPS = 10
+TORCH = tuple(
+    int("".join(c for c in v if c.isdigit()) or 0) for v in torch.__version__.split(".")[:2]
+)
+# torch's foreach path of ASGD computed another step size before 2.4: the twin refuses it there
+ASGD_FOREACH_FOLLOWED = TORCH >= (2, 4)
 FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
 
 # name -> (base options, numeric variants)
@@ -34,7 +39,8 @@ BASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     # torch's foreach path computes ASGD differently from its loop: both are followed
     "ASGD": (
         {"lr": 0.05},
-        [{}, {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}, {"foreach": True, "lambd": 0.1, "t0": 2.0}],
+        [{}, {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}]
+        + ([{"foreach": True, "lambd": 0.1, "t0": 2.0}] if ASGD_FOREACH_FOLLOWED else []),
     ),
     "RMSprop": ({"lr": 0.01}, [{"momentum": 0.0}, {"momentum": 0.5, "alpha": 0.9}]),
     "Rprop": ({"lr": 0.01}, [{}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.02)}]),
@@ -154,6 +160,25 @@ def test_implementation_flags_are_accepted(flag: str) -> None:
     ours = diffopt.step(loss_at(fast, 0), params=fast)
     assert ours[0].shape == (3, 2)
     assert not torch.equal(ours[0], fast[0])
+
+
+def test_asgd_foreach_path_is_followed_or_refused() -> None:
+    """torch before 2.4 computed the foreach path's step size as lr / (1 + lambd lr
+    step**alpha), for every parameter from the first one's step: the twin refuses that path
+    there, and follows it (exactly) where torch fixed it."""
+    params = make_params()
+    opt = torch.optim.ASGD(params, lr=0.05, lambd=0.1, alpha=0.5, t0=2.0, foreach=True)
+    if not ASGD_FOREACH_FOLLOWED:
+        with pytest.raises(higher.optim.OptimError, match="foreach=False"):
+            higher.optim.get_diff_optim(opt, params).step(loss_at(params, 0), params=params)
+        return
+    diffopt = higher.optim.get_diff_optim(opt, params)
+    fast = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    for k in range(STEPS):
+        torch_step(opt, params, k)
+        fast = diffopt.step(loss_at(fast, k), params=fast)
+    for ours, theirs in zip(fast, params, strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
 
 
 def _complex_as_real_pairs(name: str) -> bool:

@@ -38,13 +38,29 @@ def asgd_init(params: Sequence[T], hyper: Hyper) -> ASGDState:
     return ASGDState(0, eta, torch.ones((), dtype=scalar_dtype()), _zeros(params))
 
 
+# Before torch 2.4 the foreach path of ASGD computed the next step size as
+# lr / (1 + lambd lr step**alpha) (not its loop's lr / (1 + lambd lr step)**alpha) and gave every
+# parameter of a group the first one's; torch 2.4 fixed both. That path is not followed.
+_TORCH = tuple(
+    int("".join(c for c in v if c.isdigit()) or 0) for v in torch.__version__.split(".")[:2]
+)
+_FOREACH_ETA_FIXED = _TORCH >= (2, 4)
+
+
 def _foreach_path(hyper: Hyper, params: Sequence[T]) -> bool:
     """Whether torch takes its foreach (multi-tensor) path for these parameters: asked for, or
     left to torch, which takes it where foreach kernels exist (CUDA) unless differentiable."""
     foreach = hyper.get("foreach")
     if foreach is None:
         native = all(p.device.type in ("cuda", "xpu") for p in params)
-        return native and not hyper.get("differentiable", False)
+        foreach = native and not hyper.get("differentiable", False)
+    if foreach and not _FOREACH_ETA_FIXED:
+        raise OptimError(
+            f"ASGD's foreach path in torch {torch.__version__} computes its step size as lr / (1 + "
+            "lambd*lr*step**alpha), not as its own per-tensor loop and the ASGD paper do, and "
+            "gives every parameter the first one's (fixed in torch 2.4): the twin does not "
+            "follow it. Build the ASGD with foreach=False, or use torch >= 2.4"
+        )
     return bool(foreach)
 
 
@@ -57,7 +73,8 @@ def asgd_update(
     the per-tensor loop decays then steps, `p (1 - lambd eta) - eta g`, and computes the next
     `eta` from the step count as a Python float; the foreach path steps once, `p - eta (g +
     lambd p)`, always averages, and computes `eta` in the step count's dtype. The twin follows
-    the path torch takes for the same parameters and options."""
+    the path torch takes for the same parameters and options (before torch 2.4 the foreach path
+    computed another step size: refused there)."""
     lr = hyper["lr"]
     lambd, alpha, t0, wd = hyper["lambd"], hyper["alpha"], hyper["t0"], hyper["weight_decay"]
     maximize = flag(ASGD, hyper, "maximize")
