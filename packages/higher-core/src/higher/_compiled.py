@@ -19,6 +19,7 @@ from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
 from higher.patch import FunctionalModule
 
 from ._errors import UsageError
+from ._torch_warnings import ignore_torch_self_deprecation
 from ._unroll import Routed
 
 LossFn = Callable[..., torch.Tensor]
@@ -27,7 +28,6 @@ LossFn = Callable[..., torch.Tensor]
 _MIN_TORCH = (2, 3)
 _STEP_IDS = itertools.count()
 _NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
-_TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
 
 
 def torch_version() -> tuple[int, int]:
@@ -45,8 +45,7 @@ def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str
         # torch.compile reads `.grad` of every input tensor while it traces; the weights of an
         # unroll are not leaves, and torch warns of that read (an error under -W error).
         warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
-        # and the compiler imports modules of torch's that warn of their own deprecation
-        warnings.filterwarnings("ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning)
+        ignore_torch_self_deprecation()
         # The slots are empty during the call: weights the module holds would alias the
         # inputs, which torch.compile guards by identity, in Python, at every call.
         with fmodel.vacated():

@@ -25,6 +25,7 @@ from higher.patch import FunctionalModule
 
 from ._errors import ImplicitError, UsageError
 from ._linsolve import CG, LinearSolver, SolveResult
+from ._torch_warnings import ignore_torch_self_deprecation
 
 Loss = Callable[[Any, Any], torch.Tensor]
 Solution = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | FunctionalModule
@@ -33,8 +34,6 @@ Reduction = Literal["mean", "sum"]
 SolverFn = TypeVar("SolverFn", bound=Callable[..., Any])
 
 _PERFORMANCE_DROP = "There is a performance drop because we have not yet implemented the batching"
-# torch.func's forward mode imports modules of torch's that warn of their own deprecation
-_TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
 
 
 class Hypergrad(NamedTuple):
@@ -130,9 +129,7 @@ class _Operator:
         with warnings.catch_warnings():
             # ops without a batching rule fall back to a loop inside torch, and say so
             warnings.filterwarnings("ignore", message=_PERFORMANCE_DROP)
-            warnings.filterwarnings(
-                "ignore", message=_TORCH_DEPRECATED, category=DeprecationWarning
-            )
+            ignore_torch_self_deprecation()
             for build in (self._forward_over_reverse, self._batched_backward):
                 try:
                     return build(rows)
