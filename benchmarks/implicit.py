@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _implicit_common import SPECS, WORKLOADS, make, reference
-from peers import Contender, Worker, load, log, machine
+from peers import Contender, Worker, fmt, load, log, preamble, record
 
 import higher
 from higher.implicit import hypergrad
@@ -141,39 +141,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in med
         }
-    return {
-        "started": started,
-        "machine": machine(),
-        "load_before": load_before,
-        "load_after": load(),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "versions": versions,
-        "our_solves": solves,
-        "samples": samples,
-        "rows": rows,
-    }
-
-
-def fmt(x: float, spec: str) -> str:
-    return "–" if x != x else format(x, spec)  # NaN: no TorchOpt in this run
+    return record(
+        started, load_before, args, versions, our_solves=solves, samples=samples, rows=rows
+    )
 
 
 def table(result: dict[str, Any]) -> str:
-    m, a = result["machine"], result["args"]
     lines = [
-        "# One implicit hypergradient: higher.implicit vs TorchOpt",
-        "",
-        f"Run {result['started']} on {m['cpu']} ({m['cores']} cores visible), device "
-        f"{a['device']}, {a['threads']} torch threads in every process, {a['rounds']} rounds"
-        f"{' (smoke sizes)' if a['smoke'] else ''}; load average before/after: "
-        f"{result['load_before']} / {result['load_after']}.",
-        "",
-        "Versions: "
-        + "; ".join(
-            f"{name}: {v['library']} (torch {v['torch']}, Python {v['python']})"
-            for name, v in result["versions"].items()
-        ),
-        "",
+        *preamble(result, "One implicit hypergradient: higher.implicit vs TorchOpt"),
         "Time: median milliseconds of one hypergradient at a given inner solution (the linear "
         "solve with Hessian-vector products and the vector-Jacobian products around it), each "
         "round's figure the mean of a few back-to-back ones after an untimed one; best: the "

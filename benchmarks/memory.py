@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _peers_common import MEMORY_WORKLOADS
-from peers import Contender, Worker, load, log, machine, max_rel_diff
+from peers import Contender, Worker, load, log, max_rel_diff, preamble, record
 
 HERE = Path(__file__).parent
 FULL, RECOMPUTE = "higher full", "higher recompute"
@@ -133,15 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     got = torch.load(row["points"][str(k)]["grads"])
                     want = torch.load(ref["points"][str(k)]["grads"])
                     row["points"][str(k)]["max_rel_diff"] = max_rel_diff(got, want)
-    return {
-        "started": started,
-        "machine": machine(),
-        "load_before": load_before,
-        "load_after": load(),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "versions": versions,
-        "rows": rows,
-    }
+    return record(started, load_before, args, versions, rows=rows)
 
 
 def _ratio(a: float, b: float) -> str:
@@ -149,20 +141,12 @@ def _ratio(a: float, b: float) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    m, a = result["machine"], result["args"]
     lines = [
-        "# Memory of one meta-gradient against the number of inner steps",
-        "",
-        f"Run {result['started']} on {m['cpu']} ({m['cores']} cores visible), device "
-        f"{a['device']}, {a['threads']} torch threads in every process"
-        f"{' (smoke sizes)' if a['smoke'] else ''}; load average before/after: "
-        f"{result['load_before']} / {result['load_after']} (a shared machine: times are noisy).",
-        "",
-        "Versions: "
-        + "; ".join(
-            f"{name}: {v['library']} (torch {v['torch']})" for name, v in result["versions"].items()
+        *preamble(
+            result,
+            "Memory of one meta-gradient against the number of inner steps",
+            " (a shared machine: times are noisy)",
         ),
-        "",
         "Peak: MiB held by tensor storages during one meta-gradient (every storage counted from "
         "the op that makes it until it is freed); RSS: growth of the process's peak RSS during "
         "the timed run. × full: over this project's full mode at the same k. Fits in 8 GiB: "

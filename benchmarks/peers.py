@@ -112,6 +112,52 @@ def load() -> str:
         return "n/a"
 
 
+def record(
+    started: str,
+    load_before: str,
+    args: argparse.Namespace,
+    versions: dict[str, Any],
+    **fields: Any,
+) -> dict[str, Any]:
+    """A run's result: when and where it ran (the load before and now), its arguments and the
+    contenders' versions, then `fields`."""
+    return {
+        "started": started,
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "versions": versions,
+        **fields,
+    }
+
+
+def preamble(result: dict[str, Any], title: str, note: str = "") -> list[str]:
+    """A results table's first lines: its title, where and how it ran, the versions."""
+    m, a = result["machine"], result["args"]
+    rounds = f", {a['rounds']} rounds" if "rounds" in a else ""
+    return [
+        f"# {title}",
+        "",
+        f"Run {result['started']} on {m['cpu']} ({m['cores']} cores visible), device "
+        f"{a['device']}, {a['threads']} torch threads in every process{rounds}"
+        f"{' (smoke sizes)' if a['smoke'] else ''}; load average before/after: "
+        f"{result['load_before']} / {result['load_after']}{note}.",
+        "",
+        "Versions: "
+        + "; ".join(
+            f"{name}: {v['library']} (torch {v['torch']}, Python {v['python']})"
+            for name, v in result["versions"].items()
+        ),
+        "",
+    ]
+
+
+def fmt(x: float, spec: str) -> str:
+    """`x` formatted, or a dash where it is NaN (no such contender in this run)."""
+    return "–" if x != x else format(x, spec)
+
+
 def max_rel_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     a = torch.cat([g.flatten() for g in got])
     b = torch.cat([r.flatten() for r in ref])
@@ -204,38 +250,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_rel_diff": max_rel_diff(grads[workload][name], grads[workload][FLOOR]),
                 "max_rel_diff_f64": max_rel_diff(grads[workload][name], refs[workload]),
             }
-    return {
-        "started": started,
-        "machine": machine(),
-        "load_before": load_before,
-        "load_after": load(),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "versions": versions,
-        "samples": samples,
-        "rows": rows,
-    }
-
-
-def fmt(x: float, spec: str) -> str:
-    return "–" if x != x else format(x, spec)  # NaN: no peer in this run
+    return record(started, load_before, args, versions, samples=samples, rows=rows)
 
 
 def table(result: dict[str, Any]) -> str:
-    m, a = result["machine"], result["args"]
     lines = [
-        "# Meta-gradient benchmarks against the peers",
-        "",
-        f"Run {result['started']} on {m['cpu']} ({m['cores']} cores visible), device "
-        f"{a['device']}, {a['threads']} torch threads in every process, {a['rounds']} rounds"
-        f"{' (smoke sizes)' if a['smoke'] else ''}; load average before/after: "
-        f"{result['load_before']} / {result['load_after']}.",
-        "",
-        "Versions: "
-        + "; ".join(
-            f"{name}: {v['library']} (torch {v['torch']}, Python {v['python']})"
-            for name, v in result["versions"].items()
-        ),
-        "",
+        *preamble(result, "Meta-gradient benchmarks against the peers"),
         "Time: median milliseconds of one meta-iteration (inner loops of every task, second order, "
         "and the meta-gradient), each round's figure the mean of a few back-to-back meta-steps "
         "after an untimed one; best: the fastest round. × peer: over the fastest of higher 0.2.1 "
