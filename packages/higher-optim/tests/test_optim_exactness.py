@@ -116,6 +116,23 @@ def torch_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int) -
     opt.step()
 
 
+def follow_torch(
+    opt: torch.optim.Optimizer,
+    diffopt: higher.optim.DifferentiableOptimizer,
+    params: list[torch.Tensor],
+    fast: list[torch.Tensor],
+    ks: range,
+) -> list[torch.Tensor]:
+    """Step torch (on `params`) and the twin (from `fast`) side by side on the losses `ks`; the
+    weights agree after every step. Returns the twin's last weights."""
+    for k in ks:
+        torch_step(opt, params, k)
+        fast = diffopt.step(loss_at(fast, k), params=fast)
+        for ours, theirs in zip(fast, params, strict=True):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+    return fast
+
+
 @pytest.fixture(params=["per-tensor", "fused"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways a rule runs: a loop over tensors, or one kernel over their concatenation."""
@@ -135,12 +152,7 @@ def test_trajectory_equals_torch(
         torch_step(opt, params, k)
     start = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
     diffopt = higher.optim.get_diff_optim(opt, params)  # state is cloned: torch goes on alone
-    fast = start
-    for k in range(warm, warm + STEPS):
-        torch_step(opt, params, k)
-        fast = diffopt.step(loss_at(fast, k), params=fast)
-        for ours, theirs in zip(fast, params, strict=True):
-            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+    fast = follow_torch(opt, diffopt, params, start, range(warm, warm + STEPS))
     assert fast[2] is start[2]  # the frozen parameter is never touched
     assert all(f.grad_fn is not None for i, f in enumerate(fast) if i != 2)
 
@@ -174,11 +186,7 @@ def test_asgd_foreach_path_is_followed_or_refused() -> None:
         return
     diffopt = higher.optim.get_diff_optim(opt, params)
     fast = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
-    for k in range(STEPS):
-        torch_step(opt, params, k)
-        fast = diffopt.step(loss_at(fast, k), params=fast)
-    for ours, theirs in zip(fast, params, strict=True):
-        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+    follow_torch(opt, diffopt, params, fast, range(STEPS))
 
 
 def _complex_as_real_pairs(name: str) -> bool:
@@ -242,11 +250,7 @@ def test_tensor_hyperparameters_give_the_same_trajectory(
         assert "lr" in hyper and all(t.requires_grad for t in hyper["lr"])
         diffopt = higher.optim.get_diff_optim(opt, params, override=hyper)
         fast = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
-        for k in range(STEPS):
-            torch_step(opt, params, k)
-            fast = diffopt.step(loss_at(fast, k), params=fast)
-            for ours, theirs in zip(fast, params, strict=True):
-                torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+        fast = follow_torch(opt, diffopt, params, fast, range(STEPS))
         (grad,) = torch.autograd.grad(fast[0].sum(), hyper["lr"][0])
         assert torch.isfinite(grad)
     finally:
