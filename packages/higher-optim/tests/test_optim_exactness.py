@@ -36,7 +36,8 @@ BASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "Adagrad": ({"lr": 0.1}, [{}, {"lr_decay": 0.05, "initial_accumulator_value": 0.1}]),
     "Adadelta": ({"lr": 1.0}, [{}, {"rho": 0.5, "eps": 1e-4}]),
     "Adamax": ({"lr": 0.05}, [{}, {"betas": (0.5, 0.7)}]),
-    # torch's foreach path computes ASGD differently from its loop: both are followed
+    # torch's foreach path computes ASGD differently from its loop: both are followed (the
+    # foreach one where torch computes it as its loop's formula says: 2.4 and later)
     "ASGD": (
         {"lr": 0.05},
         [{}, {"lambd": 0.1, "alpha": 0.5, "t0": 2.0}]
