@@ -87,7 +87,7 @@ MISUSES: list[tuple[str, Callable[[World], Any], type[Exception] | None, str]] =
         "override too many",
         lambda w: _ctx(w.model, w.opt, override={"lr": [0.1, 0.2]}),
         OptimError,
-        "expected 1 .* or 1",
+        "expected 1, the value for the optimizer.s single param group",
     ),
     (
         "override wrong type",

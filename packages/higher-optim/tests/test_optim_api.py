@@ -252,6 +252,35 @@ def test_subclass_resolves_to_parent_twin() -> None:
     assert type(higher.optim.get_diff_optim(MyAdam([w]), [w])) is higher.optim.DifferentiableAdam
 
 
+def test_override_count_message_fits_the_groups() -> None:
+    """One param group: the message asks for one value, and where the count equals the number
+    of parameters it shows the per-parameter form; several groups: one or one per group."""
+    a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))
+    one = torch.optim.SGD([a, b], lr=0.1)
+    with pytest.raises(higher.optim.OptimError) as info:
+        higher.optim.get_diff_optim(one, [a, b], override={"lr": [0.1, 0.2]})
+    assert str(info.value) == (
+        "override['lr'] has 2 values; expected 1, the value for the optimizer's single param "
+        "group; for one learning rate per parameter, put them in one list: override={'lr': "
+        "[[lr_0, lr_1]]} (one tensor per parameter: 0-d, or shaped like its parameter for one "
+        "rate per element)"
+    )
+    with pytest.raises(higher.optim.OptimError) as info:
+        higher.optim.get_diff_optim(one, [a, b], override={"momentum": [0.1, 0.2, 0.3]})
+    assert str(info.value) == (
+        "override['momentum'] has 3 values; expected 1, the value for the optimizer's single "
+        "param group"
+    )
+    two = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    with pytest.raises(higher.optim.OptimError, match=r"expected 1 \(all groups\) or 2 \(one per"):
+        higher.optim.get_diff_optim(two, [a, b], override={"lr": [0.1, 0.2, 0.3]})
+    # the form the message shows is accepted
+    rates = [torch.full((2, 3), 0.5), torch.tensor(0.25)]
+    diffopt = higher.optim.get_diff_optim(one, [a, b], override={"lr": [rates]})
+    new_a, new_b = diffopt.step(a.sum() + b.sum(), params=[a, b])
+    assert new_a.tolist() == [[0.5] * 3] * 2 and new_b.tolist() == [0.75] * 3
+
+
 @pytest.mark.parametrize("name", ["LBFGS", "SparseAdam"])
 def test_optimizers_without_twin_name_the_type(name: str) -> None:
     w = torch.nn.Parameter(torch.ones(1))
@@ -287,7 +316,7 @@ def test_bad_input_errors() -> None:
         diffopt.step(w.sum(), params=[torch.ones(3, requires_grad=True)])
     with pytest.raises(higher.optim.OptimError, match="not among reference_params"):
         higher.optim.get_diff_optim(opt, [other])
-    with pytest.raises(higher.optim.OptimError, match=r"1 .all groups. or 1"):
+    with pytest.raises(higher.optim.OptimError, match="expected 1, the value for the optimizer's"):
         higher.optim.get_diff_optim(opt, [w], override={"lr": [0.1, 0.2]})
     with pytest.raises(higher.optim.OptimError, match="'speed'"):
         higher.optim.get_diff_optim(opt, [w], override={"speed": [0.1]})

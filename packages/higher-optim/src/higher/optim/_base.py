@@ -213,14 +213,33 @@ class DifferentiableOptimizer(abc.ABC):
                     f"per group), got {type(values).__name__}"
                 )
             if len(values) not in (1, n_groups):
-                raise OptimError(
-                    f"override[{name!r}] has {len(values)} values; expected 1 (all groups) or "
-                    f"{n_groups} (one per param group)"
-                )
+                raise OptimError(self._override_count_message(name, values, n_groups))
             for g, group in enumerate(options):
                 group[name] = values[0] if len(values) == 1 else values[g]
         self._check_groups(options)
         return options
+
+    def _override_count_message(self, name: str, values: Sequence[Any], n_groups: int) -> str:
+        """Why `override[name]`, a list of `len(values)` values, does not fit the groups."""
+        if n_groups > 1:
+            return (
+                f"override[{name!r}] has {len(values)} values; expected 1 (all groups) or "
+                f"{n_groups} (one per param group)"
+            )
+        message = (
+            f"override[{name!r}] has {len(values)} values; expected 1, the value for the "
+            "optimizer's single param group"
+        )
+        n = len(self.param_groups[0]["params"])
+        per_param = getattr(getattr(self, "rule", None), "per_param_lr", True)
+        if name == "lr" and per_param and len(values) == n:  # perhaps one rate per parameter
+            rates = ", ".join(f"lr_{i}" for i in range(n)) if n <= 3 else f"lr_0, ..., lr_{n - 1}"
+            message += (
+                f"; for one learning rate per parameter, put them in one list: override={{'lr': "
+                f"[[{rates}]]}} (one tensor per parameter: 0-d, or shaped like its parameter "
+                "for one rate per element)"
+            )
+        return message
 
     def _apply_override(self, override: Mapping[str, Sequence[Any]]) -> None:
         for group, options in zip(self.param_groups, self._validated_options(override)):

@@ -127,10 +127,16 @@ def _as_real_pairs(
     params: Tensors,
     lists: tuple[MaybeTensors, ...],
 ) -> list[list[torch.Tensor | None]]:
-    """`elementwise` over complex tensors viewed as real pairs, the outputs viewed back."""
+    """`elementwise` over complex tensors viewed as real pairs, the outputs viewed back; a real
+    tensor beside a complex parameter (a per-parameter learning rate) serves both halves."""
     real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
     real_lists = [
-        None if xs is None else [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+        None
+        if xs is None
+        else [
+            torch.view_as_real(x) if x.is_complex() else x.unsqueeze(-1) if p.is_complex() else x
+            for x, p in zip(xs, params, strict=True)
+        ]
         for xs in lists
     ]
     real_outs = elementwise(kernel, real, *real_lists)

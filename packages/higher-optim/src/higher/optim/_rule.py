@@ -66,6 +66,10 @@ class Rule(NamedTuple):
     #: Whether sparse gradients are taken (made dense first: torch's sparse path computes the
     #: same), as torch.optim's SGD and Adagrad take them; other rules refuse them as torch does.
     sparse: bool = False
+    #: Options (of `hypers` and `pairs`) the update uses only elementwise, so that in a param
+    #: group each may be a tensor of many values that broadcasts to every parameter of the group
+    #: (per-element hyperparameters, as 0.2.1 ran them); the others take one value each.
+    per_element: tuple[str, ...] = ("lr",)
 
     @property
     def options(self) -> frozenset[str]:
@@ -119,8 +123,10 @@ def check_flag(name: str, value: object) -> None:
 
 
 def check_hyper(rule: Rule, hyper: Hyper, params: Sequence[torch.Tensor] | None = None) -> None:
-    """Check every option of `hyper` that `rule` reads has a value of the right type (and, for
-    tensors, shape: one value, or with `params` a per-parameter `lr` shaped like its parameter)."""
+    """Check every option of `hyper` that `rule` reads has a value of the right type and, for
+    tensors, shape: one value, or with `params` (the parameters of a param group) a tensor that
+    broadcasts to each of them without changing its shape, for the options of
+    `rule.per_element`; a per-parameter `lr` is a list of tensors shaped like its parameter."""
     for name in rule.hypers:
         if name not in hyper:
             continue
@@ -129,25 +135,105 @@ def check_hyper(rule: Rule, hyper: Hyper, params: Sequence[torch.Tensor] | None 
             len(params) if params is not None and name == "lr" and rule.per_param_lr else None
         )
         check_scalar(name, value, per_param=per_param)
-        if isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise HyperparameterTypeError(
-                f"hyperparameter {name!r} is a tensor of shape {tuple(value.shape)}; expected "
-                "one value (a 0-d tensor)"
-                + (", or a list of tensors, one per parameter" if per_param is not None else "")
-            )
-        if isinstance(value, (list, tuple)) and params is not None:
-            for i, (v, p) in enumerate(zip(value, params, strict=True)):
-                if not _broadcasts_to(v.shape, p.shape):
-                    raise HyperparameterTypeError(
-                        f"hyperparameter {name!r}[{i}] has shape {tuple(v.shape)}; it must "
-                        f"broadcast to parameter {i}'s shape {tuple(p.shape)}"
-                    )
+        if isinstance(value, (list, tuple)):
+            if params is not None:
+                for i, (v, p) in enumerate(zip(value, params, strict=True)):
+                    if not _broadcasts_to(v.shape, p.shape):
+                        raise HyperparameterTypeError(
+                            f"hyperparameter {name!r}[{i}] has shape {tuple(v.shape)}; it must "
+                            f"broadcast to parameter {i}'s shape {tuple(p.shape)}"
+                        )
+        else:
+            check_values(rule, name, value, params, per_param is not None)
     for name in rule.pairs:
         if name in hyper:
             check_pair(name, hyper[name])
+            if not isinstance(hyper[name], torch.Tensor):
+                for item in hyper[name]:
+                    check_values(rule, name, item, params, False)
     for name in rule.flags:
         if name in hyper:
             check_flag(name, hyper[name])
+
+
+def check_values(
+    rule: Rule,
+    name: str,
+    value: object,
+    params: Sequence[torch.Tensor] | None,
+    per_param: bool,
+) -> None:
+    """Refuse a tensor of many values for option `name` unless `rule` takes it per element and
+    it broadcasts to each of `params` without changing its shape."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 1:
+        return
+    shape = tuple(value.shape)
+    lists = ", or a list of tensors, one per parameter" if per_param else ""
+    if params is None or name not in rule.per_element:
+        why = (
+            f"{rule.name} takes one value for {name!r} (its update does not use it elementwise)"
+            if params is not None
+            else "one value per element is taken in a param group, whose parameters it must "
+            "broadcast to"
+        )
+        raise HyperparameterTypeError(
+            f"hyperparameter {name!r} is a tensor of shape {shape}; expected one value (a 0-d "
+            f"tensor){lists}: {why}"
+        )
+    for i, p in enumerate(params):
+        if not _broadcasts_to(value.shape, p.shape):
+            raise HyperparameterTypeError(
+                f"hyperparameter {name!r} is a tensor of shape {shape}, which does not "
+                f"broadcast to the shape {tuple(p.shape)} of parameter {i} of the group without "
+                "changing it; expected one value (a 0-d tensor), one value per element (a tensor "
+                f"that broadcasts to every parameter of the group, keeping its shape){lists}"
+            )
+        if p.is_complex():
+            raise HyperparameterTypeError(
+                f"hyperparameter {name!r} is a tensor of shape {shape} (one value per element) "
+                f"and parameter {i} of the group is complex; expected one value (a 0-d tensor)"
+                + (", or a list of tensors, one per parameter" if per_param else "")
+                + ": per-element values are taken for real parameters"
+            )
+
+
+def per_element_options(rule: Rule, hyper: Hyper) -> list[str]:
+    """The options of `hyper` given one value per element: a tensor of more than one value (in
+    a pair too), not a per-parameter `lr` list.
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim.rule import per_element_options
+        >>> rule = higher.optim.DifferentiableSGD.rule
+        >>> per_element_options(rule, {"lr": torch.full((2, 3), 0.1), "momentum": 0.9})
+        ['lr']
+    """
+    found = []
+    for name in (*rule.hypers, *rule.pairs):
+        value = hyper.get(name)
+        items = value if name in rule.pairs and isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, torch.Tensor) and v.numel() != 1 for v in items):
+            found.append(name)
+    return found
+
+
+def one_value(value: Any) -> Any:
+    """`value` with a tensor of one value made 0-d (in a pair or list too), so that it
+    broadcasts to any parameter without changing its shape; anything else as it is.
+
+    Examples:
+        >>> import torch
+        >>> from higher.optim.rule import one_value
+        >>> one_value(torch.tensor([[0.1]])).shape, one_value((torch.tensor([0.9]), 0.999))[1]
+        (torch.Size([]), 0.999)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()) if value.dim() and value.numel() == 1 else value
+    if isinstance(value, (list, tuple)) and any(
+        isinstance(v, torch.Tensor) and v.dim() and v.numel() == 1 for v in value
+    ):
+        return type(value)(one_value(v) for v in value)
+    return value
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:

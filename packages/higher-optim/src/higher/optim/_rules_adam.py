@@ -91,6 +91,7 @@ ADAM = Rule(
     hypers=_ADAM_HYPERS,
     pairs=("betas",),
     flags={"amsgrad": False, "maximize": False, "decoupled_weight_decay": False},
+    per_element=(*_ADAM_HYPERS, "betas"),
 )
 ADAMW = ADAM._replace(
     name="AdamW",

@@ -86,6 +86,8 @@ NADAM = Rule(
     pairs=("betas",),
     flags={"maximize": False, "decoupled_weight_decay": False},
     scalar_state=("mu_product",),
+    # beta1 and momentum_decay make mu_product, one value for all the parameters
+    per_element=("lr", "eps", "weight_decay"),
 )
 
 
@@ -147,6 +149,7 @@ RADAM = Rule(
     hypers=("lr", "eps", "weight_decay"),
     pairs=("betas",),
     flags={"maximize": False, "decoupled_weight_decay": False},
+    per_element=("lr", "eps", "weight_decay"),  # beta2 decides whether the step is rectified
 )
 
 
@@ -194,4 +197,5 @@ ADAMAX = Rule(
     hypers=("lr", "eps", "weight_decay"),
     pairs=("betas",),
     flags={"maximize": False},
+    per_element=("lr", "eps", "weight_decay", "betas"),
 )

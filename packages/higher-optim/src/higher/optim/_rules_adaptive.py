@@ -60,6 +60,7 @@ ADAGRAD = Rule(
     hypers=("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value"),
     flags={"maximize": False},
     sparse=True,
+    per_element=("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value"),
 )
 
 
@@ -106,6 +107,7 @@ ADADELTA = Rule(
     update=adadelta_update,
     hypers=("lr", "rho", "eps", "weight_decay"),
     flags={"maximize": False},
+    per_element=("lr", "rho", "eps", "weight_decay"),
 )
 
 
@@ -183,4 +185,5 @@ RMSPROP = Rule(
     update=rmsprop_update,
     hypers=("lr", "alpha", "eps", "weight_decay", "momentum"),
     flags={"centered": False, "maximize": False},
+    per_element=("lr", "alpha", "eps", "weight_decay", "momentum"),
 )

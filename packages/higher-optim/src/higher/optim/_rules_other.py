@@ -122,6 +122,7 @@ ASGD = Rule(
     flags={"maximize": False},
     scalar_state=("eta", "mu"),
     per_param_lr=False,
+    per_element=("weight_decay",),  # lr, lambd, alpha and t0 make eta and mu, one value each
 )
 
 
@@ -176,6 +177,7 @@ RPROP = Rule(
     hypers=("lr",),
     pairs=("etas", "step_sizes"),
     flags={"maximize": False},
+    per_element=("lr", "etas", "step_sizes"),
 )
 
 
@@ -267,4 +269,6 @@ ADAFACTOR = Rule(
     hypers=("lr", "beta2_decay", "d", "weight_decay"),
     flags={"maximize": False},
     extra=("eps",),
+    # d bounds and eps clamps statistics of a whole tensor; beta2_decay weighs factored moments
+    per_element=("lr", "weight_decay"),
 )

@@ -62,4 +62,5 @@ SGD = Rule(
     hypers=("lr", "momentum", "dampening", "weight_decay"),
     flags={"nesterov": False, "maximize": False},
     sparse=True,
+    per_element=("lr", "momentum", "dampening", "weight_decay"),
 )

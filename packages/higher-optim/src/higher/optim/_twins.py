@@ -9,7 +9,15 @@ import torch
 
 from ._base import DifferentiableOptimizer
 from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
-from ._rule import BOOKKEEPING_KEYS, Rule, check_hyper, check_scalar
+from ._rule import (
+    BOOKKEEPING_KEYS,
+    Rule,
+    check_hyper,
+    check_scalar,
+    check_values,
+    one_value,
+    per_element_options,
+)
 from ._rules_adam import ADAM, ADAMW
 from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
 from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
@@ -60,7 +68,7 @@ class RuleOptimizer(DifferentiableOptimizer):
 
     rule: ClassVar[Rule]
     #: the last `_runs` call: its `live` key, its runs, and whether their state was empty
-    _bucket_cache: tuple[list[list[bool]], list[_Run], bool] | None = None
+    _bucket_cache: tuple[tuple[list[list[bool]], list[bool]], list[_Run], bool] | None = None
 
     def _import_state(self, torch_state: Any, device: Any) -> dict[str, Any]:
         state = super()._import_state(torch_state, device)
@@ -85,19 +93,23 @@ class RuleOptimizer(DifferentiableOptimizer):
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         for g, group in enumerate(groups):
-            try:
-                check_hyper(self.rule, group, group["params"])
-                if "eps" in self.rule.extra and "eps" in group:
-                    eps = group["eps"]
-                    if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
-                        raise HyperparameterTypeError(
-                            f"hyperparameter 'eps' must be a pair (eps1 or None, eps2), got {eps!r}"
-                        )
-                    if eps[0] is not None:
-                        check_scalar("eps", eps[0])
-                    check_scalar("eps", eps[1])
-            except HyperparameterTypeError as err:
-                raise HyperparameterTypeError(f"param group {g}: {err}") from None
+            self._check_group(g, group, group["params"])
+
+    def _check_group(self, g: int, group: dict[str, Any], params: Sequence[torch.Tensor]) -> None:
+        """Check the options of param group `g` over its parameters `params`."""
+        try:
+            check_hyper(self.rule, group, params)
+            if "eps" in self.rule.extra and "eps" in group:
+                eps = group["eps"]
+                if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+                    raise HyperparameterTypeError(
+                        f"hyperparameter 'eps' must be a pair (eps1 or None, eps2), got {eps!r}"
+                    )
+                for value in eps if eps[0] is not None else eps[1:]:
+                    check_scalar("eps", value)
+                    check_values(self.rule, "eps", value, params, False)
+        except HyperparameterTypeError as err:
+            raise HyperparameterTypeError(f"param group {g}: {err}") from None
 
     def _uses_rule(self) -> bool:
         # a subclass that overrides `_update` runs it (the hand-written path), not the rule
@@ -166,11 +178,18 @@ class RuleOptimizer(DifferentiableOptimizer):
 
         The slots of a bucket are stepped together, so they keep one step count and the same
         state fields: the last step's runs are reused while that still holds for the same
-        `live` (a step on other slots, or state set by hand, makes them computed again)."""
-        cached = self._bucket_cache
-        if cached is not None and cached[0] == live and self._buckets_hold(*cached[1:]):
-            return cached[1], {}
+        `live` (a step on other slots, or state set by hand, makes them computed again). A group
+        with a hyperparameter of one value per element runs once per slot: the rule's kernel
+        then sees one parameter at a time, which such a value broadcasts to."""
         rule = self.rule
+        split = [bool(per_element_options(rule, group)) for group in options]
+        for g, mapping in enumerate(self._group_to_param_list):
+            if split[g]:  # values set in param_groups by hand are checked here
+                self._check_group(g, options[g], [params[i] for i in mapping])
+        key = (live, split)
+        cached = self._bucket_cache
+        if cached is not None and cached[0] == key and self._buckets_hold(*cached[1:]):
+            return cached[1], {}
         out: list[_Run] = []
         fresh: dict[tuple[int, int], dict[str, Any]] = {}
         for g, (flags, mapping) in enumerate(zip(live, self._group_to_param_list, strict=True)):
@@ -180,7 +199,7 @@ class RuleOptimizer(DifferentiableOptimizer):
             if new:
                 values = self._fresh_states([params[mapping[j]] for j in new], options[g], new)
                 fresh.update(((g, j), state) for j, state in zip(new, values, strict=True))
-            if len(slots) <= 1:  # one slot is one bucket: no keys to compute
+            if len(slots) <= 1 or split[g]:  # one slot is one bucket: no keys to compute
                 out.extend((g, (j,), (mapping[j],)) for j in slots)
                 continue
             buckets: dict[tuple[Any, ...], list[int]] = {}
@@ -192,7 +211,7 @@ class RuleOptimizer(DifferentiableOptimizer):
         stateless = not any(
             fresh.get((g, j)) or self.state[g].get(j) for g, ss, _ in out for j in ss
         )
-        self._bucket_cache = ([list(flags) for flags in live], out, stateless)
+        self._bucket_cache = (([list(flags) for flags in live], split), out, stateless)
         return out, fresh
 
     def _buckets_hold(self, runs: list[_Run], stateless: bool) -> bool:
@@ -242,9 +261,9 @@ class RuleOptimizer(DifferentiableOptimizer):
 
 
 def _hyper(group: dict[str, Any], slots: Sequence[int]) -> dict[str, Any]:
-    """A group's options for a run over `slots` (`params` left out, a per-parameter `lr`
-    narrowed to the slots)."""
-    hyper = {k: v for k, v in group.items() if k != "params"}
+    """A group's options for a run over `slots` (`params` left out, a tensor of one value made
+    0-d, a per-parameter `lr` narrowed to the slots)."""
+    hyper = {k: one_value(v) for k, v in group.items() if k != "params"}
     lr = hyper.get("lr")
     if isinstance(lr, (list, tuple)):
         hyper["lr"] = [lr[j] for j in slots]
