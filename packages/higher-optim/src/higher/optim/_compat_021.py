@@ -51,7 +51,9 @@ def _add(tensor: torch.Tensor, a1: Number, a2: torch.Tensor | None = None) -> to
     """0.2.1's out-of-place `add`: `tensor + a1`, or `tensor + a1 * a2` given three arguments.
 
     0.2.1 accepted both of torch's signatures, `add(other)` and the old `add(value, other)`, and
-    computed `value * other` first, then the sum (two roundings).
+    computed `value * other` first, then the sum (two roundings). `tensor + value * other` gives
+    the same numbers, bit for bit; `torch.add(tensor, other, alpha=value)` rounds once, so its
+    numbers differ by one rounding (which chaotic training grows).
 
     Example:
         >>> import warnings, torch, higher.optim
@@ -61,7 +63,12 @@ def _add(tensor: torch.Tensor, a1: Number, a2: torch.Tensor | None = None) -> to
         >>> out.tolist()
         [7.0]
     """
-    _deprecated("_add", "use torch.add(tensor, other, alpha=value)")
+    _deprecated(
+        "_add",
+        "use `tensor + value * other`, which gives its numbers bit for bit (torch.add(tensor, "
+        "other, alpha=value) rounds once where it rounds twice: the numbers change by one "
+        "rounding)",
+    )
     if a2 is None:
         return tensor + a1
     return tensor + a1 * a2
@@ -72,6 +79,9 @@ def _addcdiv(
 ) -> torch.Tensor:
     """0.2.1's out-of-place `addcdiv`: `tensor + a1 / a2`, or `tensor + a1 * (a2 / a3)`.
 
+    Those expressions give its numbers bit for bit; `torch.addcdiv(tensor, a2, a3, value=a1)`
+    rounds in another order, so its numbers differ by a rounding.
+
     Example:
         >>> import warnings, torch, higher.optim
         >>> t, t1, t2 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])
@@ -81,7 +91,12 @@ def _addcdiv(
         >>> out.tolist()
         [1.75]
     """
-    _deprecated("_addcdiv", "use torch.addcdiv(tensor, t1, t2, value=value)")
+    _deprecated(
+        "_addcdiv",
+        "use `tensor + value * (tensor1 / tensor2)`, which gives its numbers bit for bit "
+        "(torch.addcdiv(tensor, tensor1, tensor2, value=value) rounds in another order: the "
+        "numbers change by a rounding)",
+    )
     if a3 is None:
         return tensor + a1 / a2
     return tensor + a1 * (a2 / a3)
@@ -92,6 +107,9 @@ def _addcmul(
 ) -> torch.Tensor:
     """0.2.1's out-of-place `addcmul`: `tensor + a1 * a2`, or `tensor + a1 * a2 * a3`.
 
+    Those expressions give its numbers bit for bit; `torch.addcmul(tensor, a2, a3, value=a1)`
+    rounds in another order, so its numbers differ by a rounding.
+
     Example:
         >>> import warnings, torch, higher.optim
         >>> t, t1, t2 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])
@@ -101,7 +119,12 @@ def _addcmul(
         >>> out.tolist()
         [4.0]
     """
-    _deprecated("_addcmul", "use torch.addcmul(tensor, t1, t2, value=value)")
+    _deprecated(
+        "_addcmul",
+        "use `tensor + value * tensor1 * tensor2`, which gives its numbers bit for bit "
+        "(torch.addcmul(tensor, tensor1, tensor2, value=value) rounds in another order: the "
+        "numbers change by a rounding)",
+    )
     if a3 is None:
         return tensor + a1 * a2
     return tensor + a1 * a2 * a3
