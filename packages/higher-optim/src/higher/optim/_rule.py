@@ -199,15 +199,7 @@ def check_values(
 
 def per_element_options(rule: Rule, hyper: Hyper) -> list[str]:
     """The options of `hyper` given one value per element: a tensor of more than one value (in
-    a pair too), not a per-parameter `lr` list.
-
-    Examples:
-        >>> import torch, higher.optim
-        >>> from higher.optim.rule import per_element_options
-        >>> rule = higher.optim.DifferentiableSGD.rule
-        >>> per_element_options(rule, {"lr": torch.full((2, 3), 0.1), "momentum": 0.9})
-        ['lr']
-    """
+    a pair too), not a per-parameter `lr` list."""
     found = []
     for name in (*rule.hypers, *rule.pairs):
         value = hyper.get(name)
@@ -219,14 +211,7 @@ def per_element_options(rule: Rule, hyper: Hyper) -> list[str]:
 
 def one_value(value: Any) -> Any:
     """`value` with a tensor of one value made 0-d (in a pair or list too), so that it
-    broadcasts to any parameter without changing its shape; anything else as it is.
-
-    Examples:
-        >>> import torch
-        >>> from higher.optim.rule import one_value
-        >>> one_value(torch.tensor([[0.1]])).shape, one_value((torch.tensor([0.9]), 0.999))[1]
-        (torch.Size([]), 0.999)
-    """
+    broadcasts to any parameter without changing its shape; anything else as it is."""
     if isinstance(value, torch.Tensor):
         return value.reshape(()) if value.dim() and value.numel() == 1 else value
     if isinstance(value, (list, tuple)) and any(
