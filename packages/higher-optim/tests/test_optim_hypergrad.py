@@ -3,7 +3,7 @@ no NaN/inf in any order of gradient where a gradient entry is exactly zero."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -56,13 +56,7 @@ def central_difference(f: Callable[[float], float], x: float, eps: float = 1e-5)
     return (f(x + eps) - f(x - eps)) / (2 * eps)
 
 
-@pytest.fixture(autouse=True)
-def _float64() -> Iterator[None]:
-    # torch keeps scalar state (ASGD's eta, NAdam's mu_product) in the default dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def initial_params() -> list[torch.Tensor]:

@@ -6,7 +6,6 @@ change a parameter's shape or the optimizer needs one value."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -55,13 +54,7 @@ def rule_of(name: str) -> Rule:
     return twin.rule  # type: ignore[no-any-return]
 
 
-@pytest.fixture(autouse=True)
-def _float64() -> Iterator[None]:
-    # torch keeps scalar state (ASGD's eta, NAdam's mu_product) in the default dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def initial_params() -> list[T]:
