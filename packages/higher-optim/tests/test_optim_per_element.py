@@ -409,15 +409,19 @@ def test_functional_api_takes_one_value() -> None:
 # -- regressions found on the way ---------------------------------------------------------------
 
 
-def test_one_value_tensor_of_any_shape_keeps_the_parameter_shape() -> None:
-    """A learning rate of shape (1,) or (1, 1) is one value: a 0-d parameter stays 0-d."""
-    w = torch.nn.Parameter(torch.tensor(2.0))
-    v = torch.nn.Parameter(torch.ones(3))
-    for lr in (torch.tensor([0.25]), torch.tensor([[0.25]])):
-        diffopt = twin(torch.optim.SGD([w, v], lr=0.1), override={"lr": [lr]})
-        new_w, new_v = diffopt.step(w**2 + v.sum(), params=[w, v])
-        assert new_w.shape == () and new_w.item() == 1.0
-        assert new_v.shape == (3,) and new_v.tolist() == [0.75] * 3
+def test_one_value_of_more_dimensions_keeps_the_parameter_shapes() -> None:
+    """A learning rate of shape (1, 1) over 20 parameters (enough to fuse them) steps each one
+    keeping its shape; over a 0-d or 1-d parameter it is refused (it would give them 2)."""
+    params = [torch.nn.Parameter(torch.ones(2, 3)) for _ in range(20)]
+    lr = torch.tensor([[0.25]], requires_grad=True)
+    diffopt = twin(torch.optim.SGD(params, lr=0.1), override={"lr": [lr]})
+    new = diffopt.step(torch.stack([p.sum() for p in params]).sum(), params=params)
+    assert all(p.shape == (2, 3) and p.tolist() == [[0.75] * 3] * 2 for p in new)
+    assert torch.autograd.grad(torch.cat(new).sum(), lr)[0].item() == -120.0
+    for shape in [(), (3,)]:
+        w = torch.nn.Parameter(torch.ones(shape))
+        with pytest.raises(ERR, match=re.escape("shape (1, 1), which does not broadcast to the")):
+            twin(torch.optim.SGD([w], lr=0.1), override={"lr": [lr]})
 
 
 def test_per_parameter_learning_rate_of_a_complex_parameter_serves_both_halves() -> None:

@@ -163,13 +163,14 @@ def check_values(
     params: Sequence[torch.Tensor] | None,
     per_param: bool,
 ) -> None:
-    """Refuse a tensor of many values for option `name` unless `rule` takes it per element and
-    it broadcasts to each of `params` without changing its shape."""
-    if not isinstance(value, torch.Tensor) or value.numel() == 1:
+    """Refuse a tensor for option `name` that would change the shape of one of `params` (the
+    parameters of its param group), or that holds many values where `rule` takes one or where
+    the parameters are not known."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return
     shape = tuple(value.shape)
     lists = ", or a list of tensors, one per parameter" if per_param else ""
-    if params is None or name not in rule.per_element:
+    if value.numel() != 1 and (params is None or name not in rule.per_element):
         why = (
             f"{rule.name} takes one value for {name!r} (its update does not use it elementwise)"
             if params is not None
@@ -180,7 +181,7 @@ def check_values(
             f"hyperparameter {name!r} is a tensor of shape {shape}; expected one value (a 0-d "
             f"tensor){lists}: {why}"
         )
-    for i, p in enumerate(params):
+    for i, p in enumerate(params or ()):
         if not _broadcasts_to(value.shape, p.shape):
             raise HyperparameterTypeError(
                 f"hyperparameter {name!r} is a tensor of shape {shape}, which does not "
@@ -188,37 +189,25 @@ def check_values(
                 "changing it; expected one value (a 0-d tensor), one value per element (a tensor "
                 f"that broadcasts to every parameter of the group, keeping its shape){lists}"
             )
-        if p.is_complex():
+        if p.is_complex() and value.numel() != 1:
             raise HyperparameterTypeError(
                 f"hyperparameter {name!r} is a tensor of shape {shape} (one value per element) "
-                f"and parameter {i} of the group is complex; expected one value (a 0-d tensor)"
-                + (", or a list of tensors, one per parameter" if per_param else "")
-                + ": per-element values are taken for real parameters"
+                f"and parameter {i} of the group is complex; expected one value (a 0-d "
+                f"tensor){lists}: per-element values are taken for real parameters"
             )
 
 
-def per_element_options(rule: Rule, hyper: Hyper) -> list[str]:
-    """The options of `hyper` given one value per element: a tensor of more than one value (in
-    a pair too), not a per-parameter `lr` list."""
+def unfusable_options(rule: Rule, hyper: Hyper) -> list[str]:
+    """The options of `hyper` (in a pair too; not a per-parameter `lr` list) whose tensor cannot
+    be applied to the concatenation of a group's parameters: one value per element, or one
+    value with more than one dimension."""
     found = []
     for name in (*rule.hypers, *rule.pairs):
         value = hyper.get(name)
         items = value if name in rule.pairs and isinstance(value, (list, tuple)) else (value,)
-        if any(isinstance(v, torch.Tensor) and v.numel() != 1 for v in items):
+        if any(isinstance(v, torch.Tensor) and (v.numel() != 1 or v.dim() > 1) for v in items):
             found.append(name)
     return found
-
-
-def one_value(value: Any) -> Any:
-    """`value` with a tensor of one value made 0-d (in a pair or list too), so that it
-    broadcasts to any parameter without changing its shape; anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return value.reshape(()) if value.dim() and value.numel() == 1 else value
-    if isinstance(value, (list, tuple)) and any(
-        isinstance(v, torch.Tensor) and v.dim() and v.numel() == 1 for v in value
-    ):
-        return type(value)(one_value(v) for v in value)
-    return value
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:

@@ -15,8 +15,7 @@ from ._rule import (
     check_hyper,
     check_scalar,
     check_values,
-    one_value,
-    per_element_options,
+    unfusable_options,
 )
 from ._rules_adam import ADAM, ADAMW
 from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
@@ -179,10 +178,11 @@ class RuleOptimizer(DifferentiableOptimizer):
         The slots of a bucket are stepped together, so they keep one step count and the same
         state fields: the last step's runs are reused while that still holds for the same
         `live` (a step on other slots, or state set by hand, makes them computed again). A group
-        with a hyperparameter of one value per element runs once per slot: the rule's kernel
-        then sees one parameter at a time, which such a value broadcasts to."""
+        with a hyperparameter of one value per element (or of more dimensions than one) runs
+        once per slot: the rule's kernel then sees one parameter at a time, which such a value
+        broadcasts to."""
         rule = self.rule
-        split = [bool(per_element_options(rule, group)) for group in options]
+        split = [bool(unfusable_options(rule, group)) for group in options]
         for g, mapping in enumerate(self._group_to_param_list):
             if split[g]:  # values set in param_groups by hand are checked here
                 self._check_group(g, options[g], [params[i] for i in mapping])
@@ -261,9 +261,9 @@ class RuleOptimizer(DifferentiableOptimizer):
 
 
 def _hyper(group: dict[str, Any], slots: Sequence[int]) -> dict[str, Any]:
-    """A group's options for a run over `slots` (`params` left out, a tensor of one value made
-    0-d, a per-parameter `lr` narrowed to the slots)."""
-    hyper = {k: one_value(v) for k, v in group.items() if k != "params"}
+    """A group's options for a run over `slots` (`params` left out, a per-parameter `lr`
+    narrowed to the slots)."""
+    hyper = {k: v for k, v in group.items() if k != "params"}
     lr = hyper.get("lr")
     if isinstance(lr, (list, tuple)):
         hyper["lr"] = [lr[j] for j in slots]
