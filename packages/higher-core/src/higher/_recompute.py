@@ -23,19 +23,17 @@ from higher.patch import FunctionalModule
 
 from ._errors import UnrollError
 from ._modes import Recompute, Truncated
+from ._trees import flatten, unflatten
 from ._unroll import (
     Captures,
     Environment,
     GradCallback,
-    Spec,
     StepEnv,
-    flatten,
     hyper_tensors,
     require_closure,
     scalar_loss,
     stripped,
     unexpected_leaves,
-    unflatten,
 )
 
 Tensors = list[torch.Tensor]
@@ -70,7 +68,7 @@ class _Record:
         stepped: list[int],
         p_flags: list[bool],
         s_flags: list[bool],
-        state_spec: Spec,
+        state_spec: Any,
         index: int,
     ) -> None:
         self.unroll = unroll
