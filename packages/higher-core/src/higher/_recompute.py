@@ -307,31 +307,35 @@ Fingerprint = list[torch.Tensor] | None
 
 
 def _fingerprint(grads: object) -> Fingerprint:
-    """`[sum, norm, sum's round-off bound]` of each gradient (NaN for a None), on its device
-    (taken without waiting for it; compared, on the host, only when the step is rebuilt)."""
+    """`[sum, norm, sum's round-off bound]` of each gradient (NaN for a None), stacked per
+    device (one small tensor a step, usually), taken without waiting for the device: it is
+    read, on the host, only when the step is rebuilt."""
     if not isinstance(grads, (list, tuple)):
         return None
-    rows: list[torch.Tensor] = []
+    rows: dict[torch.device, list[torch.Tensor]] = {}
     with torch.no_grad():
         for g in grads:
             if not isinstance(g, torch.Tensor) or not g.is_floating_point():
-                rows.append(torch.full((3,), float("nan"), dtype=torch.float64))
-                continue
-            dtype = torch.float32 if g.device.type == "mps" else torch.float64
-            g = g.detach()
-            norm = torch.linalg.vector_norm(g, dtype=dtype)
-            rows.append(torch.stack([g.sum(dtype=dtype), norm, norm * g.numel() ** 0.5]))
-    return rows
+                row = torch.full((3,), float("nan"), dtype=torch.float64)
+            else:
+                dtype = torch.float32 if g.device.type == "mps" else torch.float64
+                g = g.detach()
+                norm = torch.linalg.vector_norm(g, dtype=dtype)
+                row = torch.stack([g.sum(dtype=dtype), norm, norm * g.numel() ** 0.5])
+            rows.setdefault(row.device, []).append(row)
+        return [torch.stack(found) for found in rows.values()]
 
 
 def _same(new: Fingerprint, old: Fingerprint, tol: float) -> bool:
     """Two fingerprints of one step's gradients agree, up to round-off (NaN equals NaN)."""
-    if new is None or old is None or len(new) != len(old):
+    if new is None or old is None:
         return new is None and old is None
+    if [t.shape for t in new] != [t.shape for t in old]:
+        return False  # a gradient is missing where it was not, or the other way round
     if not new:
         return True
-    a = torch.stack([r.to("cpu", torch.float64) for r in new])
-    b = torch.stack([r.to("cpu", torch.float64) for r in old])
+    a = torch.cat([t.to("cpu", torch.float64) for t in new])
+    b = torch.cat([t.to("cpu", torch.float64) for t in old])
     allowed = tol * (b[:, :2].abs() + b[:, 2:3])
     close = (a[:, :2] - b[:, :2]).abs() <= allowed
     same_nan = a[:, :2].isnan() & b[:, :2].isnan()
