@@ -4,6 +4,7 @@ they promise besides exactness (nothing leaks, the user's model is untouched).""
 from __future__ import annotations
 
 import gc
+import random
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -253,3 +254,88 @@ def test_compile_step_refuses_a_memory_mode_uncompiled_it_runs_in_one() -> None:
             step = higher.compile_step(lambda m, x, y: F.mse_loss(m(x), y), backend="eager")
             with pytest.raises(higher.UsageError, match="memory mode"):
                 step(fmodel, diffopt, *data[0])
+
+
+Closure = Callable[[], torch.Tensor]
+Model = Callable[[torch.Tensor], torch.Tensor]
+Grads = list[torch.Tensor | None]
+
+
+def _maml_meta_loss(
+    unroll: Any,
+    closure_of: Callable[[Model, torch.Tensor, torch.Tensor], Closure] = mse,
+    callback: Callable[[Grads], Grads] | None = None,
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and a meta-loss (its backward not run yet) of a MAML unroll whose steps take
+    the closures `closure_of(fmodel, x, y)` and `callback`."""
+    model, opt, data = setup()
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, unroll=unroll) as (
+        fmodel,
+        diffopt,
+    ):
+        for x, y in data:
+            diffopt.step(closure=closure_of(fmodel, x, y), grad_callback=callback)
+        return model, F.mse_loss(fmodel(data[0][0]), data[0][1])
+
+
+def _step_counting_clip() -> Callable[[Grads], Grads]:
+    """A clipping schedule that counts its calls: it changes when a step is run again."""
+    calls = [0]
+
+    def callback(grads: Grads) -> Grads:
+        calls[0] += 1
+        return higher.optim.clip_grad_norm(1.0 / calls[0])(grads)
+
+    return callback
+
+
+def _random_scale() -> Callable[[Grads], Grads]:
+    """Python random numbers, which no step's random-number state covers."""
+    rng = random.Random(0)
+
+    def callback(grads: Grads) -> Grads:
+        scale = rng.uniform(0.5, 1.5)
+        return [None if g is None else g * scale for g in grads]
+
+    return callback
+
+
+@pytest.mark.parametrize("make", [_step_counting_clip, _random_scale], ids=["counter", "random"])
+@pytest.mark.parametrize(
+    "unroll",
+    ["recompute", higher.Recompute(every=2), higher.Truncated(window=2)],
+    ids=repr,
+)
+def test_a_grad_callback_that_is_not_pure_is_caught(unroll: Any, make: Any) -> None:
+    """It runs again when the backward pass rebuilds a step: a different result there would
+    be a silently wrong meta-gradient, so it is an error naming the step and the fix."""
+    _, meta = _maml_meta_loss(unroll, callback=make())
+    with pytest.raises(higher.UnrollError, match=r"step \d's grad_callback .* must be pure"):
+        meta.backward()
+
+
+def test_a_nan_loss_is_no_other_loss() -> None:
+    """NaN is not equal to itself; a step whose loss is NaN is the same step when rebuilt."""
+    model, meta = _maml_meta_loss(
+        "recompute", lambda fmodel, x, y: mse(lambda x: fmodel(x) * float("nan"), x, y)
+    )
+    meta.backward()
+    assert all(bool(p.grad.isnan().all()) for p in model.parameters() if p.grad is not None)
+
+
+def test_a_closure_whose_gradient_changes_is_caught() -> None:
+    """Its loss is the same when run again, its gradient is not: caught by the gradients'
+    fingerprint (no grad_callback needed)."""
+    calls = [0]
+
+    def flipping(fmodel: Model, x: torch.Tensor, y: torch.Tensor) -> Closure:
+        def loss() -> torch.Tensor:
+            calls[0] += 1
+            value = F.mse_loss(fmodel(x), y)
+            return value if calls[0] <= 3 else 2 * value.detach() - value  # 3 steps
+
+        return loss
+
+    _, meta = _maml_meta_loss("recompute", flipping)
+    with pytest.raises(higher.UnrollError, match=r"step 2's gradients differ when the step is"):
+        meta.backward()

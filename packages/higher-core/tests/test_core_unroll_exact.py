@@ -346,3 +346,105 @@ def test_frozen_unused_and_grouped_parameters(mode: Any) -> None:
     assert ref[0] is None and ref[1] is not None  # group 0 steps nothing the loss uses
     assert got[0] is None
     assert_close(got[1:], ref[1:])
+
+
+# ---- grad_callbacks, and losses that become NaN or infinite ------------------------------------
+
+EXACT_MODES: list[Any] = [*RECOMPUTE, higher.Truncated(window=STEPS), "forward"]
+
+
+def _callback_unroll(
+    unroll: Any,
+    callback: Callable[[list[T | None]], list[T | None]] | None = None,
+    spoil: Callable[[int, T], T] | None = None,
+    dtype: torch.dtype = DT,
+) -> list[T]:
+    """The meta-gradient (learning rate, and initial weights where the mode gives them) of a
+    6-step Adam unroll whose steps use `callback` and whose step `t`'s loss is
+    `spoil(t, loss)`."""
+    model = mlp().to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    lr = torch.tensor(0.05, dtype=dtype, requires_grad=True)
+    maml = unroll != "forward"  # forward mode carries derivatives for a few tensors only
+    with higher.innerloop_ctx(
+        model, opt, copy_initial_weights=not maml, override={"lr": [lr]}, unroll=unroll
+    ) as (fmodel, diffopt):
+        for t, (x, y) in enumerate(batches()):
+            x, y = x.to(dtype), y.to(dtype)
+
+            def loss(x: T = x, y: T = y, t: int = t) -> T:
+                value = F.mse_loss(fmodel(x), y)
+                return value if spoil is None else spoil(t, value)
+
+            diffopt.step(closure=loss, grad_callback=callback)
+        meta = F.mse_loss(
+            fmodel(batches(1, (7, 4))[0][0].to(dtype)), torch.zeros(7, 1, dtype=dtype)
+        )
+    wrt = [lr, *model.parameters()] if maml else [lr]
+    return list(torch.autograd.grad(meta, wrt))
+
+
+def _counting_clip() -> Callable[[list[T | None]], list[T | None]]:
+    """A clipping schedule that counts its calls: pure only where each step calls it once."""
+    calls = [0]
+
+    def callback(grads: list[T | None]) -> list[T | None]:
+        calls[0] += 1
+        return higher.optim.clip_grad_norm(1.0 / calls[0])(grads)
+
+    return callback
+
+
+def _torch_noise(grads: list[T | None]) -> list[T | None]:
+    """Pure as a rebuilt step sees it: torch's random-number state is restored for it."""
+    return [None if g is None else g * (1 + 0.1 * torch.randn(())) for g in grads]
+
+
+@pytest.mark.parametrize("callback", ["clip", "torch-noise"])
+@pytest.mark.parametrize("mode", EXACT_MODES, ids=repr)
+def test_a_pure_grad_callback_gives_full_modes_meta_gradient(mode: Any, callback: str) -> None:
+    pure = higher.optim.clip_grad_norm(0.5) if callback == "clip" else _torch_noise
+    torch.manual_seed(3)
+    got = _callback_unroll(mode, pure)
+    torch.manual_seed(3)
+    ref = _callback_unroll("full", pure)
+    assert_close(got, ref[: len(got)])
+
+
+def test_a_pure_grad_callback_passes_the_check_in_float32() -> None:
+    """Round-off of the rebuilt gradients (float32) is not mistaken for an impure callback."""
+    clip = higher.optim.clip_grad_norm(0.5)
+    got = _callback_unroll("recompute", clip, dtype=torch.float32)
+    ref = _callback_unroll("full", clip, dtype=torch.float32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_mode_runs_a_grad_callback_once_per_step() -> None:
+    """Forward mode never runs a step again: a callback with a step counter is fine there."""
+    assert_close(_callback_unroll("forward", _counting_clip()),
+                 _callback_unroll("full", _counting_clip())[:1])  # fmt: skip
+
+
+SPOILS: dict[str, Callable[[int, T], T]] = {
+    # the loss is NaN, its gradient finite: full mode's meta-gradient is finite
+    "nan-constant": lambda t, loss: loss + torch.tensor(float("nan"), dtype=loss.dtype),
+    "inf-constant": lambda t, loss: loss + torch.tensor(float("inf"), dtype=loss.dtype),
+    # from step 2 on, the loss (so the weights and the meta-gradient) is NaN
+    "nan-from-step-2": lambda t, loss: loss * float("nan") if t == 2 else loss,
+    "inf-at-step-2": lambda t, loss: loss * float("inf") if t == 2 else loss,
+}
+
+
+@pytest.mark.parametrize("spoil", list(SPOILS))
+@pytest.mark.parametrize("mode", EXACT_MODES, ids=repr)
+def test_nan_and_inf_losses_give_full_modes_meta_gradient(mode: Any, spoil: str) -> None:
+    got, ref = (
+        _callback_unroll(mode, spoil=SPOILS[spoil]),
+        _callback_unroll("full", spoil=SPOILS[spoil]),
+    )
+    assert len(got) <= len(ref)
+    finite = spoil.endswith("constant")
+    for a, b in zip(got, ref):
+        assert bool(b.isfinite().all()) == finite  # what full mode gives, NaN or not
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, equal_nan=True)

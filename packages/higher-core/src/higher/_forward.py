@@ -23,13 +23,12 @@ from higher.patch import FunctionalModule
 
 from ._errors import UnrollError
 from ._modes import ForwardMode
+from ._trees import flatten, unflatten
 from ._unroll import (
     GradCallback,
-    flatten,
     hyper_tensors,
     scalar_loss,
     unexpected_leaves,
-    unflatten,
 )
 
 _NODE = "_LinearizedBackward"

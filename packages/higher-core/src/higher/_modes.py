@@ -38,8 +38,12 @@ class Recompute:
 
     Args:
         every: keep the weights and state of every `every`-th step (1: every step).
-        check: compare each rebuilt step's loss with the one first computed and raise if
-            they differ (a closure that reads a loop variable, non-deterministic kernels).
+        check: compare each rebuilt step's loss, and a fingerprint of its gradients before
+            and after the step's grad_callback, with the first run's, and raise
+            `UnrollError` if they differ (a closure that reads a loop variable, a
+            grad_callback with a step counter, non-deterministic kernels; NaN equals NaN).
+            The closure and the grad_callback run again when a step is rebuilt, so they
+            must be pure; with `check=False` nothing verifies it.
 
     Examples:
         >>> higher.Recompute(every=4)

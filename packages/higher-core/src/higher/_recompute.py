@@ -23,19 +23,17 @@ from higher.patch import FunctionalModule
 
 from ._errors import UnrollError
 from ._modes import Recompute, Truncated
+from ._trees import flatten, unflatten
 from ._unroll import (
     Captures,
     Environment,
     GradCallback,
-    Spec,
     StepEnv,
-    flatten,
     hyper_tensors,
     require_closure,
     scalar_loss,
     stripped,
     unexpected_leaves,
-    unflatten,
 )
 
 Tensors = list[torch.Tensor]
@@ -70,13 +68,16 @@ class _Record:
         stepped: list[int],
         p_flags: list[bool],
         s_flags: list[bool],
-        state_spec: Spec,
+        state_spec: Any,
         index: int,
+        watched: _Watched | None,
     ) -> None:
         self.unroll = unroll
         self.index = index
         self.closure: Callable[[], torch.Tensor] | None = closure
         self.callback = callback
+        #: the step's gradients and what its callback returned, the first time (check=True)
+        self.fingerprints = None if watched is None else watched.fingerprints()
         self.plan = plan
         self.env: StepEnv | None = env
         self.loss = loss
@@ -111,9 +112,15 @@ class _Record:
             with unroll.fmodel.using(params):
                 loss = scalar_loss(self.closure())
             self._check(loss)
+            watched = None if self.fingerprints is None else _Watched(self.callback)
             grads = unroll.diffopt.gradients(
-                loss, params, create_graph=graph, grad_callback=self.callback
+                loss,
+                params,
+                create_graph=graph,
+                grad_callback=self.callback if watched is None else watched,
             )
+            if watched is not None:
+                self._check_gradients(watched)
             if [i for i, g in enumerate(grads) if g is not None] != self.stepped:
                 raise UnrollError(
                     f"step {self.index} uses other weights when rebuilt than when it was "
@@ -131,14 +138,40 @@ class _Record:
         if not self.unroll.check:
             return
         old, new = self.loss, loss.detach()
-        tol = 1e-10 if old.dtype == torch.float64 else 1e-5
-        if not torch.allclose(new, old, rtol=tol, atol=tol * 1e-3):
+        tol = _tolerance(old.dtype)
+        # equal_nan: a loss that is NaN (or made of infinities) is the same NaN when run again
+        if not torch.allclose(new, old, rtol=tol, atol=tol * 1e-3, equal_nan=True):
             raise UnrollError(
                 f"step {self.index}'s closure gave another loss when it was run again "
                 f"({new.item():.10g} instead of {old.item():.10g}): it must compute the same "
                 "thing every time. A lambda that reads a loop variable sees its latest value: "
                 "bind it (lambda x=x, y=y: loss_fn(fmodel(x), y)). Kernels that are not "
                 "deterministic: Recompute(check=False) accepts their round-off"
+            )
+
+    def _check_gradients(self, watched: _Watched) -> None:
+        """The step's gradients, and what its grad_callback made of them, are those of the
+        first time (or raise, naming the step)."""
+        assert self.fingerprints is not None
+        given, returned = self.fingerprints
+        again_given, again_returned = watched.fingerprints()
+        tol = _tolerance(self.loss.dtype)
+        if not _same(again_given, given, tol):
+            raise UnrollError(
+                f"step {self.index}'s gradients differ when the step is rebuilt (before any "
+                "grad_callback runs): the closure must compute the same thing every time. "
+                "Kernels that are not deterministic: Recompute(check=False) accepts their "
+                "round-off"
+            )
+        if not _same(again_returned, returned, tol):
+            raise UnrollError(
+                f"step {self.index}'s grad_callback returned other gradients when the step was "
+                "rebuilt, from the same gradients: recompute and truncated unrolls call it "
+                "again during the backward pass, so it must be pure (a function of its input "
+                "only: no step counter, no Python random numbers). A schedule: give each step "
+                "its own callback (grad_callback=clip_grad_norm(schedule[t])); random numbers: "
+                "draw them with torch (each rebuilt step draws them again from the same "
+                "state); or use unroll='full'"
             )
 
     def inputs(self, graph: bool) -> tuple[Tensors, Tensors]:
@@ -237,8 +270,77 @@ class _Record:
         self.alive = False
         self.saved = None
         self.closure = None
+        self.callback = None
+        self.fingerprints = None
         self.env = None
         self.roles = [[] for _ in self.roles]  # what it held of the hyperparameters and data
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far a rebuilt step may drift from the first run (round-off of other kernels)."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+class _Watched:
+    """A step's grad_callback (or none), with a fingerprint of the gradients it was given and
+    of those it returned: per gradient its sum and norm (and a bound of the sum's round-off),
+    a few reductions per step instead of a copy of the gradients."""
+
+    def __init__(self, callback: GradCallback | None) -> None:
+        self.callback = callback
+        self.given: list[torch.Tensor | None] = []
+        self.returned: Sequence[torch.Tensor | None] = []
+
+    def __call__(self, grads: list[torch.Tensor | None]) -> Sequence[torch.Tensor | None]:
+        self.given = list(grads)
+        self.returned = grads if self.callback is None else self.callback(grads)
+        return self.returned
+
+    def fingerprints(self) -> tuple[Fingerprint, Fingerprint]:
+        given = _fingerprint(self.given)
+        returned = given if self.callback is None else _fingerprint(self.returned)
+        self.given, self.returned = [], []  # nothing of the step's gradients kept
+        return given, returned
+
+
+Fingerprint = list[torch.Tensor] | None
+
+
+def _fingerprint(grads: object) -> Fingerprint:
+    """`[sum, norm, sum's round-off bound]` of each gradient (NaN for a None), stacked per
+    device (one small tensor a step, usually), taken without waiting for the device: it is
+    read, on the host, only when the step is rebuilt."""
+    if not isinstance(grads, (list, tuple)):
+        return None
+    rows: dict[torch.device, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for g in grads:
+            if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                row = torch.full((3,), float("nan"), dtype=torch.float64)
+            else:
+                dtype = torch.float32 if g.device.type == "mps" else torch.float64
+                g = g.detach()
+                norm = torch.linalg.vector_norm(g, dtype=dtype)
+                row = torch.stack([g.sum(dtype=dtype), norm, norm * g.numel() ** 0.5])
+            rows.setdefault(row.device, []).append(row)
+        return [torch.stack(found) for found in rows.values()]
+
+
+def _same(new: Fingerprint, old: Fingerprint, tol: float) -> bool:
+    """Two fingerprints of one step's gradients agree, up to round-off (NaN equals NaN)."""
+    if new is None or old is None:
+        return new is None and old is None
+    if [t.shape for t in new] != [t.shape for t in old]:
+        return False  # a gradient is missing where it was not, or the other way round
+    if not new:
+        return True
+    a = torch.cat([t.to("cpu", torch.float64) for t in new])
+    b = torch.cat([t.to("cpu", torch.float64) for t in old])
+    allowed = tol * (b[:, :2].abs() + b[:, 2:3])
+    close = (a[:, :2] - b[:, :2]).abs() <= allowed
+    same_nan = a[:, :2].isnan() & b[:, :2].isnan()
+    exact = a[:, :2] == b[:, :2]  # zeros and infinities
+    return bool((close | same_nan | exact).all())
 
 
 class _Step(torch.autograd.Function):
@@ -333,6 +435,7 @@ class RecomputeDriver:
     ) -> list[torch.Tensor]:
         closure = require_closure(self.name, loss, closure)
         callback = grad_callback if grad_callback is not None else diffopt.grad_callback
+        watched = _Watched(callback) if self.check else None
         fmodel = self.fmodel
         params = fmodel.fast_params
         env = self.env.before()
@@ -341,7 +444,12 @@ class RecomputeDriver:
         with torch.enable_grad():
             with fmodel.using(leaves), captures:
                 value = scalar_loss(closure())
-                grads = diffopt.gradients(value, leaves, create_graph=False, grad_callback=callback)
+                grads = diffopt.gradients(
+                    value,
+                    leaves,
+                    create_graph=False,
+                    grad_callback=callback if watched is None else watched,
+                )
             outside = list(captures.found.values())
             roots = [value] + [g for g in grads if g is not None and g.grad_fn is not None]
             stray = unexpected_leaves(roots, leaves + outside, lambda node: False)
@@ -380,6 +488,7 @@ class RecomputeDriver:
             [s.requires_grad for s in states],
             state_spec,
             self.count,
+            watched,
         )
         self._place(record, params, states)
         slots: list[torch.Tensor] = []

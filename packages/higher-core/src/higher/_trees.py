@@ -26,20 +26,22 @@ LEAF = _Leaf()
 def flatten(tree: Any) -> tuple[list[torch.Tensor], Any]:
     """The tensors of `tree` (NamedTuples, tuples, lists and dicts of them), and its spec."""
     leaves: list[torch.Tensor] = []
+    return leaves, _walk(tree, leaves)
 
-    def walk(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            leaves.append(x)
-            return LEAF
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return type(x)(*[walk(v) for v in x])
-        if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        return x
 
-    return leaves, walk(tree)
+def _walk(x: Any, leaves: list[torch.Tensor]) -> Any:
+    # A module function, not a closure over `leaves`: a recursive closure is a reference
+    # cycle, and it would keep the tensors alive until the cycle collector runs.
+    if isinstance(x, torch.Tensor):
+        leaves.append(x)
+        return LEAF
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*[_walk(v, leaves) for v in x])
+    if isinstance(x, (list, tuple)):
+        return type(x)(_walk(v, leaves) for v in x)
+    if isinstance(x, dict):
+        return {k: _walk(v, leaves) for k, v in x.items()}
+    return x
 
 
 def unflatten(spec: Any, leaves: list[torch.Tensor]) -> Any:

@@ -1,6 +1,6 @@
 """What the memory modes share: the optimizer that routes `step` to a mode, the state a step
-ran with besides its weights (random numbers, buffers, train/eval flags), nested containers
-of tensors, and the checks that a step's graph reaches only the tensors a mode tracks."""
+ran with besides its weights (random numbers, buffers, train/eval flags), and the checks that
+a step's graph reaches only the tensors a mode tracks."""
 
 from __future__ import annotations
 
@@ -113,77 +113,31 @@ def scalar_loss(loss: object) -> torch.Tensor:
     return loss
 
 
-# ---- nested containers of tensors -------------------------------------------------------------
-
-
-class Spec(NamedTuple):
-    """Where the tensors of a nested container were (`flatten`), to put others there."""
-
-    kind: str  # "tensor", "named", "seq", "dict" or "const"
-    of: Any
-    children: tuple[Any, ...]
-
-
-def flatten(tree: Any) -> tuple[list[torch.Tensor], Spec]:
-    """The tensors of a nest of NamedTuples, lists, tuples and dicts, and its layout."""
-    leaves: list[torch.Tensor] = []
-
-    def walk(x: Any) -> Spec:
-        if isinstance(x, torch.Tensor):
-            leaves.append(x)
-            return Spec("tensor", None, ())
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return Spec("named", type(x), tuple(walk(c) for c in x))
-        if isinstance(x, (list, tuple)):
-            return Spec("seq", type(x), tuple(walk(c) for c in x))
-        if isinstance(x, dict):
-            return Spec("dict", type(x), tuple((k, walk(v)) for k, v in x.items()))
-        return Spec("const", x, ())
-
-    return leaves, walk(tree)
-
-
-def unflatten(spec: Spec, leaves: Sequence[torch.Tensor]) -> Any:
-    """The nest `spec` describes, with `leaves` in its tensors' places."""
-    it = iter(leaves)
-
-    def build(s: Spec) -> Any:
-        if s.kind == "tensor":
-            return next(it)
-        if s.kind == "named":
-            return s.of(*(build(c) for c in s.children))
-        if s.kind == "seq":
-            return s.of(build(c) for c in s.children)
-        if s.kind == "dict":
-            return s.of((k, build(c)) for k, c in s.children)
-        return s.of
-
-    return build(spec)
-
-
 def hyper_tensors(plan: StepPlan) -> list[torch.Tensor]:
     """The tensors among the hyperparameters a step uses that require grad (once each): those
     of the groups it steps (for a hand-written `_update`, of every group: it reads them all)."""
     found: dict[int, torch.Tensor] = {}
-
-    def walk(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            if x.requires_grad:
-                found.setdefault(id(x), x)
-        elif isinstance(x, Mapping):
-            for key, value in x.items():
-                if key != "params":
-                    walk(value)
-        elif isinstance(x, (list, tuple)):
-            for value in x:
-                walk(value)
-
     for bucket in plan.buckets:
-        walk(bucket.hyper)
+        _requiring_grad(bucket.hyper, found)
     if plan.rule is None:
         for options in plan.options:
-            walk(options)
+            _requiring_grad(options, found)
     return list(found.values())
+
+
+def _requiring_grad(x: Any, found: dict[int, torch.Tensor]) -> None:
+    # A module function, not a recursive closure: that would be a reference cycle holding
+    # `found` (the hyperparameters) until the cycle collector runs.
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad:
+            found.setdefault(id(x), x)
+    elif isinstance(x, Mapping):
+        for key, value in x.items():
+            if key != "params":
+                _requiring_grad(value, found)
+    elif isinstance(x, (list, tuple)):
+        for value in x:
+            _requiring_grad(value, found)
 
 
 def stripped(plan: StepPlan) -> StepPlan:
