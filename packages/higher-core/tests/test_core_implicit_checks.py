@@ -33,7 +33,7 @@ from higher.implicit import (
 
 DT = torch.float64
 Tensor = torch.Tensor
-SOLVERS = [CG(), Neumann(alpha=0.5, maxiter=500), Direct()]
+SOLVERS: list[CG | Neumann | Direct] = [CG(), Neumann(alpha=0.5, maxiter=500), Direct()]
 IDS = ["cg", "neumann", "direct"]
 
 
@@ -104,7 +104,7 @@ def test_nan_in_the_solution_gives_nan_in_every_entry(solver: LinearSolver) -> N
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
-def test_an_infinite_hyperparameter_gives_nan_or_raises(solver: LinearSolver) -> None:
+def test_an_infinite_hyperparameter_gives_nan_or_raises(solver: CG | Neumann | Direct) -> None:
     p = Ridge()
     h = torch.tensor([0.0, 0.0, math.inf, 0.0, 0.0], dtype=DT, requires_grad=True)
     with pytest.warns(ConvergenceWarning, match="not finite"):
@@ -275,7 +275,7 @@ def test_a_solver_class_with_custom_root_and_one_that_needs_arguments() -> None:
             raise AssertionError("never called")
 
     with pytest.raises(higher.UsageError, match=r"solver=Needy is a class .* pass an instance"):
-        hypergrad(p.inner, p.outer, p.solution(), p.h, solver=Needy)  # type: ignore[arg-type]
+        hypergrad(p.inner, p.outer, p.solution(), p.h, solver=Needy)
 
 
 # ---- custom_root: the solver's output against the initial solution ------------------------------
@@ -316,7 +316,11 @@ def test_a_solver_that_takes_the_parts_of_the_solution_separately_is_told_how_to
 )  # fmt: skip
 def test_a_solver_output_of_another_shape_or_dtype_is_refused(init: Tensor, match: str) -> None:
     a = torch.ones(3, dtype=DT, requires_grad=True)
-    identity = custom_root(lambda t, a: t - a)(lambda t0, a: a.detach().clone())
+
+    def solver(t0: Any, a: Tensor) -> Tensor:
+        return a.detach().clone()
+
+    identity = custom_root(lambda t, a: t - a)(solver)
     with pytest.raises(ImplicitError, match=match) as info:
         identity(init, a)
     assert isinstance(info.value, ValueError)

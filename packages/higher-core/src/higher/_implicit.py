@@ -375,12 +375,13 @@ def _solver(solver: LinearSolver | type[LinearSolver] | None, what: str) -> Line
     if solver is None:
         return CG()
     if isinstance(solver, type):  # `solver=CG`: the class with its defaults, as `CG()`
+        name = solver.__name__
         try:
             solver = solver()
         except TypeError as err:
             raise UsageError(
-                f"{what}: solver={solver.__name__} is a class that cannot be made without "
-                f"arguments ({err}): pass an instance, e.g. solver={solver.__name__}(...)"
+                f"{what}: solver={name} is a class that cannot be made without arguments "
+                f"({err}): pass an instance, e.g. solver={name}(...)"
             ) from err
     if not isinstance(solver, LinearSolver):
         raise UsageError(
