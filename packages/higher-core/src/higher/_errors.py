@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from higher.errors import HigherError, HigherWarning
 
 if TYPE_CHECKING:
+    from ._implicit import Stationarity
     from ._linsolve import SolveResult
 
 
@@ -104,6 +105,55 @@ class ConvergenceWarning(HigherWarning):
 
     def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
         return type(self), (str(self), self.result)
+
+
+class NotStationaryError(ImplicitError):
+    """The point given as the inner problem's solution is not stationary, with the solver's
+    `on_fail="raise"` (also a `ValueError`): the implicit hypergradient would be wrong there.
+    `stationarity` is the `Stationarity` measured.
+
+    Examples:
+        >>> lam = torch.tensor(1.0, requires_grad=True)
+        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
+        >>> try:
+        ...     higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.9), lam,
+        ...                               solver=higher.implicit.CG(on_fail="raise"))
+        ... except higher.implicit.NotStationaryError as err:
+        ...     print(round(err.stationarity.distance, 6))
+        0.4
+    """
+
+    def __init__(self, message: str, stationarity: Stationarity) -> None:
+        super().__init__(message)
+        self.stationarity = stationarity
+
+    def __reduce__(self) -> tuple[type, tuple[str, Stationarity]]:  # pickles with its record
+        return type(self), (str(self), self.stationarity)
+
+
+class NotStationaryWarning(HigherWarning):
+    """The point given as the inner problem's solution is not stationary (the solver's
+    `on_fail="warn"`, the default): the hypergradient is computed there, but the implicit
+    function theorem holds only at a stationary point, so its error grows with the distance.
+    `stationarity` is the `Stationarity` measured.
+
+    Examples:
+        >>> import warnings
+        >>> lam = torch.tensor(1.0, requires_grad=True)
+        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     _ = higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.9), lam)
+        >>> round(seen[0].message.stationarity.grad_norm, 6)
+        0.8
+    """
+
+    def __init__(self, message: str, stationarity: Stationarity) -> None:
+        super().__init__(message)
+        self.stationarity = stationarity
+
+    def __reduce__(self) -> tuple[type, tuple[str, Stationarity]]:  # pickles with its record
+        return type(self), (str(self), self.stationarity)
 
 
 class UnrollError(HigherError, ValueError):

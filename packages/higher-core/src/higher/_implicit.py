@@ -7,13 +7,17 @@ At a solution `θ*` of the inner problem, `F(θ*, λ) = 0` (for a minimum, `F = 
 
 `Jᵀ w` is one vector-Jacobian product of `F` (for `F = ∇f`, a Hessian-vector product by double
 backward), so the system is solved by a `LinearSolver` from such products alone, and the last
-term is one more product. Nothing of how `θ*` was found enters: no unroll, no path.
+term is one more product. Nothing of how `θ*` was found enters: no unroll, no path — which is
+also why the point is checked: the formula holds only where `F(θ, λ) = 0`, so the distance from
+the given point to one is estimated (`Stationarity`) and reported above a tolerance. Non-finite
+numbers give NaN hypergradients, never finite ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -23,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from higher.patch import FunctionalModule
 
-from ._errors import ImplicitError, UsageError
+from ._errors import ImplicitError, NotStationaryError, NotStationaryWarning, UsageError
 from ._linsolve import CG, LinearSolver, SolveResult
 from ._torch_warnings import ignore_torch_self_deprecation
 
@@ -34,6 +38,42 @@ Reduction = Literal["mean", "sum"]
 SolverFn = TypeVar("SolverFn", bound=Callable[..., Any])
 
 _PERFORMANCE_DROP = "There is a performance drop because we have not yet implemented the batching"
+
+#: The default `stationarity_tol`: the estimated distance to the stationary point may be this
+#: fraction of |params| (or of 1, for a solution smaller than 1).
+STATIONARITY_TOL = 1e-3
+
+
+class Stationarity(NamedTuple):
+    """How far the given solution is from a stationary point (a root of the optimality condition
+    `F`; for `hypergrad`, `F = ∇_θ inner_loss`), where the implicit function theorem holds.
+
+    `distance = |F|² / |Jᵀ F|` (`J = ∂F/∂θ`, one more product) estimates how far the point is
+    from the root: to first order it never exceeds the Newton step `|J⁻¹ F|`, so a point it
+    reports far is far. It is compared with `threshold = stationarity_tol · max(|θ|, 1)`.
+
+    Examples:
+        >>> lam = torch.tensor(1.0, requires_grad=True)
+        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
+        >>> check = higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.5),
+        ...                                   lam).stationarity[0]
+        >>> check.grad_norm, check.distance, check.stationary
+        (0.0, 0.0, True)
+    """
+
+    #: `|F(θ)|`, the 2-norm over all the solution's tensors: for `hypergrad`, of the inner loss's
+    #: gradient at `params`; for `custom_root`, of `optimality_fn`'s residual
+    grad_norm: float
+    #: `|F|² / |Jᵀ F|`: the estimated distance from the solution to the stationary point
+    #: (0 at one; inf where `J` vanishes along `F`; NaN where `F` is not finite)
+    distance: float
+    #: `stationarity_tol · max(|θ|, 1)`; inf when the check is off (`stationarity_tol=None`)
+    threshold: float
+
+    @property
+    def stationary(self) -> bool:
+        """`distance <= threshold` (False when `distance` is NaN)."""
+        return self.distance <= self.threshold
 
 
 class Hypergrad(NamedTuple):
@@ -53,6 +93,8 @@ class Hypergrad(NamedTuple):
     grads: list[torch.Tensor]
     #: one `SolveResult` per inner problem (one task: one)
     solves: list[SolveResult]
+    #: one `Stationarity` per inner problem: how far its solution is from a stationary point
+    stationarity: list[Stationarity]
 
 
 class Task(NamedTuple):
@@ -162,6 +204,42 @@ class _Operator:
         return self._flat(grads, (k,))
 
 
+def _stationarity(
+    operator: _Operator, residual: Sequence[torch.Tensor], tol: float | None
+) -> Stationarity:
+    """Measure how far the solution is from a root of `F` (one product `Jᵀ F`)."""
+    f = torch.cat([r.detach().reshape(-1) for r in residual])
+    grad_norm = float(torch.linalg.vector_norm(f))
+    size = float(
+        torch.linalg.vector_norm(torch.cat([t.detach().reshape(-1) for t in operator.solution]))
+    )
+    threshold = math.inf if tol is None else tol * max(size, 1.0)
+    if not math.isfinite(grad_norm) or grad_norm == 0:
+        return Stationarity(grad_norm, math.nan if grad_norm != 0 else 0.0, threshold)
+    with torch.no_grad():
+        curvature = float(torch.linalg.vector_norm(operator(f)))
+    distance = grad_norm**2 / curvature if curvature > 0 else math.inf
+    return Stationarity(grad_norm, distance, threshold)
+
+
+def _report_stationarity(check: Stationarity, tol: float | None, on_fail: str, what: str,
+                         point: str) -> None:  # fmt: skip
+    """Warn or raise (by the solver's `on_fail`) when the point is not stationary."""
+    if check.stationary or not math.isfinite(check.grad_norm):  # NaN: the solve reports it
+        return
+    message = (
+        f"{what}: {point}: |F| = {check.grad_norm:.3e}, an estimated distance of "
+        f"{check.distance:.3e} to the nearest root > {check.threshold:.3e} (stationarity_tol · "
+        f"max(|solution|, 1) = {tol:g} · {check.threshold / tol if tol else 0:.3e}); the implicit "
+        "hypergradient is exact only at a stationary point and its error grows with the distance: "
+        "solve the inner problem further (more iterations, a tighter tolerance), or pass a "
+        "larger stationarity_tol (None turns the check off)"
+    )
+    if on_fail == "raise":
+        raise NotStationaryError(message, check)
+    warnings.warn(NotStationaryWarning(message, check), stacklevel=5)
+
+
 def _implicit_vjp(
     residual: Sequence[torch.Tensor],
     solution: Sequence[torch.Tensor],
@@ -169,23 +247,32 @@ def _implicit_vjp(
     cotangent: Sequence[torch.Tensor],
     solver: LinearSolver,
     what: str,
-) -> tuple[list[torch.Tensor | None], SolveResult]:
-    """`(∂F/∂inputs)ᵀ w` with `Jᵀ w = cotangent` (the sign is the caller's), and the solve."""
+    check: tuple[float | None, str],
+) -> tuple[list[torch.Tensor | None], SolveResult, Stationarity]:
+    """`(∂F/∂inputs)ᵀ w` with `Jᵀ w = cotangent` (the sign is the caller's), the solve, and the
+    solution's `Stationarity` (`check`: the tolerance and how to name the point), reported
+    before the solve. NaN or inf in `cotangent`, `F` or the solve make every entry NaN."""
     operator = _Operator(residual, solution, what)
+    tol, point = check
+    stationarity = _stationarity(operator, residual, tol)
+    _report_stationarity(stationarity, tol, getattr(solver, "on_fail", "warn"), what, point)
     b = torch.cat([c.reshape(-1) for c in cotangent])
     result = solver.solve(operator, b, what=what)
     if not isinstance(result, SolveResult):
         raise UsageError(
             f"{what}: the solver's solve() must return a SolveResult, got {type(result).__name__}"
         )
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(result.solution).all())):
+        # no finite hypergradient from non-finite numbers (a partial solve, a zero `w`)
+        return [torch.full_like(t, math.nan) for t in inputs], result, stationarity
     w = operator.split(result.solution.to(b.dtype))
     live = [(residual[i], w[i]) for i in operator.live]
     if not live or not inputs:
-        return [None] * len(inputs), result
+        return [None] * len(inputs), result, stationarity
     cross = torch.autograd.grad(
         [r for r, _ in live], list(inputs), [v for _, v in live], allow_unused=True
     )
-    return list(cross), result
+    return list(cross), result, stationarity
 
 
 # ---- hypergrad ---------------------------------------------------------------------------------
@@ -284,9 +371,18 @@ def _hyper(hyper: Hyper, what: str) -> tuple[list[torch.Tensor], Any]:
     return tensors, given
 
 
-def _solver(solver: LinearSolver | None, what: str) -> LinearSolver:
+def _solver(solver: LinearSolver | type[LinearSolver] | None, what: str) -> LinearSolver:
     if solver is None:
         return CG()
+    if isinstance(solver, type):  # `solver=CG`: the class with its defaults, as `CG()`
+        name = solver.__name__
+        try:
+            solver = solver()
+        except TypeError as err:
+            raise UsageError(
+                f"{what}: solver={name} is a class that cannot be made without arguments "
+                f"({err}): pass an instance, e.g. solver={name}(...)"
+            ) from err
     if not isinstance(solver, LinearSolver):
         raise UsageError(
             f"{what}: solver must be a linear solver (higher.implicit.CG(), Neumann(), Direct(), "
@@ -315,6 +411,18 @@ def _check_callable(fn: object, name: str, what: str) -> None:
         raise UsageError(f"{what}: {name} must be callable, got {type(fn).__name__}")
 
 
+def _check_tol(tol: float | None, what: str) -> None:
+    if tol is None:
+        return
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise UsageError(f"{what}: stationarity_tol must be a float or None, got "
+                         f"{type(tol).__name__}")  # fmt: skip
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ImplicitError(
+            f"{what}: stationarity_tol must be a finite number > 0 (or None, no check), got {tol}"
+        )
+
+
 def _hypergrad_one(
     inner_loss: Loss,
     outer_loss: Loss,
@@ -322,8 +430,9 @@ def _hypergrad_one(
     hyper: list[torch.Tensor],
     given: Any,
     solver: LinearSolver,
+    stationarity_tol: float | None,
     what: str,
-) -> tuple[list[torch.Tensor], SolveResult]:
+) -> tuple[list[torch.Tensor], SolveResult, Stationarity]:
     _check_callable(inner_loss, "inner_loss", what)
     _check_callable(outer_loss, "outer_loss", what)
     solution = _solution(params, what)
@@ -350,12 +459,15 @@ def _hypergrad_one(
     finally:
         solution.restore()
     cotangent = [g if g is not None else torch.zeros_like(t) for g, t in zip(outer_grads, leaves)]
-    cross, result = _implicit_vjp(residual, leaves, hyper, cotangent, solver, what)
+    point = "params is not a stationary point of inner_loss (F = its gradient)"
+    cross, result, stationarity = _implicit_vjp(
+        residual, leaves, hyper, cotangent, solver, what, (stationarity_tol, point)
+    )
     grads = []
     for h, direct, c in zip(hyper, outer_grads[n:], cross):
         g = direct.detach().clone() if direct is not None else torch.zeros_like(h)
         grads.append(g - c if c is not None else g)
-    return grads, result
+    return grads, result, stationarity
 
 
 def hypergrad(
@@ -364,7 +476,8 @@ def hypergrad(
     params: Solution,
     hyper: Hyper,
     *,
-    solver: LinearSolver | None = None,
+    solver: LinearSolver | type[LinearSolver] | None = None,
+    stationarity_tol: float | None = STATIONARITY_TOL,
 ) -> Hypergrad:
     """The gradient of `outer_loss` at the inner problem's solution `params` with respect to
     `hyper`, by the implicit function theorem: no unroll, whatever found the solution.
@@ -378,7 +491,12 @@ def hypergrad(
     with `H⁻¹ ∇_θ outer` solved by `solver` (default `CG()`) from Hessian-vector products
     (double backward), and the rest two vector-Jacobian products. The answer is exact to the
     solve's tolerance *at* `params`; its error grows with how far `params` is from a stationary
-    point. A solve that does not converge warns or raises (the solver's `on_fail`).
+    point, so that distance is estimated (`Stationarity`, one more product) and a point farther
+    than `stationarity_tol · max(|params|, 1)` warns with `NotStationaryWarning` (raises
+    `NotStationaryError` with the solver's `on_fail="raise"`). A solve that does not converge
+    warns or raises likewise (`ConvergenceWarning`/`ConvergenceError`). NaN or inf in the losses,
+    `params` or `hyper` give a hypergradient of NaN in every entry (and the solve's report),
+    never a finite one.
 
     Hyperparameters are any tensors that require grad and that the losses read: a penalty,
     a value passed to `innerloop_ctx`'s `override` (the same tensor), the data (per-example
@@ -398,11 +516,15 @@ def hypergrad(
         hyper: a Tensor or a sequence of Tensors, each requiring grad; the losses receive it as
             given.
         solver: `CG()` (default; needs `H` positive definite), `Neumann(alpha)`, `Direct()`
-            (small problems, any nonsingular `H`), or your own `LinearSolver`.
+            (small problems, any nonsingular `H`), or your own `LinearSolver`; a class
+            (`solver=CG`) is made with its defaults.
+        stationarity_tol: how far from a stationary point `params` may be, relative to
+            `max(|params|, 1)` (default 1e-3); None turns the check off.
 
     Returns:
-        `Hypergrad(grads, solves)`: one gradient per hyperparameter (never accumulated into
-        `.grad`), and the `SolveResult` of the solve.
+        `Hypergrad(grads, solves, stationarity)`: one gradient per hyperparameter (never
+        accumulated into `.grad`), the `SolveResult` of the solve, and the `Stationarity` of
+        `params` (`stationarity[0].grad_norm` is `|∇_θ inner_loss|` there).
 
     Examples:
         >>> lam = torch.tensor(1.0, requires_grad=True)
@@ -412,19 +534,22 @@ def hypergrad(
         [tensor(-0.2500)]
     """
     what = "hypergrad"
+    _check_tol(stationarity_tol, what)
     tensors, given = _hyper(hyper, what)
-    grads, result = _hypergrad_one(
-        inner_loss, outer_loss, params, tensors, given, _solver(solver, what), what
+    chosen = _solver(solver, what)
+    grads, result, stationarity = _hypergrad_one(
+        inner_loss, outer_loss, params, tensors, given, chosen, stationarity_tol, what
     )
-    return Hypergrad(grads, [result])
+    return Hypergrad(grads, [result], [stationarity])
 
 
 def hypergrad_batch(
     tasks: Iterable[Task | tuple[Loss, Loss, Solution]],
     hyper: Hyper,
     *,
-    solver: LinearSolver | None = None,
+    solver: LinearSolver | type[LinearSolver] | None = None,
     reduction: Reduction = "mean",
+    stationarity_tol: float | None = STATIONARITY_TOL,
 ) -> Hypergrad:
     """The hypergradient of a batch of inner problems that share `hyper`: the mean (or sum) of
     each task's `hypergrad`, each task solved on its own (its own `SolveResult`).
@@ -439,9 +564,11 @@ def hypergrad_batch(
         hyper: the shared hyperparameters (a Tensor or a sequence of Tensors, requiring grad).
         solver: as for `hypergrad` (default `CG()`).
         reduction: "mean" (default) or "sum" over the tasks.
+        stationarity_tol: as for `hypergrad`, checked for each task's solution.
 
     Returns:
-        `Hypergrad(grads, solves)` with one `SolveResult` per task.
+        `Hypergrad(grads, solves, stationarity)` with one `SolveResult` and one
+        `Stationarity` per task.
 
     Examples:
         >>> lam = torch.tensor(1.0, requires_grad=True)
@@ -454,12 +581,14 @@ def hypergrad_batch(
     what = "hypergrad_batch"
     if reduction not in ("mean", "sum"):
         raise ImplicitError(f"{what}: reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_tol(stationarity_tol, what)
     tensors, given = _hyper(hyper, what)
     chosen = _solver(solver, what)
     if isinstance(tasks, (torch.Tensor, str)) or not isinstance(tasks, Iterable):
         raise UsageError(f"{what}: tasks must be an iterable of Task, got {type(tasks).__name__}")
     total: list[torch.Tensor] | None = None
     solves: list[SolveResult] = []
+    checks: list[Stationarity] = []
     for k, task in enumerate(tasks):
         if not (isinstance(task, tuple) and len(task) == 3):
             raise UsageError(
@@ -467,16 +596,18 @@ def hypergrad_batch(
                 f"{type(task).__name__}"
             )
         inner_loss, outer_loss, params = task
-        grads, result = _hypergrad_one(
-            inner_loss, outer_loss, params, tensors, given, chosen, f"{what} (task {k})"
-        )
+        grads, result, stationarity = _hypergrad_one(
+            inner_loss, outer_loss, params, tensors, given, chosen, stationarity_tol,
+            f"{what} (task {k})",
+        )  # fmt: skip
         total = grads if total is None else [t + g for t, g in zip(total, grads)]
         solves.append(result)
+        checks.append(stationarity)
     if total is None:
         raise ImplicitError(f"{what}: tasks is empty: expected at least one inner problem")
     if reduction == "mean":
         total = [t / len(solves) for t in total]
-    return Hypergrad(total, solves)
+    return Hypergrad(total, solves, checks)
 
 
 # ---- custom_root -------------------------------------------------------------------------------
@@ -537,6 +668,40 @@ def _outputs(out: Any, what: str) -> tuple[list[torch.Tensor], Callable[[Sequenc
     )
 
 
+def _declared(init: Any) -> list[torch.Tensor] | None:
+    """The initial solution's tensors, when it is a Tensor or a list/tuple of them."""
+    if isinstance(init, torch.Tensor):
+        return [init]
+    if isinstance(init, (list, tuple)) and init and all(isinstance(t, torch.Tensor) for t in init):
+        return list(init)
+    return None
+
+
+def _describe(tensors: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {t.dtype}".replace("torch.", "") for t in tensors)
+
+
+def _check_like_init(init: Any, out: Sequence[torch.Tensor], what: str) -> None:
+    """The solver's output must be shaped as its initial solution (when that is tensors): a
+    solver that takes the solution's parts as separate arguments would otherwise hand
+    `optimality_fn` arguments in the wrong places, and fail inside the user's code."""
+    declared = _declared(init)
+    if declared is None:
+        return
+    same = len(declared) == len(out) and all(
+        d.shape == o.shape and d.dtype == o.dtype for d, o in zip(declared, out)
+    )
+    if not same:
+        raise ImplicitError(
+            f"{what}: the solver returned {len(out)} tensor(s) [{_describe(out)}] for an initial "
+            f"solution (its first argument) of {len(declared)} [{_describe(declared)}]: they "
+            "must match in number, shape and dtype. The solver is called solver_fn(init, *args, "
+            "**kwargs) and optimality_fn(solution, *args, **kwargs): the first argument is the "
+            "whole solution, so a solution of several tensors is passed as one tuple, "
+            "fit((w0, b0), lam), not fit(w0, b0, lam)"
+        )
+
+
 def _residual(value: Any, solution: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
     parts = [value] if isinstance(value, torch.Tensor) else value
     if not isinstance(parts, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in parts):
@@ -571,6 +736,7 @@ class _RootSpec:
     template: tuple[tuple[Any, ...], dict[str, Any]]
     wrap: Callable[[Sequence[Any]], Any]
     n: int
+    stationarity_tol: float | None
     what: str
 
 
@@ -595,13 +761,20 @@ class _Root(torch.autograd.Function):
             value = spec.optimality_fn(spec.wrap(solution), *args, **kwargs)
             residual = _residual(value, solution, spec.what)
         cotangent = [c if c is not None else torch.zeros_like(s) for c, s in zip(cotangents, saved)]
-        cross, _ = _implicit_vjp(residual, solution, inputs, cotangent, spec.solver, spec.what)
+        point = "the solver's output is not a root of optimality_fn (F)"
+        cross, _, _ = _implicit_vjp(
+            residual, solution, inputs, cotangent, spec.solver, spec.what,
+            (spec.stationarity_tol, point),
+        )  # fmt: skip
         grads = [-c if c is not None else None for c in cross]
         return (None, *([None] * spec.n), *grads)
 
 
 def custom_root(
-    optimality_fn: Callable[..., Any], *, solver: LinearSolver | None = None
+    optimality_fn: Callable[..., Any],
+    *,
+    solver: LinearSolver | type[LinearSolver] | None = None,
+    stationarity_tol: float | None = STATIONARITY_TOL,
 ) -> Callable[[SolverFn], SolverFn]:
     """Decorate a solver so that its output is differentiable through its optimality condition.
 
@@ -614,14 +787,22 @@ def custom_root(
     `(∂F/∂x)ᵀ w = v` is solved by `solver` (default `CG()`, which needs `∂F/∂x` symmetric
     positive definite — the Hessian at a strict minimum; use `Direct()` for any other
     nonsingular condition), and the gradient is `-(∂F/∂args)ᵀ w`. `init` gets no gradient (at
-    a solution, where the solver started does not matter). As in TorchOpt and JAXopt, with
-    two differences: the tensors that require grad are the ones differentiated (no `argnums`),
-    and a non-converged solve warns or raises (the solver's `on_fail`) instead of passing
-    silently. The backward is differentiable once (no gradient of the gradient).
+    a solution, where the solver started does not matter). When `init` is a Tensor or a
+    list/tuple of Tensors, the solver's output must match it in number, shape and dtype (an
+    `ImplicitError` says what differs). As in TorchOpt and JAXopt, with three differences: the
+    tensors that require grad are the ones differentiated (no `argnums`); a non-converged solve
+    warns or raises (the solver's `on_fail`) instead of passing silently; and in the backward
+    the output's distance to a root of `optimality_fn` is estimated (`Stationarity`) and one
+    farther than `stationarity_tol · max(|x*|, 1)` warns with `NotStationaryWarning` (raises
+    `NotStationaryError` with `on_fail="raise"`). NaN or inf give NaN gradients. The backward
+    is differentiable once (no gradient of the gradient).
 
     Args:
         optimality_fn: `optimality_fn(solution, *args, **kwargs) -> residual`.
-        solver: the linear solver of the backward pass (default `CG()`).
+        solver: the linear solver of the backward pass (default `CG()`; a class is made with
+            its defaults).
+        stationarity_tol: how far from a root the solver's output may be, relative to
+            `max(|x*|, 1)` (default 1e-3); None turns the check off.
 
     Returns:
         A decorator: `custom_root(optimality_fn)(solver_fn)`.
@@ -639,6 +820,7 @@ def custom_root(
     """
     what = "custom_root"
     _check_callable(optimality_fn, "optimality_fn", what)
+    _check_tol(stationarity_tol, what)
     chosen = _solver(solver, what)
 
     def decorate(solver_fn: SolverFn) -> SolverFn:
@@ -653,12 +835,15 @@ def custom_root(
                     f"{where}: the solver takes the initial solution as its first argument"
                 )
             tensors, wrap = _outputs(solver_fn(*args, **kwargs), where)
+            _check_like_init(args[0], tensors, where)
             inputs: list[torch.Tensor] = []
             template = _template((args[1:], kwargs), inputs, {})
             solution = [t.detach() for t in tensors]
             if not inputs or not torch.is_grad_enabled():
                 return wrap(solution)
-            spec = _RootSpec(optimality_fn, chosen, template, wrap, len(solution), where)
+            spec = _RootSpec(
+                optimality_fn, chosen, template, wrap, len(solution), stationarity_tol, where
+            )
             return wrap(_Root.apply(spec, *solution, *inputs))  # type: ignore[no-untyped-call]
 
         return solve  # type: ignore[return-value]

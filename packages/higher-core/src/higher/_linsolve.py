@@ -5,7 +5,9 @@ Each solves `A x = b` for a vector `b` and a linear map `A` known only through `
 or an iteration budget, reports how far it got in a `SolveResult` (the residual `|b - A x|` is
 always measured with one more product, never taken from the recurrence), and never hands back a
 non-converged answer silently: `on_fail="warn"` (the default) warns with a `ConvergenceWarning`,
-`on_fail="raise"` raises a `ConvergenceError`; both carry the result.
+`on_fail="raise"` raises a `ConvergenceError`; both carry the result. A solve that meets NaN or inf
+(in `b` or in a product) returns a solution of NaN: never a finite number computed from
+non-finite ones.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ _ADVICE = {
     "uniquely (add an L2 or proximal term)",
     "stalled": "the recurrence reached the tolerance but the true residual did not: round-off "
     "at this precision and conditioning (use float64, or loosen tol)",
-    "not finite": "a product A·v gave NaN or inf",
+    "not finite": "a product A·v gave NaN or inf (the Hessian at the solution is not finite: "
+    "check the solution and the hyperparameters for NaN or inf); the solution is NaN",
+    "not finite b": "b has NaN or inf entries (for a hypergradient: the outer loss's gradient "
+    "at the solution is not finite: check the outer loss and the solution for NaN or inf); the "
+    "solution is NaN",
 }
 
 
@@ -145,21 +151,24 @@ def _finish(
     rhs_norm: float,
 ) -> SolveResult:
     """The result, reported (warned or raised) when it did not converge."""
-    if not math.isfinite(residual) and status in ("converged", "maxiter", "stalled"):
+    if not math.isfinite(residual) and status in ("converged", "maxiter", "stalled", "singular"):
         status = "not finite"
     converged = math.isfinite(residual) and residual <= threshold
     if converged:
         status = "converged"
     elif status == "converged":
         status = "stalled"
+    if status == "not finite":  # no finite answer from non-finite numbers
+        x, residual = torch.full_like(x, math.nan), math.nan
     result = SolveResult(
         x, converged, status, iterations, matvecs, residual, threshold, rhs_norm, solver.method
     )
     if not converged:
+        advice = _ADVICE["not finite b" if not math.isfinite(rhs_norm) else status]
         message = (
             f"{what}: {solver.method} did not converge ({status}) after {iterations} "
             f"iteration(s): residual |b - Ax| = {residual:.3e} > {threshold:.3e} "
-            f"(tol·|b| = {solver.tol:g}·{rhs_norm:.3e}); {_ADVICE[status]}"
+            f"(tol·|b| = {solver.tol:g}·{rhs_norm:.3e}); {advice}"
         )
         if solver.on_fail == "raise":
             raise ConvergenceError(message, result)
@@ -204,7 +213,7 @@ class CG:
         rhs_norm = _norm(b)
         threshold = max(self.tol * rhs_norm, self.atol)
         x = torch.zeros_like(b)
-        if rhs_norm <= threshold:
+        if rhs_norm <= threshold or not math.isfinite(rhs_norm):
             return _finish(self, what, x, "converged", 0, 0, rhs_norm, threshold, rhs_norm)
         r = b.clone()
         p = r.clone()
@@ -342,9 +351,11 @@ class Direct:
         rhs_norm = _norm(b)
         threshold = max(self.tol * rhs_norm, self.atol)
         x = torch.zeros_like(b)
-        if rhs_norm <= threshold:
+        if rhs_norm <= threshold or not math.isfinite(rhs_norm):
             return _finish(self, what, x, "converged", 0, 0, rhs_norm, threshold, rhs_norm)
         matrix = _dense(matvec, n, b)
+        if not bool(torch.isfinite(matrix).all()):
+            return _finish(self, what, x, "not finite", 0, n, math.nan, threshold, rhs_norm)
         lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
         if int(info) != 0 or not bool(torch.isfinite(lu).all()):
             return _finish(self, what, x, "singular", 0, n, rhs_norm, threshold, rhs_norm)

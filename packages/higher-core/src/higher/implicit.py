@@ -11,6 +11,9 @@ no longer grow with the number of inner steps, and the answer does not depend on
   output differentiable through its optimality condition.
 - Linear solvers `CG`, `Neumann`, `Direct`, each with `tol`/`maxiter`, a `SolveResult`, and
   `on_fail="warn"|"raise"`: a non-converged solve is never silent.
+- The point is checked: a solution that is not stationary (`Stationarity`, `stationarity_tol`)
+  warns with `NotStationaryWarning` or raises `NotStationaryError`; NaN or inf anywhere give a
+  NaN hypergradient, never a finite one.
 
 Examples:
     >>> import torch, higher
@@ -24,7 +27,10 @@ Examples:
 from ._errors import ConvergenceError as ConvergenceError
 from ._errors import ConvergenceWarning as ConvergenceWarning
 from ._errors import ImplicitError as ImplicitError
+from ._errors import NotStationaryError as NotStationaryError
+from ._errors import NotStationaryWarning as NotStationaryWarning
 from ._implicit import Hypergrad as Hypergrad
+from ._implicit import Stationarity as Stationarity
 from ._implicit import Task as Task
 from ._implicit import custom_root as custom_root
 from ._implicit import hypergrad as hypergrad
@@ -41,6 +47,7 @@ __all__ = [
     "custom_root",
     "Hypergrad",
     "Task",
+    "Stationarity",
     "CG",
     "Neumann",
     "Direct",
@@ -49,4 +56,6 @@ __all__ = [
     "ImplicitError",
     "ConvergenceError",
     "ConvergenceWarning",
+    "NotStationaryError",
+    "NotStationaryWarning",
 ]
