@@ -23,7 +23,7 @@ from higher.patch import FunctionalModule, monkeypatch
 from ._compiled import _signature, torch_version, traced_call
 from ._context import check_model_and_opt
 from ._errors import FastPathError, UsageError
-from ._trees import flatten, unflatten
+from ._trees import flatten, merge_fields, split_fields, unflatten
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -295,6 +295,9 @@ class MetaStep:
             return model
 
         tasks = self._tasks
+        assert plan.rule is not None  # checked by __call__
+        # one value for all tasks: the step count and the rule's scalar state
+        shared = frozenset(("step", *plan.rule.scalar_state))
         dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in batch)
 
         def update(
@@ -344,36 +347,51 @@ class MetaStep:
             if not batched:
                 live = [p.expand(tasks, *p.shape) for p in live]
             grads = gradient(lambda live: all_losses(inner_fn, live).sum(), live)
-            leaves, spec = flatten(states)  # vmap takes and returns tensors only
+            # vmap takes and returns tensors only. The step count and the rule's scalar state
+            # (NAdam's mu_product, ASGD's eta and mu) are one value for all tasks, unbatched
+            task_part, shared_part = split_fields(states, shared)
+            task_leaves, task_spec = flatten(task_part)
+            shared_leaves, shared_spec = flatten(shared_part)
             out: dict[str, Any] = {}
 
             def flat_update(
-                live: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-                new_live, new_states = update(live, grads, unflatten(spec, leaves))
-                new_leaves, out["spec"] = flatten(new_states)
-                return new_live, new_leaves
+                live: list[torch.Tensor],
+                grads: list[torch.Tensor],
+                task_leaves: list[torch.Tensor],
+                shared_leaves: list[torch.Tensor],
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+                parts = unflatten(task_spec, task_leaves), unflatten(shared_spec, shared_leaves)
+                new_live, new_states = update(live, grads, merge_fields(*parts, shared))
+                new_task, new_shared = split_fields(new_states, shared)
+                new_task_leaves, out["task"] = flatten(new_task)
+                new_shared_leaves, out["shared"] = flatten(new_shared)
+                return new_live, new_task_leaves, new_shared_leaves
 
-            run = torch.func.vmap(flat_update, in_dims=(0, 0, 0 if batched else None))
-            new_live, new_leaves = run(live, grads, leaves)
-            return new_live, unflatten(out["spec"], new_leaves)
+            in_dims = (0, 0, 0 if batched else None, None)
+            run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=(0, 0, None))
+            new_live, new_task_leaves, new_shared_leaves = run(
+                live, grads, task_leaves, shared_leaves
+            )
+            parts = unflatten(out["task"], new_task_leaves), unflatten(
+                out["shared"], new_shared_leaves
+            )
+            return new_live, merge_fields(*parts, shared)
 
         live = [params[i] for i in stepped]
         states = [bucket.state for bucket in plan.buckets]
-        if tasks is not None or mode != "loop":  # in vmap or a loop, counts are tensors
-            states = _tensor_counts(states, params[0].device if params else None)
+        device = params[0].device if params else None
         if mode == "first":
             return step(live, states, batched=False)
-        if mode == "loop":
+        if mode == "loop":  # step counts stay Python numbers, as in diffopt.step
             for k in range(steps):
                 live, states = step(live, states, batched=k > 0)
         elif start is not None:
             live, states = start
             if steps > 1:
-                live = _loop(step, live, states, steps - 1)
+                live = _loop(step, live, _tensor_counts(states, device), steps - 1)
         else:  # with tasks, the first step always runs apart (see __call__)
             assert tasks is None
-            live = _loop(step, live, states, steps)
+            live = _loop(step, live, _tensor_counts(states, device), steps)
         if tasks is None:
             return outer_fn(with_weights(live), *batch, **kwargs)
         return all_losses(outer_fn, live)
