@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from higher.optim import StepPlan, get_diff_optim
+from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
 from ._compiled import _signature, torch_version, traced_call
@@ -179,39 +179,61 @@ class MetaStep:
         if not self._compiled:
             return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
         start = None
-        if self._tasks is not None or self._first_step_apart(plan, params):
+        if self._probe(plan, params) or self._tasks is not None:
             # eagerly, before the graph: inductor's meta-gradient through a scan that starts
             # from a step traced in the same graph was wrong, and with tasks through a scan
             # that starts from the expanded initial weights and state (Adam; torch 2.13,
             # aot_eager right in both)
             start = self._pure(fmodule, names, params, buffers, traced, "first", batch, kwargs)
         refusal = (
-            "compile_meta_step could not trace the meta-step as one graph (control flow that "
-            "depends on tensor values, random ops, a rule that branches on its step count, or "
-            "an op torch.compile does not support): {reason}. Use "
-            "compile_meta_step(..., compile=False) or innerloop_ctx"
+            f"compile_meta_step could not trace the meta-step ({plan.name}) as one graph "
+            "(control flow that depends on tensor values, random ops, or an op torch.compile "
+            "does not support): {reason}. Use compile_meta_step(..., compile=False) or "
+            "innerloop_ctx"
         )
-        with traced_call(fmodule, FastPathError, refusal):
-            return self._fn(  # type: ignore[no-any-return]
-                fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
-            )
+        try:
+            with traced_call(fmodule, FastPathError, refusal):
+                return self._fn(  # type: ignore[no-any-return]
+                    fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
+                )
+        except torch._dynamo.exc.TorchDynamoException as err:  # what is not Unsupported
+            raise FastPathError(refusal.format(reason=str(err).splitlines()[0])) from err
 
-    def _first_step_apart(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
-        """Whether the first step must run before the loop: when it changes the state's form
-        (SGD's momentum buffer starts as None), which a loop's carry cannot. Found by one
-        step of the rule on detached copies, once per form of the initial state."""
-        before = [_form(s) for s in _tensor_counts([b.state for b in plan.buckets])]
+    def _probe(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
+        """Check that the rule runs with its step count a tensor, and say whether the first
+        step must run before the loop. Found once per rule and form of the initial state, by
+        steps of the rule on detached copies.
+
+        Inside the loop the count is a tensor (the body is traced once): a rule that reads it
+        as a Python number (`float(step)`, `if step > ...`) is refused here, found by a step
+        under vmap where the count cannot be read. The first step runs apart when it changes
+        the state's form (SGD's momentum buffer starts as None), which a loop's carry cannot.
+        """
+        states = [b.state for b in plan.buckets]
+        before = [_form(s) for s in _tensor_counts(states)]
         key = (plan.name, repr(before))
         known = self._peel.get(key)
-        if known is None:
-            with torch.no_grad():
-                copies = [p.detach() for p in params]
-                grads: list[torch.Tensor | None] = [None] * len(params)
-                for bucket in plan.buckets:
-                    for i in bucket.indices:
-                        grads[i] = torch.ones_like(copies[i])
-                after = plan.run(copies, grads).states
-            known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
+        if known is not None:
+            return known
+        device = params[0].device if params else None
+
+        def with_count(count: torch.Tensor) -> torch.Tensor:
+            _probe_step(plan, params, _tensor_counts(states, device, count))
+            return count
+
+        try:
+            torch.func.vmap(with_count)(torch.zeros(1, dtype=torch.float64, device=device))
+        except RuntimeError as err:
+            if "data-dependent" not in str(err) and ".item()" not in str(err):
+                raise
+            raise FastPathError(
+                f"compile_meta_step(compile=True) cannot run {plan.name}: its update reads the "
+                "step count as a Python number (a branch or float() on it), and inside the "
+                "compiled loop the count is a tensor. Use compile_meta_step(..., compile=False) "
+                "or batched_innerloop_ctx, which run it exactly"
+            ) from err
+        after = _probe_step(plan, params).states
+        known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
         return known
 
     def _functional(self, model: torch.nn.Module) -> FunctionalModule:
@@ -403,13 +425,17 @@ def _form(state: Any) -> Any:
     return repr(spec), [(tuple(t.shape), t.dtype) for t in leaves]
 
 
-def _tensor_counts(states: list[Any], device: torch.device | None = None) -> list[Any]:
-    """The states with every step count (a Python number) made a float64 tensor (on `device`):
-    inside the loop the body is traced once, so a count must be a value of the carry."""
+def _tensor_counts(
+    states: list[Any], device: torch.device | None = None, count: torch.Tensor | None = None
+) -> list[Any]:
+    """The states with every step count (a Python number) made a float64 tensor (on `device`;
+    `count` plus the number when given): inside the loop the body is traced once, so a count
+    must be a value of the carry."""
 
     def walk(x: Any) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return torch.tensor(float(x), dtype=torch.float64, device=device)
+            number = torch.tensor(float(x), dtype=torch.float64, device=device)
+            return number if count is None else count + number
         if isinstance(x, tuple) and hasattr(x, "_fields"):
             return type(x)(*[walk(v) for v in x])
         if isinstance(x, (list, tuple)):
@@ -417,6 +443,17 @@ def _tensor_counts(states: list[Any], device: torch.device | None = None) -> lis
         return x
 
     return [walk(s) for s in states]
+
+
+def _probe_step(plan: StepPlan, params: list[torch.Tensor], states: Any = None) -> StepResult:
+    """One step of the plan's rule on detached copies of `params`, every gradient one."""
+    with torch.no_grad():
+        copies = [p.detach() for p in params]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for bucket in plan.buckets:
+            for i in bucket.indices:
+                grads[i] = torch.ones_like(copies[i])
+        return plan.run(copies, grads, states)
 
 
 def _loop(
