@@ -42,17 +42,37 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
-def reference(name: str, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+# every built-in twin (RAdam rectifies from its 6th step on: 7 steps see both branches)
+BUILT_IN: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    **OPTIMIZERS,
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05),
+    "amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.05, amsgrad=True),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=0.05),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=0.05),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=0.05),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=0.5),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+    "asgd": lambda ps: torch.optim.ASGD(ps, lr=0.05, t0=2),
+    "rprop": lambda ps: torch.optim.Rprop(ps, lr=0.05),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=0.05),
+}
+LONG = 7
+
+
+def reference(
+    name: str, x: torch.Tensor, y: torch.Tensor, steps: int = STEPS
+) -> list[torch.Tensor]:
     """d(sum of the tasks' meta-losses) / d(initial weights, lr), by innerloop_ctx."""
     model = mlp()
     lr = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = BUILT_IN[name](model.parameters())
     total = torch.zeros((), dtype=torch.float64)
     for t in range(TASKS):
         with higher.innerloop_ctx(
             model, opt, copy_initial_weights=False, override={"lr": [lr]}
         ) as (fmodel, diffopt):
-            for _ in range(STEPS):
+            for _ in range(steps):
                 diffopt.step(mse(fmodel, x[t], y[t]))
             total = total + mse(fmodel, x[t], y[t])
     return list(torch.autograd.grad(total, [*model.parameters(), lr]))
@@ -63,7 +83,7 @@ def meta_gradient(
 ) -> list[torch.Tensor]:
     model = mlp()
     lr = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = BUILT_IN[name](model.parameters())
     if meta.tasks is None:
         losses = [meta(model, opt, x[t], y[t], override={"lr": [lr]}) for t in range(TASKS)]
         total = torch.stack(losses).sum()
@@ -83,6 +103,55 @@ def test_the_loop_form_equals_innerloop_ctx(name: str, tasks: int | None) -> Non
     x, y = data()
     meta = higher.compile_meta_step(mse, mse, steps=STEPS, tasks=tasks, compile=False)
     assert_close(meta_gradient(meta, name, x, y), reference(name, x, y))
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN))
+def test_every_built_in_twin_with_tasks_equals_per_task_loops(name: str) -> None:
+    """Step counts stay numbers in the loop form, and the count and the rule's scalar state
+    (NAdam's mu_product, ASGD's eta and mu) one value for all tasks: RAdam's branch, ASGD's
+    averaging test and Adafactor's float(step) run as in diffopt.step, NAdam to round-off."""
+    x, y = data()
+    meta = higher.compile_meta_step(mse, mse, steps=LONG, tasks=TASKS, compile=False)
+    got, want = meta_gradient(meta, name, x, y), reference(name, x, y, LONG)
+    if name == "asgd":  # lr reaches the weights through eta, kept in torch's scalar dtype
+        # (float32 here): one shared eta sums the tasks' lr gradients in float32, the loops
+        # in float64 after rounding each (batched_innerloop_ctx alike)
+        torch.testing.assert_close(got.pop(), want.pop(), rtol=1e-7, atol=0)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["radam", "nadam"])
+def test_the_compiled_form_runs_step_dependent_rules_exactly(name: str) -> None:
+    """In the compiled loop the count is a tensor: RAdam chooses its branch with where, and
+    NAdam multiplies mu_product in its own dtype, as torch does with a Python count (3.8e-8
+    apart in float64 before, with a float32 mu_product)."""
+    x, y = data()
+    if not COMPILES:
+        with pytest.raises(higher.FastPathError, match=r"needs torch >= 2\.13"):
+            higher.compile_meta_step(mse, mse, steps=LONG, tasks=TASKS)
+        return
+    meta = higher.compile_meta_step(mse, mse, steps=LONG, tasks=TASKS, backend=BACKEND)
+    assert_close(meta_gradient(meta, name, x, y), reference(name, x, y, LONG))
+
+
+@pytest.mark.parametrize("tasks", [None, TASKS])
+def test_the_compiled_form_refuses_a_rule_that_reads_its_count(tasks: int | None) -> None:
+    """Adafactor computes float(step): refused before compiling, naming it and what runs it."""
+    model = mlp()
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.05)
+    x, y = data()
+    if not COMPILES:
+        with pytest.raises(higher.FastPathError, match=r"needs torch >= 2\.13"):
+            higher.compile_meta_step(mse, mse, steps=2, tasks=tasks)
+        return
+    meta = higher.compile_meta_step(mse, mse, steps=2, tasks=tasks, backend=BACKEND)
+    batch = (x, y) if tasks else (x[0], y[0])
+    with pytest.raises(
+        higher.FastPathError, match=r"cannot run Adafactor.*compile=False.*batched_innerloop_ctx"
+    ):
+        meta(model, opt, *batch)
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.state_dict()["state"] == {}
 
 
 def convnet() -> nn.Module:
