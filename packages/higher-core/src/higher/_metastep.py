@@ -20,7 +20,8 @@ import torch
 from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
-from ._compiled import _signature, torch_version, traced_call
+from ._compiled import _signature, check_compile_flag, torch_version, traced_call
+from ._batched import refuse_nested
 from ._context import check_model_and_opt
 from ._errors import FastPathError, UsageError
 from ._trees import flatten, merge_fields, split_fields, unflatten
@@ -96,6 +97,7 @@ class MetaStep:
             isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1
         ):
             raise FastPathError(f"tasks must be None or a positive int, got {tasks!r}")
+        check_compile_flag("compile_meta_step", compile)
         if compile and torch_version() < _MIN_TORCH:
             raise FastPathError(
                 f"compile_meta_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (scan with "
@@ -148,6 +150,7 @@ class MetaStep:
         check_model_and_opt(model, opt)
         fmodule = self._functional(model)
         params: list[torch.Tensor] = list(model.parameters())
+        refuse_nested(batch, kwargs)
         if self._tasks is not None:
             for k, arg in enumerate(batch):
                 if isinstance(arg, torch.Tensor) and (
