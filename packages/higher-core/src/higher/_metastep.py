@@ -397,8 +397,9 @@ class MetaStep:
             new_live, new_task_leaves, new_shared_leaves = run(
                 live, grads, task_leaves, shared_leaves
             )
-            parts = unflatten(out["task"], new_task_leaves), unflatten(
-                out["shared"], new_shared_leaves
+            parts = (
+                unflatten(out["task"], new_task_leaves),
+                unflatten(out["shared"], new_shared_leaves),
             )
             return new_live, merge_fields(*parts, shared)
 
