@@ -232,12 +232,12 @@ def test_a_loss_that_couples_the_tasks_is_refused() -> None:
 def test_zero_gradients_of_uncoupled_losses_are_not_refused() -> None:
     """Dead units: nonzero losses, every gradient exactly zero, and no task reads another's
     weights: a step (of zero) is taken, as per-task loops take it."""
-    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    first, last = nn.Linear(2, 3).double(), nn.Linear(3, 1).double()
     with torch.no_grad():
-        model[0].weight.zero_()
-        model[0].bias.fill_(-1.0)  # every ReLU dead: no gradient reaches any weight
-        model[2].bias.zero_()
-        model[2].bias.requires_grad_(False)
+        first.weight.zero_()
+        first.bias.fill_(-1.0)  # every ReLU dead: no gradient reaches any weight
+    last.bias.requires_grad_(False)
+    model = nn.Sequential(first, nn.ReLU(), last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = regression()
     with higher.batched_innerloop_ctx(model, opt, tasks=TASKS) as (fmodel, diffopt):

@@ -275,7 +275,7 @@ MISUSES: list[tuple[str, Callable[[World], Any], type[Exception] | None, str]] =
     ),
     (
         "compile_meta_step compile not a bool",
-        lambda w: higher.compile_meta_step(loss, loss, steps=2, compile=1),
+        lambda w: higher.compile_meta_step(loss, loss, steps=2, compile=1),  # type: ignore[arg-type]
         higher.UsageError,
         r"compile_meta_step\(compile=\.\.\.\) must be True .* or False .*got 1",
     ),

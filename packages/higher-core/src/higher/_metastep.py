@@ -20,8 +20,8 @@ import torch
 from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
-from ._compiled import _signature, check_compile_flag, torch_version, traced_call
 from ._batched import refuse_nested
+from ._compiled import _signature, check_compile_flag, torch_version, traced_call
 from ._context import check_model_and_opt
 from ._errors import FastPathError, UsageError
 from ._trees import flatten, merge_fields, split_fields, unflatten
@@ -393,7 +393,8 @@ class MetaStep:
                 return new_live, new_task_leaves, new_shared_leaves
 
             in_dims = (0, 0, 0 if batched else None, None)
-            run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=(0, 0, None))
+            out_dims: Any = (0, 0, None)  # the shared leaves stay unbatched
+            run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=out_dims)
             new_live, new_task_leaves, new_shared_leaves = run(
                 live, grads, task_leaves, shared_leaves
             )

@@ -123,14 +123,15 @@ def radam_update(
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
     # a tensor step count (a compiled loop's) cannot choose a branch: both, chosen by where
-    chosen = isinstance(step, T)
-    rectified = rho_t > 5.0 if chosen else bool(rho_t > 5.0)
-    if chosen:  # the other branch's inputs made harmless, so that its gradient is 0, not NaN
-        rho_t = torch.where(rectified, rho_t, 6.0)
-        rho_inf = torch.where(rectified, torch.as_tensor(rho_inf, dtype=rho_t.dtype), 7.0)
+    count: object = step  # an int to the type checker; a tensor inside a compiled loop
+    where: T | None = rho_t > 5.0 if isinstance(count, T) else None
+    rectified = where is not None or bool(rho_t > 5.0)
+    if where is not None:  # the other branch's inputs made harmless: its gradient 0, not NaN
+        rho_t = torch.where(where, rho_t, 6.0)
+        rho_inf = torch.where(where, torch.as_tensor(rho_inf, dtype=rho_t.dtype), 7.0)
     rect = (
         ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        if rectified is not False
+        if rectified
         else 1.0
     )
 
@@ -141,14 +142,13 @@ def radam_update(
         m = m + (g - m) * (1 - beta1)
         v = v * beta2 + (1 - beta2) * g * g
         corrected = m / bias_correction1
-        if chosen:
-            adaptive_lr = (bias_correction2**0.5) / (sqrt0(v) + eps)
-            scaled = corrected * step_lr
-            return p - torch.where(rectified, scaled * adaptive_lr * rect, scaled), m, v
-        if rectified:
-            adaptive_lr = (bias_correction2**0.5) / (sqrt0(v) + eps)
+        if not rectified:
+            return p - corrected * step_lr, m, v
+        adaptive_lr = (bias_correction2**0.5) / (sqrt0(v) + eps)
+        if where is None:
             return p - corrected * step_lr * adaptive_lr * rect, m, v
-        return p - corrected * step_lr, m, v
+        scaled = corrected * step_lr
+        return p - torch.where(where, scaled * adaptive_lr * rect, scaled), m, v
 
     new_p, m, v = elementwise(kernel, params, grads, state.exp_avg, state.exp_avg_sq, lrs)
     return some(new_p), RAdamState(step, some(m), some(v))
