@@ -463,7 +463,10 @@ def batched_innerloop_ctx(
     BatchNorm in training mode).
 
     Refused, with `FastPathError`: optimizers with a hand-written `_update` (rule-based twins
-    only); a loss that is not one value per task. `randomness` goes to `torch.func.vmap`
+    only); a loss that is not one value per task, or one that couples the tasks where that is
+    seen (nonzero losses, every gradient exactly zero, and task 0's loss reaching another
+    task's weights: `l - l.mean()`); inputs that are nested tensors (tasks of unequal sizes:
+    pad and mask, or group tasks of equal size). `randomness` goes to `torch.func.vmap`
     ("different": each task draws its own dropout masks).
 
     Example:
