@@ -231,6 +231,9 @@ class BatchedOptimizer:
         # (group, slot) of the slots stepped here: their state is stacked per task (before their
         # first step it is the torch optimizer's, or fresh, one for every task)
         self._stepped: set[tuple[int, int]] = set()
+        # whether a step saw losses that do not couple the tasks (checked on the first step:
+        # the check syncs with the device)
+        self._uncoupled = False
         if twin.plan(templates).rule is None:
             raise FastPathError(
                 "batched tasks run rule-based differentiable optimizers (every built-in twin, "
@@ -290,7 +293,7 @@ class BatchedOptimizer:
                 weights,
                 grad_outputs=torch.ones_like(loss),
                 create_graph=self._twin.track_higher_grads,
-                retain_graph=True,  # for the check of coupled tasks below, when it runs
+                retain_graph=True if not self._uncoupled else None,  # for the check below
                 allow_unused=True,
             )
             if all(g is None for g in found):
@@ -298,8 +301,10 @@ class BatchedOptimizer:
                     "the loss depends on none of the current fast weights: compute it from "
                     "fmodel(...) after the last step"
                 )
-            if all(g is None or not g.any() for g in found) and loss.detach().any():
-                refuse_coupled(loss, weights)
+            if not self._uncoupled:
+                if all(g is None or not g.any() for g in found) and loss.detach().any():
+                    refuse_coupled(loss, weights)
+                self._uncoupled = True
             for i, g in zip(trainable, found):
                 grads[i] = g
         callback = grad_callback if grad_callback is not None else self._twin.grad_callback
@@ -464,10 +469,10 @@ def batched_innerloop_ctx(
 
     Refused, with `FastPathError`: optimizers with a hand-written `_update` (rule-based twins
     only); a loss that is not one value per task, or one that couples the tasks where that is
-    seen (nonzero losses, every gradient exactly zero, and task 0's loss reaching another
-    task's weights: `l - l.mean()`); inputs that are nested tensors (tasks of unequal sizes:
-    pad and mask, or group tasks of equal size). `randomness` goes to `torch.func.vmap`
-    ("different": each task draws its own dropout masks).
+    seen (on the first step: nonzero losses, every gradient exactly zero, and task 0's loss
+    reaching another task's weights, as with `l - l.mean()`); inputs that are nested tensors
+    (tasks of unequal sizes: pad and mask, or group tasks of equal size). `randomness` goes to
+    `torch.func.vmap` ("different": each task draws its own dropout masks).
 
     Example:
         >>> net = torch.nn.Linear(1, 1)

@@ -227,15 +227,14 @@ class MetaStep:
 
         try:
             torch.func.vmap(with_count)(torch.zeros(1, dtype=torch.float64, device=device))
-        except RuntimeError as err:
-            if "data-dependent" not in str(err) and ".item()" not in str(err):
-                raise
-            raise FastPathError(
-                f"compile_meta_step(compile=True) cannot run {plan.name}: its update reads the "
-                "step count as a Python number (a branch or float() on it), and inside the "
-                "compiled loop the count is a tensor. Use compile_meta_step(..., compile=False) "
-                "or batched_innerloop_ctx, which run it exactly"
-            ) from err
+        except RuntimeError as err:  # other errors: the compiled trace says whether it runs
+            if "data-dependent" in str(err) or ".item()" in str(err):
+                raise FastPathError(
+                    f"compile_meta_step(compile=True) cannot run {plan.name}: its update reads "
+                    "the step count as a Python number (a branch or float() on it), and inside "
+                    "the compiled loop the count is a tensor. Use compile_meta_step(..., "
+                    "compile=False) or batched_innerloop_ctx, which run it exactly"
+                ) from err
         after = _probe_step(plan, params).states
         known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
         return known
