@@ -62,10 +62,11 @@ class MetaStep:
     Refused with `FastPathError`: torch older than 2.13 (use `compile=False`, which runs the
     same steps as a Python loop on any torch); optimizers with a hand-written `_update`; tasks
     of unequal sizes (nested tensors); compiled, a rule that reads its step count as a number
-    (Adafactor: the count is a tensor inside the loop; `compile=False` runs it) and what else
-    torch.compile cannot trace as one graph (control flow on tensor values). Random ops
+    (`float(step)`; the count is a tensor inside the loop; `compile=False` runs it) and what
+    else torch.compile cannot trace as one graph (control flow on tensor values). Random ops
     (dropout) raise torch's vmap randomness error with tasks. Tested with tasks: every built-in
-    twin with `compile=False`, and compiled SGD, Adam, NAdam, RAdam; learnable learning rates.
+    twin with `compile=False`, and compiled SGD, Adam, NAdam, RAdam, Adafactor; learnable
+    learning rates.
     The compiled backward is differentiable once (no gradient of the meta-gradient).
 
     Example:
