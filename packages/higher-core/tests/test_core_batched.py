@@ -4,6 +4,7 @@ statistics, per-task gradient clipping, first order), and refuses what it cannot
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -180,6 +181,70 @@ def test_refusals_are_clear() -> None:
         higher.batched_innerloop_ctx(model, Plain(model.parameters(), lr=0.1), tasks=2),
     ):
         pass
+
+
+def nested(*sizes: int) -> torch.Tensor:
+    """Tasks of unequal sizes, as a nested tensor (torch warns it is a prototype)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.ones(n, 2, dtype=torch.float64) for n in sizes])
+
+
+def test_tasks_of_unequal_sizes_are_refused_with_what_to_do() -> None:
+    """A nested tensor ended in torch's "NestedTensorImpl doesn't support sizes"."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.batched_innerloop_ctx(model, opt, tasks=TASKS) as (fmodel, _):
+        with pytest.raises(
+            higher.FastPathError, match=r"argument 0 is a nested tensor.*Pad the tasks.*mask"
+        ):
+            fmodel(nested(3, 4, 5))
+        with pytest.raises(higher.FastPathError, match=r"keyword argument 'z' is a nested"):
+            fmodel(torch.ones(TASKS, 2, 2, dtype=torch.float64), z=nested(1, 2))
+    meta = higher.compile_meta_step(
+        lambda m, x: m(x).pow(2).mean(), lambda m, x: m(x).mean(), steps=1, tasks=TASKS,
+        compile=False,
+    )  # fmt: skip
+    with pytest.raises(higher.FastPathError, match=r"nested tensor.*innerloop_ctx once per task"):
+        meta(model, opt, nested(3, 4, 5))
+
+
+def test_a_loss_that_couples_the_tasks_is_refused() -> None:
+    """`l - l.mean()` cancels every task's gradient exactly: the step moved nothing, silently."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = regression()
+    mse = torch.vmap(F.mse_loss)
+    for track in (True, False):
+        with higher.batched_innerloop_ctx(model, opt, tasks=TASKS, track_higher_grads=track) as (
+            fmodel,
+            diffopt,
+        ):
+            before = fmodel.fast_params
+            losses = mse(fmodel(x), y)
+            with pytest.raises(higher.FastPathError, match=r"couple the tasks.*l - l\.mean\(\)"):
+                diffopt.step(losses - losses.mean())
+            assert all(a is b for a, b in zip(fmodel.fast_params, before))  # nothing committed
+            diffopt.step(losses)  # the graph is kept: the step on the right loss runs
+            assert not torch.equal(fmodel.fast_params[0], before[0])
+
+
+def test_zero_gradients_of_uncoupled_losses_are_not_refused() -> None:
+    """Dead units: nonzero losses, every gradient exactly zero, and no task reads another's
+    weights: a step (of zero) is taken, as per-task loops take it."""
+    first, last = nn.Linear(2, 3).double(), nn.Linear(3, 1).double()
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.fill_(-1.0)  # every ReLU dead: no gradient reaches any weight
+    last.bias.requires_grad_(False)
+    model = nn.Sequential(first, nn.ReLU(), last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = regression()
+    with higher.batched_innerloop_ctx(model, opt, tasks=TASKS) as (fmodel, diffopt):
+        losses = torch.vmap(F.mse_loss)(fmodel(x), y)
+        assert bool((losses > 0).all())
+        new = diffopt.step(losses)
+    assert all(torch.equal(a, b) for a, b in zip(new, fmodel.parameters(time=0)))
 
 
 @pytest.mark.cuda

@@ -243,6 +243,8 @@ def test_all_reduce_grads_alone_leaves_the_gradients_and_returns_the_weight() ->
         (None, {"weight": math.nan}, ValueError, "finite"),
         (None, {"weight": True}, TypeError, "weight must be a number"),
         (None, {"bucket_cap_mb": 0}, ValueError, "bucket_cap_mb must be positive"),
+        # alone, this process is every rank: weight 0 is every rank passing 0
+        (None, {"weight": 0}, ValueError, "every rank passed weight 0.*every rank"),
     ],
 )
 def test_all_reduce_grads_refuses_bad_arguments(

@@ -4,8 +4,8 @@ and refuses what it cannot run, on every torch (older ones: the compiled form is
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 import higher
 from higher._compiled import torch_version
+from higher.optim.rule import Rule
 
 COMPILES = torch_version() >= (2, 13)
 BACKEND = "aot_eager"  # dynamo + AOTAutograd, what inductor compiles, in seconds
@@ -42,17 +43,37 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
-def reference(name: str, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+# every built-in twin (RAdam rectifies from its 6th step on: 7 steps see both branches)
+BUILT_IN: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    **OPTIMIZERS,
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05),
+    "amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.05, amsgrad=True),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=0.05),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=0.05),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=0.05),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=0.5),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+    "asgd": lambda ps: torch.optim.ASGD(ps, lr=0.05, t0=2),
+    "rprop": lambda ps: torch.optim.Rprop(ps, lr=0.05),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=0.05),
+}
+LONG = 7
+
+
+def reference(
+    name: str, x: torch.Tensor, y: torch.Tensor, steps: int = STEPS
+) -> list[torch.Tensor]:
     """d(sum of the tasks' meta-losses) / d(initial weights, lr), by innerloop_ctx."""
     model = mlp()
     lr = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = BUILT_IN[name](model.parameters())
     total = torch.zeros((), dtype=torch.float64)
     for t in range(TASKS):
         with higher.innerloop_ctx(
             model, opt, copy_initial_weights=False, override={"lr": [lr]}
         ) as (fmodel, diffopt):
-            for _ in range(STEPS):
+            for _ in range(steps):
                 diffopt.step(mse(fmodel, x[t], y[t]))
             total = total + mse(fmodel, x[t], y[t])
     return list(torch.autograd.grad(total, [*model.parameters(), lr]))
@@ -63,7 +84,7 @@ def meta_gradient(
 ) -> list[torch.Tensor]:
     model = mlp()
     lr = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = BUILT_IN[name](model.parameters())
     if meta.tasks is None:
         losses = [meta(model, opt, x[t], y[t], override={"lr": [lr]}) for t in range(TASKS)]
         total = torch.stack(losses).sum()
@@ -77,12 +98,94 @@ def assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
 
 
+def compiled_or_refused(steps: int, tasks: int | None) -> higher.MetaStep | None:
+    """The compiled meta-step of `mse` (aot_eager), or None once torch < 2.13 refused it."""
+    if not COMPILES:
+        with pytest.raises(higher.FastPathError, match=r"needs torch >= 2\.13.*compile=False"):
+            higher.compile_meta_step(mse, mse, steps=steps, tasks=tasks)
+        return None
+    return higher.compile_meta_step(mse, mse, steps=steps, tasks=tasks, backend=BACKEND)
+
+
 @pytest.mark.parametrize("tasks", [None, TASKS])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_the_loop_form_equals_innerloop_ctx(name: str, tasks: int | None) -> None:
     x, y = data()
     meta = higher.compile_meta_step(mse, mse, steps=STEPS, tasks=tasks, compile=False)
     assert_close(meta_gradient(meta, name, x, y), reference(name, x, y))
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN))
+def test_every_built_in_twin_with_tasks_equals_per_task_loops(name: str) -> None:
+    """Step counts stay numbers in the loop form, and the count and the rule's scalar state
+    (NAdam's mu_product, ASGD's eta and mu) one value for all tasks: RAdam's branch, ASGD's
+    averaging test and Adafactor's float(step) run as in diffopt.step, NAdam to round-off."""
+    x, y = data()
+    meta = higher.compile_meta_step(mse, mse, steps=LONG, tasks=TASKS, compile=False)
+    got, want = meta_gradient(meta, name, x, y), reference(name, x, y, LONG)
+    if name == "asgd":  # lr reaches the weights through eta, kept in torch's scalar dtype
+        # (float32 here): one shared eta sums the tasks' lr gradients in float32, the loops
+        # in float64 after rounding each (batched_innerloop_ctx alike)
+        torch.testing.assert_close(got.pop(), want.pop(), rtol=1e-7, atol=0)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["radam", "nadam", "adafactor"])
+def test_the_compiled_form_runs_step_dependent_rules_exactly(name: str) -> None:
+    """In the compiled loop the count is a tensor: RAdam chooses its branch with where, NAdam
+    multiplies mu_product in its own dtype, as torch does with a Python count (3.8e-8 apart in
+    float64 before, with a float32 mu_product), and Adafactor takes step ** x, not float(step)
+    ** x (dynamo's errors before)."""
+    x, y = data()
+    meta = compiled_or_refused(LONG, TASKS)
+    if meta is not None:
+        assert_close(meta_gradient(meta, name, x, y), reference(name, x, y, LONG))
+
+
+class CountState(NamedTuple):
+    step: int
+
+
+def decaying_sgd(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: Any, hyper: Any
+) -> tuple[list[torch.Tensor], CountState]:
+    """SGD at lr / step, reading the step count as a Python number."""
+    step = state.step + 1
+    lr = hyper["lr"] / float(step)
+    return [p - lr * g for p, g in zip(params, grads)], CountState(step)
+
+
+class Decaying(torch.optim.Optimizer):
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+
+class DifferentiableDecaying(higher.optim.RuleOptimizer):
+    rule = Rule("Decaying", CountState, lambda ps, hyper: CountState(0), decaying_sgd, ("lr",))
+
+
+@pytest.mark.parametrize("tasks", [None, TASKS])
+def test_the_compiled_form_refuses_a_rule_that_reads_its_count(tasks: int | None) -> None:
+    """A rule that computes float(step): refused before compiling, naming it and what runs it
+    (torch's dynamo or vmap error before); the loop form runs it."""
+    higher.register_optim(Decaying, DifferentiableDecaying)
+    model = mlp()
+    opt = Decaying(model.parameters())
+    x, y = data()
+    batch = (x, y) if tasks else (x[0], y[0])
+    assert (
+        higher.compile_meta_step(mse, mse, steps=2, tasks=tasks, compile=False)(model, opt, *batch)
+        .isfinite()
+        .all()
+    )
+    meta = compiled_or_refused(2, tasks)
+    if meta is None:
+        return
+    with pytest.raises(
+        higher.FastPathError, match=r"cannot run Decaying.*compile=False.*batched_innerloop_ctx"
+    ):
+        meta(model, opt, *batch)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def convnet() -> nn.Module:
@@ -129,11 +232,9 @@ def test_batchnorm_in_training_mode_is_exact_with_tasks(compiled: bool) -> None:
 @pytest.mark.parametrize(("name", "tasks"), [("adam", None)])  # tasks: the BatchNorm test
 def test_the_compiled_form_equals_innerloop_ctx(name: str, tasks: int | None) -> None:
     x, y = data()
-    if not COMPILES:
-        with pytest.raises(higher.FastPathError, match=r"needs torch >= 2\.13.*compile=False"):
-            higher.compile_meta_step(mse, mse, steps=STEPS, tasks=tasks)
+    meta = compiled_or_refused(STEPS, tasks)
+    if meta is None:
         return
-    meta = higher.compile_meta_step(mse, mse, steps=STEPS, tasks=tasks, backend=BACKEND)
     assert_close(meta_gradient(meta, name, x, y), reference(name, x, y))
     # a second call with other weights runs the same graph and is exact too
     assert_close(meta_gradient(meta, name, x * 0.5, y), reference(name, x * 0.5, y))

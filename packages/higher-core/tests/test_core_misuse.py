@@ -266,7 +266,19 @@ MISUSES: list[tuple[str, Callable[[World], Any], type[Exception] | None, str]] =
         PatchError,
         "call it with params=",
     ),
-    # compile_step
+    # compile_step and compile_meta_step
+    (
+        "compile_step compile not a bool",
+        lambda w: higher.compile_step(loss, compile="yes"),  # type: ignore[arg-type]
+        higher.UsageError,
+        r"compile_step\(compile=\.\.\.\) must be True .* or False .*got 'yes'",
+    ),
+    (
+        "compile_meta_step compile not a bool",
+        lambda w: higher.compile_meta_step(loss, loss, steps=2, compile=1),  # type: ignore[arg-type]
+        higher.UsageError,
+        r"compile_meta_step\(compile=\.\.\.\) must be True .* or False .*got 1",
+    ),
     (
         "compile_step not callable",
         lambda w: higher.compile_step(3),  # type: ignore[arg-type]

@@ -75,6 +75,7 @@ class BatchedModule:
         """Run the forward of every task: positional tensors carry the task dimension first."""
         if params is not None:
             self.update_params(params)
+        refuse_nested(args, kwargs)
         in_dims: list[int | None] = [0, 0]
         for k, arg in enumerate(args):
             if isinstance(arg, torch.Tensor):
@@ -230,6 +231,9 @@ class BatchedOptimizer:
         # (group, slot) of the slots stepped here: their state is stacked per task (before their
         # first step it is the torch optimizer's, or fresh, one for every task)
         self._stepped: set[tuple[int, int]] = set()
+        # whether a step saw losses that do not couple the tasks (checked on the first step:
+        # the check syncs with the device)
+        self._uncoupled = False
         if twin.plan(templates).rule is None:
             raise FastPathError(
                 "batched tasks run rule-based differentiable optimizers (every built-in twin, "
@@ -283,11 +287,13 @@ class BatchedOptimizer:
                 raise FastPathError(
                     "the loss does not depend on the fast weights: compute it from fmodel(...)"
                 )
+            weights = [current[i] for i in trainable]
             found = torch.autograd.grad(
                 loss,
-                [current[i] for i in trainable],
+                weights,
                 grad_outputs=torch.ones_like(loss),
                 create_graph=self._twin.track_higher_grads,
+                retain_graph=True if not self._uncoupled else None,  # for the check below
                 allow_unused=True,
             )
             if all(g is None for g in found):
@@ -295,6 +301,10 @@ class BatchedOptimizer:
                     "the loss depends on none of the current fast weights: compute it from "
                     "fmodel(...) after the last step"
                 )
+            if not self._uncoupled:
+                if all(g is None or not g.any() for g in found) and loss.detach().any():
+                    refuse_coupled(loss, weights)
+                self._uncoupled = True
             for i, g in zip(trainable, found):
                 grads[i] = g
         callback = grad_callback if grad_callback is not None else self._twin.grad_callback
@@ -392,6 +402,34 @@ class BatchedOptimizer:
         return StepResult(new_params, new_states)
 
 
+def refuse_coupled(loss: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    """Refuse a loss whose entries couple the tasks, seen by its sign: nonzero losses whose
+    gradients are all exactly zero (`l - l.mean()` cancels every task's gradient). Zero
+    gradients of uncoupled losses (an optimum, dead units) pass: task 0's loss then reaches
+    no other task's weights, which one more backward checks."""
+    firsts = torch.autograd.grad(loss[0], weights, retain_graph=True, allow_unused=True)
+    if any(g is not None and g[1:].any() for g in firsts):
+        raise FastPathError(
+            "the losses couple the tasks: task 0's loss depends on other tasks' fast weights "
+            "(e.g. l - l.mean()), and every task's gradient came out exactly zero. Entry t of "
+            "the loss must be task t's own loss, e.g. torch.vmap(F.mse_loss)(fmodel(x), y); "
+            "couple tasks (baselines, normalization) in the outer loss only"
+        )
+
+
+def refuse_nested(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Refuse nested tensors (tasks of unequal sizes): vmap runs every task on one shape."""
+    for where, arg in [*((f"positional argument {k}", a) for k, a in enumerate(args)),
+                       *((f"keyword argument {k!r}", a) for k, a in kwargs.items())]:  # fmt: skip
+        if isinstance(arg, torch.Tensor) and arg.is_nested:
+            raise FastPathError(
+                f"{where} is a nested tensor (tasks of unequal sizes): batched tasks need "
+                "every task's input in one size. Pad the tasks to one size and mask the "
+                "padding in the loss, batch tasks of equal size together, or run "
+                "innerloop_ctx once per task"
+            )
+
+
 def _present(grads: list[torch.Tensor | None], stepped: list[int]) -> list[torch.Tensor]:
     out = []
     for i in stepped:
@@ -430,8 +468,11 @@ def batched_innerloop_ctx(
     BatchNorm in training mode).
 
     Refused, with `FastPathError`: optimizers with a hand-written `_update` (rule-based twins
-    only); a loss that is not one value per task. `randomness` goes to `torch.func.vmap`
-    ("different": each task draws its own dropout masks).
+    only); a loss that is not one value per task, or one that couples the tasks where that is
+    seen (on the first step: nonzero losses, every gradient exactly zero, and task 0's loss
+    reaching another task's weights, as with `l - l.mean()`); inputs that are nested tensors
+    (tasks of unequal sizes: pad and mask, or group tasks of equal size). `randomness` goes to
+    `torch.func.vmap` ("different": each task draws its own dropout masks).
 
     Example:
         >>> net = torch.nn.Linear(1, 1)

@@ -55,6 +55,16 @@ def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str
                 raise error(refusal.format(reason=str(err).splitlines()[0])) from err
 
 
+def check_compile_flag(function: str, compile: object) -> None:
+    """Refuse a `compile=` that is not a bool (a string such as "yes" would be truthy)."""
+    if not isinstance(compile, bool):
+        raise UsageError(
+            f"{function}(compile=...) must be True (compile with torch.compile) or False (run "
+            f"the same steps eagerly), got {compile!r}; options of torch.compile go as keyword "
+            "arguments (backend=..., mode=...)"
+        )
+
+
 @dataclasses.dataclass
 class _Context:
     """What the steps of one functional model share. It holds the model and the optimizer only
@@ -119,6 +129,7 @@ class CompiledStep:
     def __init__(self, loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any) -> None:
         if not callable(loss_fn):
             raise UsageError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_compile_flag("compile_step", compile)
         if compile and torch_version() < _MIN_TORCH:
             raise UsageError(
                 f"compile_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (torch.compile "

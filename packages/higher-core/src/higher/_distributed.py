@@ -206,6 +206,12 @@ def _fingerprints(tensors: Sequence[torch.Tensor], buckets: list[list[int]]) -> 
     return zlib.crc32(layout) & 0xFFFF, zlib.adler32(layout) & 0xFFFF
 
 
+_NO_WEIGHT = (
+    "every rank passed weight 0: there is no gradient to average (no rank ran a task; without "
+    "a process group this process is every rank): pass the number of tasks this rank ran"
+)
+
+
 def _collective_failed(err: BaseException, size: int, hint: str) -> DistributedError:
     return DistributedError(
         f"the all-reduce of the gradients across {size} ranks failed: a rank raised, exited, or "
@@ -237,7 +243,8 @@ def all_reduce_grads(
     a gradient on every rank is left without one. Learnable hyperparameters (the tensors given
     as `override` to `innerloop_ctx`) are averaged the same way: pass them along.
 
-    Without a process group (a plain `python` run) this changes nothing and returns `weight`.
+    Without a process group (a plain `python` run) this changes nothing and returns `weight`;
+    `weight=0` is refused there as when every rank passes 0 (this process is every rank).
     Every rank must call it, with the same tensors in the same order; if they pass different
     ones, all ranks raise `DistributedError`. A rank that fails or never calls it makes the
     others raise `DistributedError` when the process group's timeout expires.
@@ -277,7 +284,9 @@ def reduce_grads(
 ) -> float:
     """`all_reduce_grads` on checked arguments; `hint` ends the message of a failed collective."""
     size = world(group).size
-    if size == 1:
+    if size == 1:  # alone, this rank is every rank
+        if weight == 0:
+            raise DistributedValueError(_NO_WEIGHT)
         return weight
     buckets = _buckets(listed, bucket_cap_mb * 2**20)
     f, g = _fingerprints(listed, buckets)
@@ -301,9 +310,7 @@ def reduce_grads(
             "dtypes or devices differ): every rank must pass the same parameters in the same order"
         )
     if total == 0:
-        raise DistributedValueError(
-            "every rank passed weight 0: there is no gradient to average (no rank ran a task)"
-        )
+        raise DistributedValueError(_NO_WEIGHT)
     flats = []
     for bucket in buckets:
         grads = [listed[i].grad for i in bucket]

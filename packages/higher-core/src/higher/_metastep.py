@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from higher.optim import StepPlan, get_diff_optim
+from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
-from ._compiled import _signature, torch_version, traced_call
+from ._batched import refuse_nested
+from ._compiled import _signature, check_compile_flag, torch_version, traced_call
 from ._context import check_model_and_opt
 from ._errors import FastPathError, UsageError
-from ._trees import flatten, unflatten
+from ._trees import flatten, merge_fields, split_fields, unflatten
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -59,12 +60,14 @@ class MetaStep:
     gradient (whose second-order term through batch statistics torch gets wrong).
 
     Refused with `FastPathError`: torch older than 2.13 (use `compile=False`, which runs the
-    same steps as a Python loop on any torch); optimizers with a hand-written `_update`; what
-    torch.compile cannot trace as one graph (control flow on tensor values, among them a rule
-    that branches on its step count, which is a tensor inside the loop). Random ops (dropout)
-    raise torch's vmap randomness error with tasks. Tested: SGD (momentum, Nesterov) and Adam,
-    learnable learning rates. The compiled backward is differentiable once (no gradient of
-    the meta-gradient).
+    same steps as a Python loop on any torch); optimizers with a hand-written `_update`; tasks
+    of unequal sizes (nested tensors); compiled, a rule that reads its step count as a number
+    (`float(step)`; the count is a tensor inside the loop; `compile=False` runs it) and what
+    else torch.compile cannot trace as one graph (control flow on tensor values). Random ops
+    (dropout) raise torch's vmap randomness error with tasks. Tested with tasks: every built-in
+    twin with `compile=False`, and compiled SGD, Adam, NAdam, RAdam, Adafactor; learnable
+    learning rates.
+    The compiled backward is differentiable once (no gradient of the meta-gradient).
 
     Example:
         >>> import torch, higher
@@ -96,6 +99,7 @@ class MetaStep:
             isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1
         ):
             raise FastPathError(f"tasks must be None or a positive int, got {tasks!r}")
+        check_compile_flag("compile_meta_step", compile)
         if compile and torch_version() < _MIN_TORCH:
             raise FastPathError(
                 f"compile_meta_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (scan with "
@@ -148,6 +152,7 @@ class MetaStep:
         check_model_and_opt(model, opt)
         fmodule = self._functional(model)
         params: list[torch.Tensor] = list(model.parameters())
+        refuse_nested(batch, kwargs)
         if self._tasks is not None:
             for k, arg in enumerate(batch):
                 if isinstance(arg, torch.Tensor) and (
@@ -179,39 +184,60 @@ class MetaStep:
         if not self._compiled:
             return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
         start = None
-        if self._tasks is not None or self._first_step_apart(plan, params):
+        if self._probe(plan, params) or self._tasks is not None:
             # eagerly, before the graph: inductor's meta-gradient through a scan that starts
             # from a step traced in the same graph was wrong, and with tasks through a scan
             # that starts from the expanded initial weights and state (Adam; torch 2.13,
             # aot_eager right in both)
             start = self._pure(fmodule, names, params, buffers, traced, "first", batch, kwargs)
         refusal = (
-            "compile_meta_step could not trace the meta-step as one graph (control flow that "
-            "depends on tensor values, random ops, a rule that branches on its step count, or "
-            "an op torch.compile does not support): {reason}. Use "
-            "compile_meta_step(..., compile=False) or innerloop_ctx"
+            f"compile_meta_step could not trace the meta-step ({plan.name}) as one graph "
+            "(control flow that depends on tensor values, random ops, or an op torch.compile "
+            "does not support): {reason}. Use compile_meta_step(..., compile=False) or "
+            "innerloop_ctx"
         )
-        with traced_call(fmodule, FastPathError, refusal):
-            return self._fn(  # type: ignore[no-any-return]
-                fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
-            )
+        try:
+            with traced_call(fmodule, FastPathError, refusal):
+                return self._fn(  # type: ignore[no-any-return]
+                    fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
+                )
+        except torch._dynamo.exc.TorchDynamoException as err:  # what is not Unsupported
+            raise FastPathError(refusal.format(reason=str(err).splitlines()[0])) from err
 
-    def _first_step_apart(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
-        """Whether the first step must run before the loop: when it changes the state's form
-        (SGD's momentum buffer starts as None), which a loop's carry cannot. Found by one
-        step of the rule on detached copies, once per form of the initial state."""
-        before = [_form(s) for s in _tensor_counts([b.state for b in plan.buckets])]
+    def _probe(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
+        """Check that the rule runs with its step count a tensor, and say whether the first
+        step must run before the loop. Found once per rule and form of the initial state, by
+        steps of the rule on detached copies.
+
+        Inside the loop the count is a tensor (the body is traced once): a rule that reads it
+        as a Python number (`float(step)`, `if step > ...`) is refused here, found by a step
+        under vmap where the count cannot be read. The first step runs apart when it changes
+        the state's form (SGD's momentum buffer starts as None), which a loop's carry cannot.
+        """
+        states = [b.state for b in plan.buckets]
+        before = [_form(s) for s in _tensor_counts(states)]
         key = (plan.name, repr(before))
         known = self._peel.get(key)
-        if known is None:
-            with torch.no_grad():
-                copies = [p.detach() for p in params]
-                grads: list[torch.Tensor | None] = [None] * len(params)
-                for bucket in plan.buckets:
-                    for i in bucket.indices:
-                        grads[i] = torch.ones_like(copies[i])
-                after = plan.run(copies, grads).states
-            known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
+        if known is not None:
+            return known
+        device = params[0].device if params else None
+
+        def with_count(count: torch.Tensor) -> torch.Tensor:
+            _probe_step(plan, params, _tensor_counts(states, device, count))
+            return count
+
+        try:
+            torch.func.vmap(with_count)(torch.zeros(1, dtype=torch.float64, device=device))
+        except RuntimeError as err:  # other errors: the compiled trace says whether it runs
+            if "data-dependent" in str(err) or ".item()" in str(err):
+                raise FastPathError(
+                    f"compile_meta_step(compile=True) cannot run {plan.name}: its update reads "
+                    "the step count as a Python number (a branch or float() on it), and inside "
+                    "the compiled loop the count is a tensor. Use compile_meta_step(..., "
+                    "compile=False) or batched_innerloop_ctx, which run it exactly"
+                ) from err
+        after = _probe_step(plan, params).states
+        known = self._peel[key] = before != [_form(s) for s in _tensor_counts(after)]
         return known
 
     def _functional(self, model: torch.nn.Module) -> FunctionalModule:
@@ -295,6 +321,9 @@ class MetaStep:
             return model
 
         tasks = self._tasks
+        assert plan.rule is not None  # checked by __call__
+        # one value for all tasks: the step count and the rule's scalar state
+        shared = frozenset(("step", *plan.rule.scalar_state))
         dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in batch)
 
         def update(
@@ -344,36 +373,53 @@ class MetaStep:
             if not batched:
                 live = [p.expand(tasks, *p.shape) for p in live]
             grads = gradient(lambda live: all_losses(inner_fn, live).sum(), live)
-            leaves, spec = flatten(states)  # vmap takes and returns tensors only
+            # vmap takes and returns tensors only. The step count and the rule's scalar state
+            # (NAdam's mu_product, ASGD's eta and mu) are one value for all tasks, unbatched
+            task_part, shared_part = split_fields(states, shared)
+            task_leaves, task_spec = flatten(task_part)
+            shared_leaves, shared_spec = flatten(shared_part)
             out: dict[str, Any] = {}
 
             def flat_update(
-                live: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-                new_live, new_states = update(live, grads, unflatten(spec, leaves))
-                new_leaves, out["spec"] = flatten(new_states)
-                return new_live, new_leaves
+                live: list[torch.Tensor],
+                grads: list[torch.Tensor],
+                task_leaves: list[torch.Tensor],
+                shared_leaves: list[torch.Tensor],
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+                parts = unflatten(task_spec, task_leaves), unflatten(shared_spec, shared_leaves)
+                new_live, new_states = update(live, grads, merge_fields(*parts, shared))
+                new_task, new_shared = split_fields(new_states, shared)
+                new_task_leaves, out["task"] = flatten(new_task)
+                new_shared_leaves, out["shared"] = flatten(new_shared)
+                return new_live, new_task_leaves, new_shared_leaves
 
-            run = torch.func.vmap(flat_update, in_dims=(0, 0, 0 if batched else None))
-            new_live, new_leaves = run(live, grads, leaves)
-            return new_live, unflatten(out["spec"], new_leaves)
+            in_dims = (0, 0, 0 if batched else None, None)
+            out_dims: Any = (0, 0, None)  # the shared leaves stay unbatched
+            run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=out_dims)
+            new_live, new_task_leaves, new_shared_leaves = run(
+                live, grads, task_leaves, shared_leaves
+            )
+            parts = (
+                unflatten(out["task"], new_task_leaves),
+                unflatten(out["shared"], new_shared_leaves),
+            )
+            return new_live, merge_fields(*parts, shared)
 
         live = [params[i] for i in stepped]
         states = [bucket.state for bucket in plan.buckets]
-        if tasks is not None or mode != "loop":  # in vmap or a loop, counts are tensors
-            states = _tensor_counts(states, params[0].device if params else None)
+        device = params[0].device if params else None
         if mode == "first":
             return step(live, states, batched=False)
-        if mode == "loop":
+        if mode == "loop":  # step counts stay Python numbers, as in diffopt.step
             for k in range(steps):
                 live, states = step(live, states, batched=k > 0)
         elif start is not None:
             live, states = start
             if steps > 1:
-                live = _loop(step, live, states, steps - 1)
+                live = _loop(step, live, _tensor_counts(states, device), steps - 1)
         else:  # with tasks, the first step always runs apart (see __call__)
             assert tasks is None
-            live = _loop(step, live, states, steps)
+            live = _loop(step, live, _tensor_counts(states, device), steps)
         if tasks is None:
             return outer_fn(with_weights(live), *batch, **kwargs)
         return all_losses(outer_fn, live)
@@ -385,13 +431,17 @@ def _form(state: Any) -> Any:
     return repr(spec), [(tuple(t.shape), t.dtype) for t in leaves]
 
 
-def _tensor_counts(states: list[Any], device: torch.device | None = None) -> list[Any]:
-    """The states with every step count (a Python number) made a float64 tensor (on `device`):
-    inside the loop the body is traced once, so a count must be a value of the carry."""
+def _tensor_counts(
+    states: list[Any], device: torch.device | None = None, count: torch.Tensor | None = None
+) -> list[Any]:
+    """The states with every step count (a Python number) made a float64 tensor (on `device`;
+    `count` plus the number when given): inside the loop the body is traced once, so a count
+    must be a value of the carry."""
 
     def walk(x: Any) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return torch.tensor(float(x), dtype=torch.float64, device=device)
+            number = torch.tensor(float(x), dtype=torch.float64, device=device)
+            return number if count is None else count + number
         if isinstance(x, tuple) and hasattr(x, "_fields"):
             return type(x)(*[walk(v) for v in x])
         if isinstance(x, (list, tuple)):
@@ -399,6 +449,17 @@ def _tensor_counts(states: list[Any], device: torch.device | None = None) -> lis
         return x
 
     return [walk(s) for s in states]
+
+
+def _probe_step(plan: StepPlan, params: list[torch.Tensor], states: Any = None) -> StepResult:
+    """One step of the plan's rule on detached copies of `params`, every gradient one."""
+    with torch.no_grad():
+        copies = [p.detach() for p in params]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for bucket in plan.buckets:
+            for i in bucket.indices:
+                grads[i] = torch.ones_like(copies[i])
+        return plan.run(copies, grads, states)
 
 
 def _loop(

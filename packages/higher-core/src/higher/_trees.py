@@ -68,3 +68,19 @@ def _build(spec: Any, it: Iterator[torch.Tensor]) -> Any:
 def map_fields(state: Any, fn: Callable[[str, Any], Any]) -> Any:
     """A rule state (NamedTuple) with each field's value replaced by `fn(name, value)`."""
     return type(state)(*[fn(name, value) for name, value in zip(state._fields, state)])
+
+
+def split_fields(states: list[Any], names: frozenset[str]) -> tuple[list[Any], list[Any]]:
+    """Each rule state (NamedTuple) as two: None in the fields `names`, and None elsewhere."""
+    return (
+        [map_fields(s, lambda name, v: None if name in names else v) for s in states],
+        [map_fields(s, lambda name, v: v if name in names else None) for s in states],
+    )
+
+
+def merge_fields(first: list[Any], second: list[Any], names: frozenset[str]) -> list[Any]:
+    """The states `split_fields` split: the fields `names` from `second`, the rest from `first`."""
+    return [
+        map_fields(a, lambda name, v: getattr(b, name) if name in names else v)  # noqa: B023
+        for a, b in zip(first, second)
+    ]

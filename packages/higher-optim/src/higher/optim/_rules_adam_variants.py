@@ -58,7 +58,13 @@ def nadam_update(
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     # torch keeps mu_product in its scalar dtype and reads it back as a Python float (float64)
-    mu_product = (state.mu_product * mu).to(state.mu_product.dtype)
+    dtype = state.mu_product.dtype
+    factor = mu
+    if isinstance(mu, T) and not any(isinstance(h, T) for h in (beta1, momentum_decay)):
+        # a count that is a tensor (a compiled loop's) must not change the arithmetic: torch's
+        # mu is then a Python float, which multiplies mu_product in mu_product's dtype
+        factor = mu.to(dtype)
+    mu_product = (state.mu_product * factor).to(dtype)
     mu_product64 = mu_product.to(torch.float64)
     mu_product_next = mu_product64 * mu_next
 
@@ -118,7 +124,13 @@ def radam_update(
     bias_correction2 = 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
-    rectified = bool(rho_t > 5.0)
+    # a tensor step count (a compiled loop's) cannot choose a branch: both, chosen by where
+    count: object = step  # an int to the type checker; a tensor inside a compiled loop
+    where: T | None = rho_t > 5.0 if isinstance(count, T) else None
+    rectified = where is not None or bool(rho_t > 5.0)
+    if where is not None:  # the other branch's inputs made harmless: its gradient 0, not NaN
+        rho_t = torch.where(where, rho_t, 6.0)
+        rho_inf = torch.where(where, torch.as_tensor(rho_inf, dtype=rho_t.dtype), 7.0)
     rect = (
         ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
         if rectified
@@ -132,10 +144,13 @@ def radam_update(
         m = m + (g - m) * (1 - beta1)
         v = v * beta2 + (1 - beta2) * g * g
         corrected = m / bias_correction1
-        if rectified:
-            adaptive_lr = (bias_correction2**0.5) / (sqrt0(v) + eps)
+        if not rectified:
+            return p - corrected * step_lr, m, v
+        adaptive_lr = (bias_correction2**0.5) / (sqrt0(v) + eps)
+        if where is None:
             return p - corrected * step_lr * adaptive_lr * rect, m, v
-        return p - corrected * step_lr, m, v
+        scaled = corrected * step_lr
+        return p - torch.where(where, scaled * adaptive_lr * rect, scaled), m, v
 
     new_p, m, v = elementwise(kernel, params, grads, state.exp_avg, state.exp_avg_sq, lrs)
     return some(new_p), RAdamState(step, some(m), some(v))

@@ -221,7 +221,10 @@ def adafactor_update(
     d, beta2_decay, wd = hyper["d"], hyper["beta2_decay"], hyper["weight_decay"]
     maximize = flag(ADAFACTOR, hyper, "maximize")
     step = state.step + 1
-    one_minus_beta2 = float(step) ** beta2_decay
+    # step ** x, not float(step) ** x: the same for an int, and a tensor count (a compiled
+    # loop's) stays a tensor
+    one_minus_beta2 = step**beta2_decay
+    inv_sqrt_step = 1 / (step**0.5)
     new_params: list[T] = []
     none: list[T | None] = [None] * len(params)
     rows = none if state.row_var is None else list(state.row_var)
@@ -233,10 +236,13 @@ def adafactor_update(
         step_lr = lr if lrs is None else lrs[i]
         g = -g if maximize else g
         eps1 = torch.finfo(p.dtype).eps if eps1_opt is None else eps1_opt
-        inv_sqrt_step = 1 / (float(step) ** 0.5)
-        rho = torch.clamp(step_lr, max=inv_sqrt_step) if isinstance(step_lr, T) else None
-        rho_t = min(step_lr, inv_sqrt_step) if rho is None else rho
         scale = torch.clamp(p.norm(2) / (p.numel() ** 0.5), min=eps2)
+        if isinstance(step_lr, T):
+            rho_t: T | float = torch.clamp(step_lr, max=inv_sqrt_step)
+        elif isinstance(inv_sqrt_step, T):  # a tensor count: as torch's float, in scale's dtype
+            rho_t = torch.clamp(inv_sqrt_step, max=step_lr).to(scale.dtype)
+        else:
+            rho_t = min(step_lr, inv_sqrt_step)
         step_size = scale * rho_t
         if not is_zero(wd):
             p = p * (1 - step_lr * wd)
