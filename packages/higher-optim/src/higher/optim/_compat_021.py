@@ -53,7 +53,7 @@ def _add(tensor: torch.Tensor, a1: Number, a2: torch.Tensor | None = None) -> to
     0.2.1 accepted both of torch's signatures, `add(other)` and the old `add(value, other)`, and
     computed `value * other` first, then the sum (two roundings).
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore", DeprecationWarning)
@@ -72,7 +72,7 @@ def _addcdiv(
 ) -> torch.Tensor:
     """0.2.1's out-of-place `addcdiv`: `tensor + a1 / a2`, or `tensor + a1 * (a2 / a3)`.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> t, t1, t2 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])
         >>> with warnings.catch_warnings():
@@ -92,7 +92,7 @@ def _addcmul(
 ) -> torch.Tensor:
     """0.2.1's out-of-place `addcmul`: `tensor + a1 * a2`, or `tensor + a1 * a2 * a3`.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> t, t1, t2 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])
         >>> with warnings.catch_warnings():
@@ -113,7 +113,7 @@ def _get_mask_closure(mask: torch.Tensor) -> _GradClosureType:
     The hook returns the masked gradient and, when that gradient itself requires grad (a
     double backward), registers itself on it, so higher-order gradients are masked too.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore", DeprecationWarning)
@@ -138,7 +138,7 @@ def _mask_hook(mask: torch.Tensor) -> _GradClosureType:
 def _maybe_mask(tensor: torch.Tensor, mask: torch.Tensor) -> None:
     """0.2.1: if `tensor` requires grad, zero its gradient where `mask` is True (at every order).
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> x = torch.ones(2, requires_grad=True)
         >>> y = x * 1.0
@@ -161,7 +161,7 @@ def _recursive_apply(replacement: Any, target: Any) -> Any:
     tensor is written into the target's data (in place) and the target returned; lists, tuples,
     dicts and sets are walked in step. Anything else is a `ValueError`, as in 0.2.1.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore", DeprecationWarning)
