@@ -326,14 +326,19 @@ DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1
 @nox.session(python="3.11", tags=["ci"])
 @_pruned
 def docs(session: nox.Session) -> None:
-    """Build the documentation site strictly (every warning an error) into site/; `nox -s docs
-    -- serve` serves it at http://127.0.0.1:8000 instead. Its code blocks run in `repo`."""
-    session.install(*DOCS_DEPS)
+    """Build the documentation site strictly (every warning an error) into site/, then check it
+    (tests/docs: every public name has an anchor, no private one shows); `nox -s docs -- serve`
+    serves it at http://127.0.0.1:8000 instead. Its code blocks run in `repo`."""
+    session.install(*DOCS_DEPS, "pytest>=8")
     session.env["NO_MKDOCS_2_WARNING"] = "1"
     if session.posargs[:1] == ["serve"]:
         session.run("mkdocs", "serve", "--strict")
     else:
         session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+        # --noconftest: the root conftest.py imports torch, which this session does not install.
+        session.run(
+            "python", "-m", "pytest", "--noconftest", "-p", "no:cacheprovider", "tests/docs"
+        )
 
 
 @nox.session(python="3.11")

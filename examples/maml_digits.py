@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import time
@@ -58,6 +59,8 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 import higher
 
 DEFAULT_OUT = Path(__file__).parent / "output" / "maml_digits.png"
+# What full-size runs measured, one entry per run (README and examples/README.md quote it).
+RESULTS = Path(__file__).parent / "results" / "maml_digits.json"
 TRAIN_DIGITS = (0, 1, 2, 3, 4)
 TEST_DIGITS = (5, 6, 7, 8, 9)
 
@@ -379,7 +382,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     maml, baseline = run(cfg, out)
-    print(report(cfg, maml, baseline, out, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    print(report(cfg, maml, baseline, out, seconds))
+    if cfg.meta_steps == Config.meta_steps and cfg.test_tasks == Config.test_tasks:  # full size
+        record(RESULTS, cfg, maml, baseline, seconds)
+
+
+def record(path: Path, cfg: Config, maml: Estimate, baseline: Estimate, seconds: float) -> None:
+    """Write a full-size run's accuracies into `path`, under the run's name (other runs kept)."""
+    runs = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    runs[f"{cfg.shots}-shot, seed {cfg.seed}"] = {
+        "maml": str(maml).strip(),
+        "baseline": str(baseline).strip(),
+        "config": dataclasses.asdict(cfg),
+        "torch": torch.__version__,
+        "seconds": round(seconds),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(dict(sorted(runs.items())), indent=2, ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def report(cfg: Config, maml: Estimate, baseline: Estimate, out: Path, seconds: float) -> str:

@@ -42,7 +42,7 @@ class BatchedModule:
     running statistics) are one per task, updated as each task's own copy would be. Random ops
     (dropout) draw independently per task.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(3, 1)
         >>> with higher.batched_innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1),
         ...                                   tasks=4) as (fmodel, diffopt):
@@ -112,7 +112,7 @@ class BatchedModule:
     def parameters(self, time: int | None = None) -> Iterator[torch.Tensor]:
         """Iterate over the stacked fast weights at step `time` (the latest by default).
 
-        Example:
+        Examples:
             >>> net = torch.nn.Linear(2, 1)
             >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
             >>> with higher.batched_innerloop_ctx(net, opt, tasks=3) as (fmodel, diffopt):
@@ -211,7 +211,7 @@ class BatchedOptimizer:
     Hyperparameters are shared by every task (tensors in `override` learnable as usual).
     Made by `higher.batched_innerloop_ctx`.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.Adam(net.parameters(), lr=0.1)
         >>> with higher.batched_innerloop_ctx(net, opt, tasks=3) as (fmodel, diffopt):
@@ -474,7 +474,7 @@ def batched_innerloop_ctx(
     (tasks of unequal sizes: pad and mask, or group tasks of equal size). `randomness` goes to
     `torch.func.vmap` ("different": each task draws its own dropout masks).
 
-    Example:
+    Examples:
         >>> net = torch.nn.Linear(1, 1)
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
         >>> x, y = torch.randn(8, 5, 1), torch.randn(8, 5, 1)   # 8 tasks of 5 points

@@ -23,6 +23,8 @@ class UsageError(HigherError, TypeError):
         model must be a torch.nn.Module, got str
     """
 
+    __module__ = "higher"  # its public path, for tracebacks, pickle and the docs
+
 
 class DistributedError(HigherError, RuntimeError):
     """Ranks disagree, or a collective across them failed (also a `RuntimeError`).
@@ -36,6 +38,8 @@ class DistributedError(HigherError, RuntimeError):
         True
     """
 
+    __module__ = "higher.distributed"  # its public path, for tracebacks, pickle and the docs
+
 
 class DistributedValueError(HigherError, ValueError):
     """An argument of `higher.distributed` has a wrong value (also a `ValueError`).
@@ -47,6 +51,8 @@ class DistributedValueError(HigherError, ValueError):
         ...     print(err)
         rank must be in [0, 2), got 2
     """
+
+    __module__ = "higher.distributed"  # its public path, for tracebacks, pickle and the docs
 
 
 class ImplicitError(HigherError, ValueError):
@@ -62,6 +68,8 @@ class ImplicitError(HigherError, ValueError):
         CG: tol must be a finite number >= 0, got -1.0
     """
 
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
+
 
 class ConvergenceError(HigherError, RuntimeError):
     """A linear solve of `higher.implicit` did not reach its tolerance, with `on_fail="raise"`
@@ -75,6 +83,8 @@ class ConvergenceError(HigherError, RuntimeError):
         ...     print(err.result.status)
         negative curvature
     """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
 
     def __init__(self, message: str, result: SolveResult) -> None:
         super().__init__(message)
@@ -98,6 +108,8 @@ class ConvergenceWarning(HigherWarning):
         >>> seen[0].message.result.status
         'diverged'
     """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
 
     def __init__(self, message: str, result: SolveResult) -> None:
         super().__init__(message)
@@ -171,6 +183,8 @@ class UnrollError(HigherError, ValueError):
         unroll='recompute' rebuilds each step during t
     """
 
+    __module__ = "higher"  # its public path, for tracebacks, pickle and the docs
+
 
 class FastPathError(HigherError, ValueError):
     """A fast path (batched tasks, the compiled meta-step) refused its input: a value of the
@@ -186,3 +200,5 @@ class FastPathError(HigherError, ValueError):
         ...     print(err)
         tasks must be a positive int (the number of tasks batched), got 0
     """
+
+    __module__ = "higher"  # its public path, for tracebacks, pickle and the docs

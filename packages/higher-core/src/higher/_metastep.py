@@ -69,7 +69,7 @@ class MetaStep:
     learning rates.
     The compiled backward is differentiable once (no gradient of the meta-gradient).
 
-    Example:
+    Examples:
         >>> import torch, higher
         >>> net = torch.nn.Linear(2, 1)
         >>> mse = lambda m, x, y: (m(x) - y).pow(2).mean()
@@ -526,7 +526,7 @@ def compile_meta_step(
     shapes stay the same. `compile_kwargs` go to `torch.compile`; `compile=False` runs the same
     steps as a Python loop (any torch).
 
-    Example:
+    Examples:
         >>> import torch, higher
         >>> net = torch.nn.Linear(1, 1)
         >>> mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)

@@ -19,6 +19,8 @@ class ContribError(HigherError, ValueError):
         True
     """
 
+    __module__ = "higher.contrib"  # its public path, for tracebacks, pickle and the docs
+
 
 class HypergradientMismatch(HigherError, AssertionError):
     """Autograd and finite differences disagree; `report` holds every compared number.
@@ -35,9 +37,14 @@ class HypergradientMismatch(HigherError, AssertionError):
         x
     """
 
+    __module__ = "higher.contrib"  # its public path, for tracebacks, pickle and the docs
+
     def __init__(self, report: HypergradientReport) -> None:
         super().__init__(report.summary())
         self.report = report
+
+    def __reduce__(self) -> tuple[type, tuple[HypergradientReport]]:  # pickles with its report
+        return type(self), (self.report,)
 
 
 class ConformanceFailure(HigherError, AssertionError):
@@ -57,9 +64,14 @@ class ConformanceFailure(HigherError, AssertionError):
         step 1 of 10
     """
 
+    __module__ = "higher.contrib"  # its public path, for tracebacks, pickle and the docs
+
     def __init__(self, report: ConformanceReport) -> None:
         super().__init__(report.summary())
         self.report = report
+
+    def __reduce__(self) -> tuple[type, tuple[ConformanceReport]]:  # pickles with its report
+        return type(self), (self.report,)
 
 
 if TYPE_CHECKING:

@@ -55,7 +55,7 @@ def _add(tensor: torch.Tensor, a1: Number, a2: torch.Tensor | None = None) -> to
     the same numbers, bit for bit; `torch.add(tensor, other, alpha=value)` rounds once, so its
     numbers differ by one rounding (which chaotic training grows).
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore", DeprecationWarning)
@@ -82,7 +82,7 @@ def _addcdiv(
     Those expressions give its numbers bit for bit; `torch.addcdiv(tensor, a2, a3, value=a1)`
     rounds in another order, so its numbers differ by a rounding.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> t, t1, t2 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])
         >>> with warnings.catch_warnings():
@@ -110,7 +110,7 @@ def _addcmul(
     Those expressions give its numbers bit for bit; `torch.addcmul(tensor, a2, a3, value=a1)`
     rounds in another order, so its numbers differ by a rounding.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> t, t1, t2 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])
         >>> with warnings.catch_warnings():
@@ -136,7 +136,7 @@ def _get_mask_closure(mask: torch.Tensor) -> _GradClosureType:
     The hook returns the masked gradient and, when that gradient itself requires grad (a
     double backward), registers itself on it, so higher-order gradients are masked too.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore", DeprecationWarning)
@@ -161,7 +161,7 @@ def _mask_hook(mask: torch.Tensor) -> _GradClosureType:
 def _maybe_mask(tensor: torch.Tensor, mask: torch.Tensor) -> None:
     """0.2.1: if `tensor` requires grad, zero its gradient where `mask` is True (at every order).
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> x = torch.ones(2, requires_grad=True)
         >>> y = x * 1.0
@@ -184,7 +184,7 @@ def _recursive_apply(replacement: Any, target: Any) -> Any:
     tensor is written into the target's data (in place) and the target returned; lists, tuples,
     dicts and sets are walked in step. Anything else is a `ValueError`, as in 0.2.1.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.optim
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore", DeprecationWarning)

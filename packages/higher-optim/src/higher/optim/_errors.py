@@ -20,6 +20,8 @@ class OptimError(HigherError, ValueError):
         True
     """
 
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs
+
 
 class UnsupportedOptimizerError(OptimError):
     """No differentiable twin is known for a torch optimizer type (`LBFGS`, `SparseAdam`, ...).
@@ -33,6 +35,8 @@ class UnsupportedOptimizerError(OptimError):
         ...     print("LBFGS" in str(err))
         True
     """
+
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs
 
 
 class ArgumentTypeError(HigherError, TypeError):
@@ -48,6 +52,8 @@ class ArgumentTypeError(HigherError, TypeError):
         ...     print(err)
         expected a torch.optim.Optimizer instance, got str
     """
+
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs
 
 
 class HyperparameterTypeError(ArgumentTypeError):
@@ -66,6 +72,8 @@ class HyperparameterTypeError(ArgumentTypeError):
         True
     """
 
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs
+
 
 class PluginError(HigherError, ImportError):
     """A plugin of the entry-point group `higher.optimizers` is broken or conflicts with another.
@@ -80,3 +88,5 @@ class PluginError(HigherError, ImportError):
         ...     print(type(err).__name__, "-", err)
         PluginError - the plugin 'x.Broken' failed to load
     """
+
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs

@@ -40,6 +40,8 @@ class PluginWarning(HigherWarning):
         ['PluginWarning']
     """
 
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs
+
 
 def _builtins() -> dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]]:
     pairs: dict[str, type[DifferentiableOptimizer]] = {

@@ -40,6 +40,8 @@ class UnsupportedOptionError(OptimError):
         SGD option(s) ['stable']
     """
 
+    __module__ = "higher.optim"  # its public path, for tracebacks, pickle and the docs
+
 
 #: (group, slots, positions of the slots among the step's parameters): one run of the rule
 _Run = tuple[int, tuple[int, ...], tuple[int, ...]]

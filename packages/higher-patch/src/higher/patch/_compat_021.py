@@ -72,7 +72,7 @@ def _store_of(module: torch.nn.Module, what: str) -> FastWeights:
 class _ParameterPlaceholder:
     """0.2.1's stand-in for a parameter in a patched module's printout.
 
-    Example:
+    Examples:
         >>> import higher.patch
         >>> higher.patch._ParameterPlaceholder("weight")
         Parameter placeholder ("weight")
@@ -94,7 +94,7 @@ def _modify_internally(fmodule: torch.nn.Module) -> Iterator[None]:
 
     The history is left as it is (0.2.1 used it to place weights before running a forward).
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.patch
         >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(2, 1))
         >>> with warnings.catch_warnings():
@@ -121,7 +121,7 @@ def _patched_parameters(
     With `recurse=False` it still yields every fast weight of the tree, and warns. Without
     fast weights of its own it raises; when not tracking only `time` 0 or -1 is available.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.patch
         >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(2, 1))
         >>> fnet.fast_params = [p * 2 for p in fnet.parameters()]
@@ -171,7 +171,7 @@ def _make_functional(
     submodules have a slot at each place, in module order), as 0.2.1's patched modules did.
     `root_patched` is accepted for 0.2.1's signature; this copy needs no link to a root.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.patch
         >>> net, box = torch.nn.Linear(2, 1), [None]
         >>> with warnings.catch_warnings():
@@ -234,7 +234,7 @@ def _update_patched_params(
     One tensor per slot (see `_make_functional`); the history is left as it is. Returns the
     offset after the slots of `fmodule` and its submodules.
 
-    Example:
+    Examples:
         >>> import warnings, torch, higher.patch
         >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(2, 1))
         >>> box = [[torch.ones(1, 2), torch.ones(1)]]

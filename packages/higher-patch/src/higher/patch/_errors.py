@@ -18,3 +18,5 @@ class PatchError(HigherError, ValueError):
         ...     print(isinstance(err, ValueError))
         True
     """
+
+    __module__ = "higher.patch"  # its public path, for tracebacks, pickle and the docs

@@ -90,7 +90,7 @@ class _FunctionalNode(torch.nn.Module):
         With `copy_initial_weights=False` the first fast weights are the original parameters:
         their gradients belong to the outer loop, so they are skipped.
 
-        Example:
+        Examples:
             >>> net = torch.nn.Linear(2, 1)
             >>> net(torch.ones(1, 2)).sum().backward()
             >>> fnet = higher.patch.monkeypatch(net, copy_initial_weights=False)
@@ -119,7 +119,7 @@ class _FunctionalNode(torch.nn.Module):
         them, `True` makes frozen ones new leaves that require grad. The original module's
         parameters keep their flags.
 
-        Example:
+        Examples:
             >>> net = torch.nn.Linear(2, 1)
             >>> fnet = higher.patch.monkeypatch(net, copy_initial_weights=False)
             >>> _ = fnet.requires_grad_(False)
@@ -151,7 +151,7 @@ class _FunctionalNode(torch.nn.Module):
         copies. A rejected load (torch's error for missing, unexpected or mis-shaped keys)
         changes nothing.
 
-        Example:
+        Examples:
             >>> net = torch.nn.Linear(2, 1)
             >>> fnet = higher.patch.monkeypatch(net, copy_initial_weights=False)
             >>> _ = fnet.load_state_dict({"weight": torch.zeros(1, 2), "bias": torch.ones(1)})

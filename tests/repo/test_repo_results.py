@@ -1,0 +1,63 @@
+"""The figures the READMEs quote are the ones the runs wrote, not retyped.
+
+`python examples/maml_digits.py` (full size) writes its accuracies into
+examples/results/maml_digits.json; README.md and examples/README.md must quote them as written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = json.loads((ROOT / "examples" / "results" / "maml_digits.json").read_text("utf-8"))
+# A row of examples/README.md's table: | 5-shot, `--seed 1` | 84.1 % ± 0.4 | 63.0 % ± 1.5 |
+ROW = re.compile(r"^\| (\d)-shot([^|]*)\|([^|]+)\|([^|]+)\|$")
+
+
+def test_readme_quotes_the_demo_run() -> None:
+    run = DEMO["5-shot, seed 0"]
+    assert run["config"]["meta_steps"] == 400 and run["config"]["test_tasks"] == 600
+    readme = (ROOT / "README.md").read_text()
+    assert f"({run['maml']} against {run['baseline']}, 5-way 5-shot," in readme
+
+
+def test_examples_readme_table_quotes_the_runs() -> None:
+    text = (ROOT / "examples" / "README.md").read_text()
+    quoted = {}
+    for row in filter(None, map(ROW.match, text.splitlines())):
+        seed = re.search(r"seed (\d+)", row[2])  # the default seed when the row names none
+        name = f"{row[1]}-shot, seed {seed[1] if seed else 0}"
+        quoted[name] = (row[3].strip(), row[4].strip())
+    assert quoted == {name: (run["maml"], run["baseline"]) for name, run in DEMO.items()}
+
+
+def _peer_ratios() -> dict[tuple[str, str], float]:
+    """(workload, contender) -> its "x peer" column in benchmarks/results/peers.md."""
+    lines = (ROOT / "benchmarks" / "results" / "peers.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| workload |"))
+    column = [cell.strip() for cell in header.split("|")].index("× peer")
+    ratios = {}
+    for line in lines:
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) > column and re.fullmatch(r"\d+\.\d+", cells[column]):
+            ratios[cells[1], cells[2].strip("*")] = float(cells[column])
+    return ratios
+
+
+def test_readme_quotes_the_peers_run() -> None:
+    ratios = _peer_ratios()
+    step = "higher (this), compile_step"
+    meta = "higher (this), compile_meta_step"
+    vmap = "higher (this), vmap"
+    compiled_steps = [ratio for (_, contender), ratio in ratios.items() if contender == step]
+    quoted = [
+        f"a compiled inner step takes {min(compiled_steps):.2f}–{max(compiled_steps):.2f}×",
+        f"100-step unroll of a small MLP: {ratios['long', step]:.2f}×",
+        f"{ratios['sine', meta]:.2f}× on 8 sine tasks and {ratios['long', meta]:.2f}× on a "
+        f"100-step unroll, and batched tasks take {ratios['sine-128', vmap]:.2f}× on 128 sine",
+        f"both are slower ({ratios['conv-sgd', vmap]:.2f}× and {ratios['conv-sgd', meta]:.2f}×)",
+    ]
+    readme = " ".join((ROOT / "README.md").read_text().split())  # lines joined
+    assert [phrase for phrase in quoted if phrase not in readme] == []
