@@ -229,9 +229,9 @@ def isolation(session: nox.Session) -> None:
         requirement = shlex.split(line, comments=True)[-1]  # what the line installs
         venv = tmp / f"checkout-{i}"
         with _fresh_venv(session, venv) as python:
-            session.run(
-                python, "-m", "pip", "install", "-q", f"torch=={TORCH_AT_HAND}", external=True
-            )
+            numpy = NUMPY_FOR.get(TORCH_AT_HAND, "numpy")
+            pip = [python, "-m", "pip", "install", "-q"]
+            session.run(*pip, f"torch=={TORCH_AT_HAND}", numpy, external=True)
             # As a user runs it: in the activated venv, from the repository root.
             activated = f". {shlex.quote(str(venv / 'bin' / 'activate'))} && {line}"
             session.run("bash", "-c", activated, external=True)
