@@ -123,7 +123,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-DIST = ROOT / "dist"  # what `nox -s build` makes; typecheck, isolation and plugin install from it
+DIST = ROOT / "dist"  # what `nox -s build` makes; isolation and plugin install from it
 VERSION_FILE = ROOT / "packages" / "higher-core" / "src" / "higher" / "__init__.py"
 BUILD_DEPS = ["build", "hatchling>=1.27"]
 
@@ -137,6 +137,7 @@ def build(session: nox.Session) -> None:
 
 
 def _build_dists(session: nox.Session) -> Path:
+    """Build the five wheels and sdists into DIST (replacing any there), and check them."""
     session.install(*BUILD_DEPS, "twine")
     for old in DIST.glob("higher_*"):
         old.unlink()
@@ -218,9 +219,9 @@ def _fresh_venv(session: nox.Session, path: Path) -> Iterator[str]:
 @nox.session(python="3.11", tags=["ci"])
 @_pruned
 def isolation(session: nox.Session) -> None:
-    """README's install-from-a-checkout commands, each in a fresh venv holding only torch, run
-    as written against dist/; then each venv is checked to hold only what it installed, and the
-    full one type-checks a smoke file against the installed wheels (never the sources)."""
+    """README's install-from-a-checkout commands, each run as written in a fresh venv holding
+    torch and numpy, against dist/; then each venv is checked to hold only what it installed,
+    and the full one type-checks a smoke file against the installed wheels (not the sources)."""
     _dists(session)
     tmp = Path(session.create_tmp()).resolve()
     check = str(ROOT / "tests" / "isolation" / "check.py")
