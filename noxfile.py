@@ -100,18 +100,31 @@ def _tests(session: nox.Session, torch: str) -> None:
     _pytest(session)
 
 
-def _make_tests_session(torch: str, name: str, tags: list[str]) -> None:
+def _repo_tests(session: nox.Session) -> None:
+    session.install("pytest-xdist")
+    # Two workers, each test file on one: a page's blocks build on each other, files do not.
+    _pytest(session, "-n", "2", "--dist", "loadfile", "tests/repo")
+
+
+def _make_tests_session(torch: str, name: str, tags: list[str], repo: bool = False) -> None:
     @nox.session(name=name, python=_interpreter(TORCH_MATRIX[torch]), tags=tags)
     @_pruned
     def session_fn(session: nox.Session) -> None:
         _tests(session, torch)
+        if repo:
+            _repo_tests(session)
 
-    session_fn.__doc__ = f"Run the test suite on torch {torch} (Python {TORCH_MATRIX[torch]})."
+    session_fn.__doc__ = f"Run the test suite on torch {torch} (Python {TORCH_MATRIX[torch]})." + (
+        " Then the repository tests, as `nox -s repo` runs them (CI's one run of them, in a venv"
+        " that already holds the workspace)."
+        if repo
+        else ""
+    )
 
 
 _make_tests_session(TORCH_AT_HAND, "tests", tags=["quick"])
 for _torch in TORCH_MATRIX:
-    _make_tests_session(_torch, f"tests-{_torch}", tags=["ci", "matrix"])
+    _make_tests_session(_torch, f"tests-{_torch}", ["ci", "matrix"], repo=_torch == TORCH_AT_HAND)
 
 
 @nox.session(python="3.11", tags=["ci"])
@@ -376,15 +389,14 @@ def bench_optim(session: nox.Session) -> None:
     session.run("python", "benchmarks/optim_step.py", "--torchopt-python", other, *session.posargs)
 
 
-@nox.session(python="3.11", tags=["ci"])
+@nox.session(python="3.11")
 @_pruned
 def repo(session: nox.Session) -> None:
     """Repository-level tests (tests/repo: READMEs, examples, benchmark smokes), once, on the
-    torch at hand: they check the documents and scripts, not the library across torch versions."""
+    torch at hand: they check the documents and scripts, not the library across torch versions.
+    CI runs them in the matrix session of that torch, after its suite, in the same venv."""
     _install_workspace(session, TORCH_AT_HAND)
-    session.install("pytest-xdist")
-    # Two workers, each test file on one: a page's blocks build on each other, files do not.
-    _pytest(session, "-n", "2", "--dist", "loadfile", "tests/repo")
+    _repo_tests(session)
 
 
 # The documentation site's tools; the API reference is read from the sources (no torch needed).
