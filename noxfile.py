@@ -36,7 +36,18 @@ EXTRA_TEST_INSTALLS: list[str] = [
     "examples/lion-plugin",
     "packages/higher-optim/tests/plugin_dist",  # the higher.optimizers plugin the optim tests use
 ]
-TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-xdist",
+    "hypothesis>=6",
+    "build",
+    "tqdm",
+    "scikit-learn",
+    "matplotlib",
+]
+# Two pytest workers (CI machines have two cores), each test file on one: a file's tests may
+# build on each other (a page's code blocks do), files do not. `-- -n 0` runs in one process.
+PARALLEL = ("-n", "2", "--dist", "loadfile")
 
 
 def _interpreter(version: str) -> str:
@@ -97,13 +108,11 @@ def _pytest(session: nox.Session, *args: str) -> None:
 def _tests(session: nox.Session, torch: str) -> None:
     _install_workspace(session, torch)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
-    _pytest(session)
+    _pytest(session, *PARALLEL)
 
 
 def _repo_tests(session: nox.Session) -> None:
-    session.install("pytest-xdist")
-    # Two workers, each test file on one: a page's blocks build on each other, files do not.
-    _pytest(session, "-n", "2", "--dist", "loadfile", "tests/repo")
+    _pytest(session, *PARALLEL, "tests/repo")
 
 
 def _make_tests_session(torch: str, name: str, tags: list[str], repo: bool = False) -> None:
