@@ -2,6 +2,7 @@
 
 Quick loop (torch 2.13.0, the CPU wheel at hand):   nox -s tests
 One torch of the matrix:                            nox -s tests-2.1.2
+The five wheels and sdists, checked, into dist/:     nox -s build
 Everything CI runs:                                  nox -t ci
 """
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +36,18 @@ EXTRA_TEST_INSTALLS: list[str] = [
     "examples/lion-plugin",
     "packages/higher-optim/tests/plugin_dist",  # the higher.optimizers plugin the optim tests use
 ]
-TEST_DEPS = ["pytest>=8", "hypothesis>=6", "build", "tqdm", "scikit-learn", "matplotlib"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-xdist",
+    "hypothesis>=6",
+    "build",
+    "tqdm",
+    "scikit-learn",
+    "matplotlib",
+]
+# Two pytest workers (CI machines have two cores), each test file on one: a file's tests may
+# build on each other (a page's code blocks do), files do not. `-- -n 0` runs in one process.
+PARALLEL = ("-n", "2", "--dist", "loadfile")
 
 
 def _interpreter(version: str) -> str:
@@ -46,6 +61,10 @@ def _interpreter(version: str) -> str:
 
 
 nox.options.default_venv_backend = "venv"
+# nox looks for uv before it makes any venv, whatever the backend, and logs "uv binary not found."
+# where there is none. The sessions use venv and pip on purpose (pip reads the machine's pip
+# configuration: its local wheels, its index), so the finding is noise; drop only that line.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.error_on_missing_interpreters = True
@@ -89,21 +108,32 @@ def _pytest(session: nox.Session, *args: str) -> None:
 def _tests(session: nox.Session, torch: str) -> None:
     _install_workspace(session, torch)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
-    _pytest(session)
+    _pytest(session, *PARALLEL)
 
 
-def _make_tests_session(torch: str, name: str, tags: list[str]) -> None:
+def _repo_tests(session: nox.Session) -> None:
+    _pytest(session, *PARALLEL, "tests/repo")
+
+
+def _make_tests_session(torch: str, name: str, tags: list[str], repo: bool = False) -> None:
     @nox.session(name=name, python=_interpreter(TORCH_MATRIX[torch]), tags=tags)
     @_pruned
     def session_fn(session: nox.Session) -> None:
         _tests(session, torch)
+        if repo:
+            _repo_tests(session)
 
-    session_fn.__doc__ = f"Run the test suite on torch {torch} (Python {TORCH_MATRIX[torch]})."
+    session_fn.__doc__ = f"Run the test suite on torch {torch} (Python {TORCH_MATRIX[torch]})." + (
+        " Then the repository tests, as `nox -s repo` runs them (CI's one run of them, in a venv"
+        " that already holds the workspace)."
+        if repo
+        else ""
+    )
 
 
 _make_tests_session(TORCH_AT_HAND, "tests", tags=["quick"])
 for _torch in TORCH_MATRIX:
-    _make_tests_session(_torch, f"tests-{_torch}", tags=["ci", "matrix"])
+    _make_tests_session(_torch, f"tests-{_torch}", ["ci", "matrix"], repo=_torch == TORCH_AT_HAND)
 
 
 @nox.session(python="3.11", tags=["ci"])
@@ -115,39 +145,81 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+DIST = ROOT / "dist"  # what `nox -s build` makes; isolation and plugin install from it
+VERSION_FILE = ROOT / "packages" / "higher-core" / "src" / "higher" / "__init__.py"
+BUILD_DEPS = ["build", "hatchling>=1.27"]
+
+
+@nox.session(python="3.11", tags=["ci"])
+@_pruned
+def build(session: nox.Session) -> None:
+    """Build the five wheels and sdists into dist/ (each wheel from its sdist), then check them:
+    twine's README rendering, one version for all, exact sibling pins, the licence."""
+    _build_dists(session)
+
+
+def _build_dists(session: nox.Session) -> Path:
+    """Build the five wheels and sdists into DIST (replacing any there), and check them."""
+    session.install(*BUILD_DEPS, "twine")
+    for old in DIST.glob("higher_*"):
+        old.unlink()
+    for pkg in PACKAGES:  # without isolation: the session's hatchling, no venv per build
+        session.run("python", "-m", "build", "-n", "-q", "-o", str(DIST), f"packages/{pkg}")
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in DIST.glob("higher_*")))
+    session.run("python", str(ROOT / "tests" / "isolation" / "check_dists.py"), str(DIST))
+    return DIST
+
+
+def _dists(session: nox.Session) -> Path:
+    """dist/ as `nox -s build` left it; built and checked here first where it is missing or older
+    than any file of the packages (so CI builds once, and no session installs stale wheels)."""
+    built = [p for p in DIST.glob("higher_*") if p.name.endswith((".whl", ".tar.gz"))]
+    sources = [
+        f
+        for pkg in PACKAGES
+        for f in (ROOT / "packages" / pkg).rglob("*")
+        if f.is_file() and not any(part.startswith((".", "__pycache__")) for part in f.parts)
+    ]
+    fresh = len(built) == 2 * len(PACKAGES) and max(f.stat().st_mtime for f in sources) < min(
+        p.stat().st_mtime for p in built
+    )
+    return DIST if fresh else _build_dists(session)
+
+
+@nox.session(python=False)
+def bump(session: nox.Session) -> None:
+    """Set the one version of the five distributions: `nox -s bump -- 0.4.0` rewrites
+    `__version__` in higher-core's src/higher/__init__.py (every distribution reads it) and each
+    exact sibling pin in packages/*/pyproject.toml. The release procedure: docs/contributing.md."""
+    new = session.posargs[0] if len(session.posargs) == 1 else ""
+    if not re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?", new):
+        session.error(f"give one version, X.Y.Z (or X.Y.ZrcN): nox -s bump -- 0.4.0; got {new!r}")
+    text, found = re.subn(
+        r'^__version__ = "[^"]*"$', f'__version__ = "{new}"', VERSION_FILE.read_text(), flags=re.M
+    )
+    if found != 1:
+        session.error(f'{VERSION_FILE} must hold one `__version__ = "..."` line')
+    VERSION_FILE.write_text(text)
+    for pkg in PACKAGES:
+        pyproject = ROOT / "packages" / pkg / "pyproject.toml"
+        names = "|".join(re.escape(p) for p in PACKAGES)
+        pins = re.sub(rf'"({names})==[^";]*', rf'"\1=={new}', pyproject.read_text())
+        pyproject.write_text(pins)
+    session.log(f"version {new}: {VERSION_FILE.relative_to(ROOT)} and every sibling pin")
+
+
 @nox.session(python="3.11", tags=["ci"])
 @_pruned
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the four packages, then a smoke file against the installed wheels."""
+    """mypy --strict over the five packages, their tests, examples, benchmarks, tests/repo and
+    this file (the same check against the installed wheels runs in `isolation`)."""
     _install_workspace(session, TORCH_AT_HAND)
     session.install("mypy==2.4.1", "nox")  # nox: the noxfile is type-checked too
     session.run("mypy", *SRC_DIRS)
     for pkg in PACKAGES:  # one run per test folder: test modules are top-level names
         session.run("mypy", f"packages/{pkg}/tests")
     session.run("mypy", "examples", "benchmarks", "noxfile.py")
-    session.run("mypy", "tests/repo")
-    # Against installed wheels: a fresh venv holds the built distributions, never the sources.
-    wheels = _build_wheels(session)
-    smoke = ROOT / "tests" / "typing"
-    with _fresh_venv(session, Path(session.create_tmp()) / "typed-wheels") as python:
-        pip = [python, "-m", "pip", "install", "-q"]
-        session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
-        session.run(*pip, *wheels.values(), "mypy==2.4.1", external=True)
-        # Its own config file: the workspace's mypy_path would point mypy back at the sources.
-        config = ["--config-file", str(smoke / "mypy.ini")]
-        session.run(python, "-m", "mypy", *config, str(smoke / "smoke.py"), external=True)
-
-
-def _build_wheels(session: nox.Session) -> dict[str, str]:
-    """Build the four wheels with hatch into a fresh folder; return distribution -> wheel path."""
-    session.install("hatch")
-    out = Path(session.create_tmp()).resolve() / "wheels"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for pkg in PACKAGES:  # hatch builds the project of the folder it runs in
-        with session.chdir(ROOT / "packages" / pkg):
-            session.run("hatch", "build", "-t", "wheel", str(out))
-    return {p: str(next(out.glob(p.replace("-", "_") + "-*.whl"))) for p in PACKAGES}
+    session.run("mypy", "tests/repo", "tests/isolation")
 
 
 def _make_venv(session: nox.Session, path: Path) -> str:
@@ -169,42 +241,58 @@ def _fresh_venv(session: nox.Session, path: Path) -> Iterator[str]:
 @nox.session(python="3.11", tags=["ci"])
 @_pruned
 def isolation(session: nox.Session) -> None:
-    """Install each combination users install into fresh venvs; prove each holds only its own."""
-    wheels = _build_wheels(session)
-    combos = {
-        "patch-only": ["higher-patch"],
-        "optim-only": ["higher-optim"],
-        "core": ["higher-core"],
-        "core-all": ["higher-core[all]"],
-    }
+    """README's install-from-a-checkout commands, each run as written in a fresh venv holding
+    torch and numpy, against dist/; then each venv is checked to hold only what it installed,
+    and the full one type-checks a smoke file against the installed wheels (not the sources)."""
+    _dists(session)
     tmp = Path(session.create_tmp()).resolve()
-    # pip resolves sibling pins from the folder of freshly built wheels, never from an index.
-    links = ["--find-links", str(Path(wheels[PACKAGES[0]]).parent)]
-    for combo, reqs in combos.items():
-        with _fresh_venv(session, tmp / f"iso-{combo}") as python:
-            pip = [python, "-m", "pip", "install", "-q", *links]
-            session.run(*pip, f"torch=={TORCH_AT_HAND}", external=True)
-            session.run(*pip, *reqs, external=True)
-            check = str(ROOT / "tests" / "isolation" / "check.py")
-            session.run(python, check, combo, external=True)
+    check = str(ROOT / "tests" / "isolation" / "check.py")
+    lines = session.run("python", check, "--readme", silent=True)
+    for i, line in enumerate(str(lines).splitlines()):
+        requirement = shlex.split(line, comments=True)[-1]  # what the line installs
+        venv = tmp / f"checkout-{i}"
+        with _fresh_venv(session, venv) as python:
+            numpy = NUMPY_FOR.get(TORCH_AT_HAND, "numpy")
+            pip = [python, "-m", "pip", "install", "-q"]
+            session.run(*pip, f"torch=={TORCH_AT_HAND}", numpy, external=True)
+            # As a user runs it: in the activated venv, from the repository root.
+            activated = f". {shlex.quote(str(venv / 'bin' / 'activate'))} && {line}"
+            session.run("bash", "-c", activated, external=True)
+            # The line kept the torch installed before it.
+            kept = f"import torch; assert torch.__version__.startswith('{TORCH_AT_HAND}')"
+            session.run(python, "-c", kept, external=True)
+            session.run(python, check, requirement, external=True)
+            if requirement == "higher-core[all]":
+                _typed_wheels(session, python)
+
+
+def _typed_wheels(session: nox.Session, python: str) -> None:
+    """mypy --strict on tests/typing/smoke.py against the wheels installed beside `python`."""
+    session.run(python, "-m", "pip", "install", "-q", "mypy==2.4.1", external=True)
+    smoke = ROOT / "tests" / "typing"
+    # Its own config file: the workspace's mypy_path would point mypy back at the sources.
+    config = ["--config-file", str(smoke / "mypy.ini")]
+    session.run(python, "-m", "mypy", *config, str(smoke / "smoke.py"), external=True)
 
 
 @nox.session(python="3.11", tags=["ci"])
 @_pruned
 def plugin(session: nox.Session) -> None:
-    """The example plugin (examples/lion-plugin) as a user installs it: built wheels in a fresh
-    venv beside higher-core; then the plugin's own tests (the conformance kit) run there."""
-    wheels = Path(_build_wheels(session)[PACKAGES[0]]).parent
+    """The example plugin (examples/lion-plugin) as a user installs it: its wheel and dist/'s in
+    a fresh venv beside higher-core; then the plugin's own tests (the conformance kit) run there."""
+    dist = _dists(session)
+    session.install(*BUILD_DEPS)
+    tmp = Path(session.create_tmp()).resolve()
     plugin_dir = ROOT / "examples" / "lion-plugin"
-    with session.chdir(plugin_dir):
-        session.run("hatch", "build", "-t", "wheel", str(wheels))
-    venv = Path(session.create_tmp()).resolve() / "plugin-venv"
-    with _fresh_venv(session, venv) as python:
+    session.run(
+        "python", "-m", "build", "-n", "-q", "-w", "-o", str(tmp / "plugin"), str(plugin_dir)
+    )
+    with _fresh_venv(session, tmp / "plugin-venv") as python:
         pip = [python, "-m", "pip", "install", "-q"]
         numpy = NUMPY_FOR.get(TORCH_AT_HAND, "numpy")
         session.run(*pip, f"torch=={TORCH_AT_HAND}", numpy, "pytest>=8", external=True)
         # --no-index: every higher distribution and the plugin come from the wheels just built.
-        local = ["--no-index", "--find-links", str(wheels)]
+        local = ["--no-index", "--find-links", str(dist), "--find-links", str(tmp / "plugin")]
         session.run(*pip, *local, "higher-core", "higher-lion[test]", external=True)
         installed = (
             "import sysconfig, higher.optim, higher.contrib, higher_lion\n"
@@ -310,17 +398,24 @@ def bench_optim(session: nox.Session) -> None:
     session.run("python", "benchmarks/optim_step.py", "--torchopt-python", other, *session.posargs)
 
 
-@nox.session(python="3.11", tags=["ci"])
+@nox.session(python="3.11")
 @_pruned
 def repo(session: nox.Session) -> None:
     """Repository-level tests (tests/repo: READMEs, examples, benchmark smokes), once, on the
-    torch at hand: they check the documents and scripts, not the library across torch versions."""
+    torch at hand: they check the documents and scripts, not the library across torch versions.
+    CI runs them in the matrix session of that torch, after its suite, in the same venv."""
     _install_workspace(session, TORCH_AT_HAND)
-    _pytest(session, "tests/repo")
+    _repo_tests(session)
 
 
 # The documentation site's tools; the API reference is read from the sources (no torch needed).
-DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8"]
+# Ruff is there because mkdocstrings formats the signatures it shows with it.
+DOCS_DEPS = [
+    "mkdocs==1.6.1",
+    "mkdocs-material==9.8.2",
+    "mkdocstrings[python]==1.0.8",
+    "ruff==0.17.6",
+]
 
 
 @nox.session(python="3.11", tags=["ci"])
@@ -345,6 +440,11 @@ def docs(session: nox.Session) -> None:
 @_pruned
 def demo(session: nox.Session) -> None:
     """Few-shot MAML on scikit-learn's digits (examples/maml_digits.py); shrunk under CI."""
-    _install_workspace(session, TORCH_AT_HAND)
+    # What the demo imports, and no more: higher (core, patch, optim, errors) and its plotting.
+    session.install(f"torch=={TORCH_AT_HAND}", NUMPY_FOR.get(TORCH_AT_HAND, "numpy"))
+    session.install(
+        *[arg for p in PACKAGES if p != "higher-contrib" for arg in ("-e", f"packages/{p}")]
+    )
+    session.install("scikit-learn", "matplotlib", "tqdm")
     smoke = ["--smoke"] if os.environ.get("CI") else []
     session.run("python", "examples/maml_digits.py", *smoke, *session.posargs)

@@ -1,6 +1,9 @@
-"""Run inside a fresh venv holding one combination of the built wheels; prove what it holds.
+"""Run inside a fresh venv holding one requirement installed from the built wheels; prove what
+it holds.
 
-Usage: python check.py {patch-only,optim-only,core,core-all}
+Usage: python check.py REQUIREMENT   (one of README's install-from-a-checkout lines installs it:
+higher-core[all], higher-core, higher-patch, higher-optim or higher-contrib)
+       python check.py --readme      (prints those README lines, one a line, as written)
 """
 
 from __future__ import annotations
@@ -8,16 +11,29 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata as md
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+# README.md's "Install from a checkout" commands: the ```bash block right after this marker.
+MARKER = "<!-- checkout-install: each line runs in a fresh venv in `nox -s isolation` -->"
+
 # higher-errors (the one HigherError) comes with every distribution.
 EXPECT = {
-    "patch-only": {"higher-errors", "higher-patch"},
-    "optim-only": {"higher-errors", "higher-optim"},
-    "core": {"higher-errors", "higher-patch", "higher-optim", "higher-core"},
-    "core-all": {"higher-errors", "higher-patch", "higher-optim", "higher-core", "higher-contrib"},
+    "higher-patch": {"higher-errors", "higher-patch"},
+    "higher-optim": {"higher-errors", "higher-optim"},
+    "higher-contrib": {"higher-errors", "higher-optim", "higher-contrib"},
+    "higher-core": {"higher-errors", "higher-patch", "higher-optim", "higher-core"},
+    "higher-core[all]": {
+        "higher-errors",
+        "higher-patch",
+        "higher-optim",
+        "higher-core",
+        "higher-contrib",
+    },
 }
 MODULE_OF = {
     "higher-errors": "higher.errors",
@@ -28,12 +44,24 @@ MODULE_OF = {
 }
 
 
+def readme_installs() -> list[tuple[str, str]]:
+    """README's install-from-a-checkout lines, each with the requirement it installs."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(re.escape(MARKER) + r"\n```bash\n(.*?)```", readme, flags=re.S)
+    if found is None:
+        raise SystemExit(f"README.md has no ```bash block right after {MARKER}")
+    lines = [line for line in found.group(1).splitlines() if line.strip()]
+    return [(line, shlex.split(line, comments=True)[-1]) for line in lines]
+
+
 def importable(module: str) -> bool:
     code = f"import {module}"
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def main(combo: str) -> None:
+    if combo not in EXPECT:
+        raise SystemExit(f"no check for installing {combo!r}; known: {', '.join(EXPECT)}")
     wanted = EXPECT[combo]
     installed = {d for d in MODULE_OF if _installed(d)}
     assert installed == wanted, f"{combo}: installed {sorted(installed)}, expected {sorted(wanted)}"
@@ -150,5 +178,8 @@ def _run(code: str) -> None:
 
 
 if __name__ == "__main__":
-    importlib.invalidate_caches()
-    main(sys.argv[1])
+    if sys.argv[1] == "--readme":
+        print("\n".join(line for line, _ in readme_installs()))
+    else:
+        importlib.invalidate_caches()
+        main(sys.argv[1])
