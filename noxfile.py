@@ -219,7 +219,7 @@ def typecheck(session: nox.Session) -> None:
     for pkg in PACKAGES:  # one run per test folder: test modules are top-level names
         session.run("mypy", f"packages/{pkg}/tests")
     session.run("mypy", "examples", "benchmarks", "noxfile.py")
-    session.run("mypy", "tests/repo", "tests/isolation")
+    session.run("mypy", "tests/repo", "tests/isolation", "tests/docs")
 
 
 def _make_venv(session: nox.Session, path: Path) -> str:
