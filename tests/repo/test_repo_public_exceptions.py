@@ -63,6 +63,8 @@ def _instance(cls: type[BaseException]) -> BaseException:
             torch.optim.SGD, Sloppy, [{"lr": 0.1}], checks=["steps"]
         )
         return contrib.ConformanceFailure(report)
+    if issubclass(cls, implicit.NotStationaryError | implicit.NotStationaryWarning):
+        return cls("the point is not stationary", implicit.Stationarity(0.8, 0.4, 1e-3))
     return cls("what was wrong, and what was expected")
 
 

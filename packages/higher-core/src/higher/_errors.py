@@ -135,6 +135,8 @@ class NotStationaryError(ImplicitError):
         0.4
     """
 
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
+
     def __init__(self, message: str, stationarity: Stationarity) -> None:
         super().__init__(message)
         self.stationarity = stationarity
@@ -159,6 +161,8 @@ class NotStationaryWarning(HigherWarning):
         >>> round(seen[0].message.stationarity.grad_norm, 6)
         0.8
     """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
 
     def __init__(self, message: str, stationarity: Stationarity) -> None:
         super().__init__(message)
