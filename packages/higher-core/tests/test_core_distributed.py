@@ -57,27 +57,31 @@ def launch(
     command += ["--out", str(tmp_path), "--group", group, "--backend", backend]
     command += ["--timeout", str(timeout_s)]
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [*command, "--rank", str(rank)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
+    # Output to files, not pipes: a rank blocked on a full pipe while the other waits for it in
+    # a collective would hang the launch; and a hung launch can still show what each rank said.
+    logs = [(tmp_path / f"rank{r}.stdout", tmp_path / f"rank{r}.stderr") for r in range(2)]
+    procs = []
+    for rank, (out_path, err_path) in enumerate(logs):
+        with out_path.open("w") as out, err_path.open("w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [*command, "--rank", str(rank)], env=env, stdout=out, stderr=err, text=True
+                )
+            )
     ranks = []
     try:
-        for proc in procs:
+        for proc, (out_path, err_path) in zip(procs, logs):
             remaining = JOIN_TIMEOUT_S - (time.perf_counter() - start)
-            out, err = proc.communicate(timeout=max(remaining, 1.0))
-            ranks.append(Rank(proc.returncode, out, err))
+            proc.wait(timeout=max(remaining, 1.0))
+            ranks.append(Rank(proc.returncode, out_path.read_text(), err_path.read_text()))
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
-            proc.communicate()
-        pytest.fail(f"the {group} launch did not end within {JOIN_TIMEOUT_S} s")
+            proc.wait()
+        said = "\n".join(
+            f"rank {r} stderr:\n{e.read_text()[-2000:]}" for r, (_, e) in enumerate(logs)
+        )
+        pytest.fail(f"the {group} launch did not end within {JOIN_TIMEOUT_S} s\n{said}")
     return ranks, time.perf_counter() - start
 
 

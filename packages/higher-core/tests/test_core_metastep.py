@@ -56,8 +56,9 @@ BUILT_IN: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
     "asgd": lambda ps: torch.optim.ASGD(ps, lr=0.05, t0=2),
     "rprop": lambda ps: torch.optim.Rprop(ps, lr=0.05),
-    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=0.05),
 }
+if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
+    BUILT_IN["adafactor"] = lambda ps: torch.optim.Adafactor(ps, lr=0.05)
 LONG = 7
 
 
@@ -130,7 +131,7 @@ def test_every_built_in_twin_with_tasks_equals_per_task_loops(name: str) -> None
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("name", ["radam", "nadam", "adafactor"])
+@pytest.mark.parametrize("name", [n for n in ["radam", "nadam", "adafactor"] if n in BUILT_IN])
 def test_the_compiled_form_runs_step_dependent_rules_exactly(name: str) -> None:
     """In the compiled loop the count is a tensor: RAdam chooses its branch with where, NAdam
     multiplies mu_product in its own dtype, as torch does with a Python count (3.8e-8 apart in
