@@ -27,7 +27,7 @@ from higher.patch import FunctionalModule, monkeypatch
 
 from ._context import check_model_and_opt
 from ._errors import FastPathError
-from ._trees import flatten, map_fields, unflatten
+from ._trees import flatten, merge_fields, split_fields, unflatten
 
 Params = Sequence[torch.Tensor]
 
@@ -339,8 +339,7 @@ class BatchedOptimizer:
         assert plan.rule is not None
         shared = frozenset(plan.rule.scalar_state)  # one value for a bucket: kept unstacked
         states = [b.state for b in plan.buckets]
-        task_part = [map_fields(s, lambda n, v: None if n in shared else v) for s in states]
-        shared_part = [map_fields(s, lambda n, v: v if n in shared else None) for s in states]
+        task_part, shared_part = split_fields(states, shared)
         task_leaves, task_spec = flatten(task_part)
         shared_leaves, shared_spec = flatten(shared_part)
         stepped = [i for b in plan.buckets for i in b.indices]
@@ -364,17 +363,9 @@ class BatchedOptimizer:
                         f"is none), got {type(returned).__name__}"
                     )
                 full = list(returned)
-            merged = [
-                _merge(t, s, shared)
-                for t, s in zip(unflatten(task_spec, tl), unflatten(shared_spec, sl))
-            ]
+            merged = merge_fields(unflatten(task_spec, tl), unflatten(shared_spec, sl), shared)
             result = (plan.update if callback is not None else plan.run)(ps, full, merged)
-            new_task = [
-                map_fields(s, lambda n, v: None if n in shared else v) for s in result.states
-            ]
-            new_shared = [
-                map_fields(s, lambda n, v: v if n in shared else None) for s in result.states
-            ]
+            new_task, new_shared = split_fields(result.states, shared)
             new_tl, specs["task"] = flatten(new_task)
             new_sl, specs["shared"] = flatten(new_shared)
             return [result.params[i] for i in stepped], new_tl, new_sl
@@ -395,10 +386,9 @@ class BatchedOptimizer:
         new_params = list(params)
         for k, i in enumerate(stepped):
             new_params[i] = out_params[k]
-        new_states = [
-            _merge(t, s, shared)
-            for t, s in zip(unflatten(specs["task"], new_tl), unflatten(specs["shared"], new_sl))
-        ]
+        new_states = merge_fields(
+            unflatten(specs["task"], new_tl), unflatten(specs["shared"], new_sl), shared
+        )
         return StepResult(new_params, new_states)
 
 
@@ -437,11 +427,6 @@ def _present(grads: list[torch.Tensor | None], stepped: list[int]) -> list[torch
         assert g is not None  # a stepped parameter has a gradient
         out.append(g)
     return out
-
-
-def _merge(task: Any, shared_part: Any, shared: frozenset[str]) -> Any:
-    """A rule state from its per-task fields and its shared ones."""
-    return map_fields(task, lambda name, v: getattr(shared_part, name) if name in shared else v)
 
 
 @contextlib.contextmanager
