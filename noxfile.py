@@ -105,10 +105,17 @@ def _pytest(session: nox.Session, *args: str) -> None:
     session.run("python", "-m", "pytest", *args, *session.posargs)
 
 
+# Its two-process launches run alone, after the rest: beside another pytest worker on two
+# cores the launch hung (both ranks silent) on torch 2.1.2 in two of three CI runs; alone, as
+# before the suite ran on two workers, it never did.
+PROCESS_TESTS = "packages/higher-core/tests/test_core_distributed.py"
+
+
 def _tests(session: nox.Session, torch: str) -> None:
     _install_workspace(session, torch)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
-    _pytest(session, *PARALLEL)
+    _pytest(session, *PARALLEL, f"--ignore={PROCESS_TESTS}")
+    _pytest(session, PROCESS_TESTS)
 
 
 def _repo_tests(session: nox.Session) -> None:
