@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from higher._compiled import torch_version
+from higher._fast.compiled import torch_version
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from higher._compiled import torch_version
+from higher._fast.compiled import torch_version
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [

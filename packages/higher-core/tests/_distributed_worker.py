@@ -128,7 +128,7 @@ def train(scenario: Scenario, device: torch.device = CPU) -> list[Tensor]:
             higher.distributed.all_reduce_grads(meta_params, weight=weight)
         meta_opt.step()
     if ddp is not None:  # every averaging disarmed its hooks: nothing stays on the parameters
-        from higher._ddp import _SYNCS
+        from higher.distributed._ddp import _SYNCS
 
         assert not _SYNCS[ddp]._handles, "hooks left armed after the last averaging"
     return [p.detach().cpu().clone() for p in meta_params]

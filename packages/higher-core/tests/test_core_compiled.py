@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher
-from higher._compiled import torch_version
+from higher._fast.compiled import torch_version
 
 COMPILES = torch_version() >= (2, 3)
 # aot_eager traces exactly what inductor compiles (dynamo + AOTAutograd), in seconds; the

@@ -23,8 +23,8 @@ import torch
 
 import higher
 import higher.distributed
-from higher._ddp import learnable_leaves
-from higher._distributed import _buckets
+from higher.distributed._ddp import learnable_leaves
+from higher.distributed._shard import _buckets
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 JOIN_TIMEOUT_S = 180.0  # the whole launch; a hung rank is killed and the test fails
@@ -290,7 +290,8 @@ def test_learnable_leaves_reach_through_computed_hyperparameters() -> None:
 def test_importing_higher_initializes_no_process_group() -> None:
     code = (
         "import sys, higher, torch.distributed as d; "
-        "print(d.is_initialized(), 'higher._ddp' in sys.modules, higher.distributed.world())"
+        "print(d.is_initialized(), 'higher.distributed._ddp' in sys.modules, "
+        "higher.distributed.world())"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False False World(rank=0, size=1)"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher
-from higher._compiled import torch_version
+from higher._fast.compiled import torch_version
 from higher.optim.rule import Rule
 
 COMPILES = torch_version() >= (2, 13)

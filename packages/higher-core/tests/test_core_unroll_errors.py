@@ -235,7 +235,7 @@ def test_the_user_model_and_optimizer_are_untouched() -> None:
 
 
 def test_compile_step_refuses_a_memory_mode_uncompiled_it_runs_in_one() -> None:
-    from higher._compiled import torch_version
+    from higher._fast.compiled import torch_version
 
     model, opt, data = setup()
     eager = higher.compile_step(lambda m, x, y: F.mse_loss(m(x), y), compile=False)

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
+from higher._errors import UnrollError, UsageError
+from higher._unroll.modes import ForwardMode, Full, Mode, resolve
+from higher._unroll.routing import Driver, attach, routed_class
 from higher.optim import DifferentiableOptimizer, get_diff_optim, twin_of
 from higher.patch import FunctionalModule, monkeypatch
-
-from ._errors import UnrollError, UsageError
-from ._modes import ForwardMode, Full, Mode, resolve
-from ._unroll import Driver, attach, routed_class
 
 
 @contextlib.contextmanager
@@ -97,7 +96,8 @@ def innerloop_ctx(
         track_higher_grads=track_higher_grads,
     )
     if ddp is not None:
-        from ._ddp import arm_inner_loop  # torch.distributed is touched only for a DDP model
+        # torch.distributed is touched only for a DDP model
+        from higher.distributed._ddp import arm_inner_loop
 
         arm_inner_loop(ddp, diffopt, copy_initial_weights)
     yield fmodel, diffopt
@@ -115,8 +115,8 @@ def _unrolled(
     ddp: torch.nn.parallel.DistributedDataParallel | None,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """`innerloop_ctx` in a memory mode: the optimizer's `step` is the mode's."""
-    from ._forward import ForwardDriver
-    from ._recompute import RecomputeDriver
+    from higher._unroll.forward import ForwardDriver
+    from higher._unroll.recompute import RecomputeDriver
 
     if not track_higher_grads:
         raise UnrollError(
@@ -138,7 +138,7 @@ def _unrolled(
         driver = RecomputeDriver(mode, fmodel, diffopt)
     attach(diffopt, driver)
     if ddp is not None:
-        from ._ddp import arm_inner_loop
+        from higher.distributed._ddp import arm_inner_loop
 
         arm_inner_loop(ddp, diffopt, copy_initial_weights)
     try:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from higher.errors import HigherError, HigherWarning
 
 if TYPE_CHECKING:
-    from ._implicit import Stationarity
-    from ._linsolve import SolveResult
+    from higher.implicit._linsolve import SolveResult
+    from higher.implicit._solve import Stationarity
 
 
 class UsageError(HigherError, TypeError):

@@ -18,18 +18,17 @@ from typing import Any
 
 import torch
 
-from higher.optim import DifferentiableOptimizer, StepResult
-from higher.patch import FunctionalModule
-
-from ._errors import UnrollError
-from ._modes import ForwardMode
-from ._trees import flatten, unflatten
-from ._unroll import (
+from higher._errors import UnrollError
+from higher._trees import flatten, unflatten
+from higher._unroll.modes import ForwardMode
+from higher._unroll.routing import (
     GradCallback,
     hyper_tensors,
     scalar_loss,
     unexpected_leaves,
 )
+from higher.optim import DifferentiableOptimizer, StepResult
+from higher.patch import FunctionalModule
 
 _NODE = "_LinearizedBackward"
 _inside = 0  # >0 while a step reads its tangents (differentiates through _Linearized twice)

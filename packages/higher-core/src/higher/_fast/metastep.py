@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
+from higher._context import check_model_and_opt
+from higher._errors import FastPathError, UsageError
+from higher._fast.compiled import _signature, check_compile_flag, torch_version, traced_call
+from higher._fast.tasks import refuse_nested
+from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
-
-from ._batched import refuse_nested
-from ._compiled import _signature, check_compile_flag, torch_version, traced_call
-from ._context import check_model_and_opt
-from ._errors import FastPathError, UsageError
-from ._trees import flatten, merge_fields, split_fields, unflatten
 
 LossFn = Callable[..., torch.Tensor]
 

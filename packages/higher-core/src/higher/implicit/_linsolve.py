@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from ._errors import ConvergenceError, ConvergenceWarning, ImplicitError, UsageError
+from higher._errors import ConvergenceError, ConvergenceWarning, ImplicitError, UsageError
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 OnFail = Literal["warn", "raise"]

@@ -11,10 +11,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch.overrides import TorchFunctionMode
 
+from higher._errors import UnrollError
 from higher.optim import DifferentiableOptimizer, StepPlan
 from higher.patch import FunctionalModule
-
-from ._errors import UnrollError
 
 GradCallback = Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | None]]
 

@@ -24,22 +24,22 @@ Examples:
     -0.25
 """
 
-from ._errors import ConvergenceError as ConvergenceError
-from ._errors import ConvergenceWarning as ConvergenceWarning
-from ._errors import ImplicitError as ImplicitError
-from ._errors import NotStationaryError as NotStationaryError
-from ._errors import NotStationaryWarning as NotStationaryWarning
-from ._implicit import Hypergrad as Hypergrad
-from ._implicit import Stationarity as Stationarity
-from ._implicit import Task as Task
-from ._implicit import custom_root as custom_root
-from ._implicit import hypergrad as hypergrad
-from ._implicit import hypergrad_batch as hypergrad_batch
-from ._linsolve import CG as CG
-from ._linsolve import Direct as Direct
-from ._linsolve import LinearSolver as LinearSolver
-from ._linsolve import Neumann as Neumann
-from ._linsolve import SolveResult as SolveResult
+from higher._errors import ConvergenceError as ConvergenceError
+from higher._errors import ConvergenceWarning as ConvergenceWarning
+from higher._errors import ImplicitError as ImplicitError
+from higher._errors import NotStationaryError as NotStationaryError
+from higher._errors import NotStationaryWarning as NotStationaryWarning
+from higher.implicit._linsolve import CG as CG
+from higher.implicit._linsolve import Direct as Direct
+from higher.implicit._linsolve import LinearSolver as LinearSolver
+from higher.implicit._linsolve import Neumann as Neumann
+from higher.implicit._linsolve import SolveResult as SolveResult
+from higher.implicit._solve import Hypergrad as Hypergrad
+from higher.implicit._solve import Stationarity as Stationarity
+from higher.implicit._solve import Task as Task
+from higher.implicit._solve import custom_root as custom_root
+from higher.implicit._solve import hypergrad as hypergrad
+from higher.implicit._solve import hypergrad_batch as hypergrad_batch
 
 __all__ = [
     "hypergrad",

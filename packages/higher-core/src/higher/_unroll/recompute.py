@@ -18,13 +18,10 @@ from typing import Any
 
 import torch
 
-from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
-from higher.patch import FunctionalModule
-
-from ._errors import UnrollError
-from ._modes import Recompute, Truncated
-from ._trees import flatten, unflatten
-from ._unroll import (
+from higher._errors import UnrollError
+from higher._trees import flatten, unflatten
+from higher._unroll.modes import Recompute, Truncated
+from higher._unroll.routing import (
     Captures,
     Environment,
     GradCallback,
@@ -35,6 +32,8 @@ from ._unroll import (
     stripped,
     unexpected_leaves,
 )
+from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
+from higher.patch import FunctionalModule
 
 Tensors = list[torch.Tensor]
 

@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
+from higher._errors import UsageError
+from higher._torch_warnings import ignore_torch_self_deprecation
+from higher._unroll.routing import Routed
 from higher.errors import HigherError
 from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
 from higher.patch import FunctionalModule
-
-from ._errors import UsageError
-from ._torch_warnings import ignore_torch_self_deprecation
-from ._unroll import Routed
 
 LossFn = Callable[..., torch.Tensor]
 

@@ -21,12 +21,12 @@ Examples:
     [4, 5, 6]
 """
 
-from higher._distributed import World as World
-from higher._distributed import all_reduce_grads as all_reduce_grads
-from higher._distributed import shard as shard
-from higher._distributed import world as world
 from higher._errors import DistributedError as DistributedError
 from higher._errors import DistributedValueError as DistributedValueError
+from higher.distributed._shard import World as World
+from higher.distributed._shard import all_reduce_grads as all_reduce_grads
+from higher.distributed._shard import shard as shard
+from higher.distributed._shard import world as world
 
 __all__ = [
     "shard",

@@ -25,11 +25,10 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import torch
 from torch.autograd.function import once_differentiable
 
+from higher._errors import ImplicitError, NotStationaryError, NotStationaryWarning, UsageError
+from higher._torch_warnings import ignore_torch_self_deprecation
+from higher.implicit._linsolve import CG, LinearSolver, SolveResult
 from higher.patch import FunctionalModule
-
-from ._errors import ImplicitError, NotStationaryError, NotStationaryWarning, UsageError
-from ._linsolve import CG, LinearSolver, SolveResult
-from ._torch_warnings import ignore_torch_self_deprecation
 
 Loss = Callable[[Any, Any], torch.Tensor]
 Solution = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | FunctionalModule

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from higher.distributed._shard import reduce_grads
 from higher.optim import DifferentiableOptimizer
-
-from ._distributed import reduce_grads
 
 _HINT = (
     "; with innerloop_ctx(ddp_model, ...) every backward pass outside ddp.no_sync() averages, so "

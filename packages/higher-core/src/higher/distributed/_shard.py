@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from ._errors import DistributedError, DistributedValueError, UsageError
+from higher._errors import DistributedError, DistributedValueError, UsageError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

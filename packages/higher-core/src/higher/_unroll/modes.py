@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._errors import UnrollError, UsageError
+from higher._errors import UnrollError, UsageError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
+from higher._context import check_model_and_opt
+from higher._errors import FastPathError
+from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
 from higher.optim import FunctionalModel as FunctionalModel
 from higher.patch import FunctionalModule, monkeypatch
-
-from ._context import check_model_and_opt
-from ._errors import FastPathError
-from ._trees import flatten, merge_fields, split_fields, unflatten
 
 Params = Sequence[torch.Tensor]
 
