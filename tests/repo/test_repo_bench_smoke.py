@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from higher._fast.compiled import torch_version
+from torch.torch_version import TorchVersion
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
@@ -48,7 +47,9 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
         assert f"| {workload} | **higher (this)** |" in table
 
 
-@pytest.mark.skipif(torch_version() < (2, 3), reason="compile_step needs torch >= 2.3")
+@pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.3", reason="compile_step needs torch >= 2.3"
+)
 def test_compiled_contender_smoke(tmp_path: Path) -> None:
     """The compile_step contender (inductor) runs the workloads it accepts and its meta-gradients
     match torch.func's."""
@@ -69,7 +70,9 @@ def test_compiled_contender_smoke(tmp_path: Path) -> None:
         assert compiled["median_ms"] > 0
 
 
-@pytest.mark.skipif(torch_version() < (2, 13), reason="compile_meta_step needs torch >= 2.13")
+@pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.13", reason="compile_meta_step needs torch >= 2.13"
+)
 def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
     """The batched-tasks (vmap) and compile_meta_step contenders (aot_eager: what inductor
     compiles, traced in seconds) run the workloads they accept, their meta-gradients match
@@ -106,7 +109,9 @@ def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
     assert "| first s |" in table and "compile_meta_step" in table
 
 
-@pytest.mark.skipif(torch_version() < (2, 13), reason="compile_meta_step needs torch >= 2.13")
+@pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.13", reason="compile_meta_step needs torch >= 2.13"
+)
 def test_meta_step_compile_time_smoke() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH / "meta_step_compile.py"), "--smoke"],
@@ -119,7 +124,9 @@ def test_meta_step_compile_time_smoke() -> None:
     assert k == "2" and float(cold) > 0 and float(warm) > 0 and float(run) > 0
 
 
-@pytest.mark.skipif(torch_version() < (2, 3), reason="compile_step needs torch >= 2.3")
+@pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.3", reason="compile_step needs torch >= 2.3"
+)
 def test_compiled_step_breakdown_smoke() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH / "compiled_step.py"), "--smoke"],

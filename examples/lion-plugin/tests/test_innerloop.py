@@ -6,6 +6,7 @@ import pytest
 import torch
 from higher_lion import LION, DifferentiableLion, Lion, LionState
 from torch.func import functional_call
+from torch.torch_version import TorchVersion
 
 import higher
 from higher.contrib import check_hypergradient
@@ -86,8 +87,9 @@ def test_as_the_issue_puts_it() -> None:
 def test_the_rule_twin_runs_under_compile_step() -> None:
     """A twin written as a Rule compiles: the same steps and meta-gradient as diffopt.step."""
     model, (x, y, x_val, y_val) = task()
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 3):  # torch.compile of torch.func.grad: refused, clearly
+    if (
+        TorchVersion(torch.__version__) < "2.3"
+    ):  # torch.compile of torch.func.grad: refused, clearly
         with pytest.raises(higher.UsageError, match=r"needs torch >= 2\.3"):
             higher.compile_step(lambda m, x, y: loss_fn(m(x), y))
         return

@@ -40,10 +40,11 @@ def test_every_public_name_imports_and_is_documented(module: str) -> None:
 def test_docstring_examples_run(module: str) -> None:
     mod = importlib.import_module(module)
     import torch
+    from torch.torch_version import TorchVersion
 
-    from higher._fast.compiled import torch_version
-
-    if module == "higher._fast.compiled" and torch_version() < (2, 3):  # its examples compile
+    if (
+        module == "higher._fast.compiled" and TorchVersion(torch.__version__) < "2.3"
+    ):  # its examples compile
         with pytest.raises(higher.UsageError, match="needs torch"):
             higher.compile_step(lambda m: m(torch.ones(1)).sum())
         return

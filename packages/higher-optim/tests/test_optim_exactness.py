@@ -14,15 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 
 import higher.optim
 
 STEPS = 10
-TORCH = tuple(
-    int("".join(c for c in v if c.isdigit()) or 0) for v in torch.__version__.split(".")[:2]
-)
 # torch's foreach path of ASGD computed another step size before 2.4: the twin refuses it there
-ASGD_FOREACH_FOLLOWED = TORCH >= (2, 4)
+ASGD_FOREACH_FOLLOWED = TorchVersion(torch.__version__) >= "2.4"
 FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
 
 # name -> (base options, numeric variants)

@@ -45,7 +45,13 @@ def test_ships_py_typed() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["higher.patch", "higher.patch._api", "higher.patch._module", "higher.patch._compat_021"],
+    [
+        "higher.patch",
+        "higher.patch._api",
+        "higher.patch._module",
+        "higher.patch._compat_021",
+        "higher.patch.internal",
+    ],
 )
 def test_docstring_examples_run(module: str) -> None:
     import torch

@@ -1,5 +1,5 @@
-"""`FunctionalModule.using(params)` (a block with other fast weights, outside the history) and
-`keep_history` (only the current fast weights kept)."""
+"""`higher.patch.internal.using(fmodule, params)` (a block with other fast weights, outside the
+history) and `keep_history` (only the current fast weights kept)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import higher.patch
+from higher.patch import internal
 
 
 def _net() -> higher.patch.FunctionalModule:
@@ -21,7 +22,7 @@ def test_using_runs_with_other_weights_and_records_nothing() -> None:
     x = torch.randn(4, 2)
     before = fnet(x)
     doubled = [p * 2 for p in fnet.parameters()]
-    with fnet.using(doubled) as placed:
+    with internal.using(fnet, doubled) as placed:
         inside = fnet(x)
         assert all(a is b for a, b in zip(fnet.fast_params, placed))
         assert all(a is b for a, b in zip(fnet.parameters(), placed))
@@ -37,13 +38,13 @@ def test_using_runs_with_other_weights_and_records_nothing() -> None:
 def test_using_restores_on_error_and_checks_its_weights() -> None:
     fnet = _net()
     weights = list(fnet.parameters())
-    with pytest.raises(RuntimeError, match="boom"), fnet.using([p + 1 for p in weights]):
+    with pytest.raises(RuntimeError, match="boom"), internal.using(fnet, [p + 1 for p in weights]):
         raise RuntimeError("boom")
     assert all(a is b for a, b in zip(fnet.fast_params, weights))
     assert fnet.get_submodule("0").weight is weights[0]
     with (
         pytest.raises(higher.patch.PatchError, match="3 tensors, expected 4"),
-        fnet.using(weights[:3]),
+        internal.using(fnet, weights[:3]),
     ):
         pass
 

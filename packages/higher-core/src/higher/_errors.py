@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from higher.errors import HigherError, HigherWarning
-
-if TYPE_CHECKING:
-    from higher.implicit._linsolve import SolveResult
-    from higher.implicit._solve import Stationarity
+from higher.errors import HigherError
 
 
 class UsageError(HigherError, TypeError):
@@ -69,107 +63,6 @@ class ImplicitError(HigherError, ValueError):
     """
 
     __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
-
-
-class ConvergenceError(HigherError, RuntimeError):
-    """A linear solve of `higher.implicit` did not reach its tolerance, with `on_fail="raise"`
-    (also a `RuntimeError`). `result` is the `SolveResult`: the status, iterations, residual.
-
-    Examples:
-        >>> A = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)  # indefinite
-        >>> try:
-        ...     higher.implicit.CG(on_fail="raise").solve(lambda v: A @ v, torch.ones(2).double())
-        ... except higher.implicit.ConvergenceError as err:
-        ...     print(err.result.status)
-        negative curvature
-    """
-
-    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
-
-    def __init__(self, message: str, result: SolveResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
-        return type(self), (str(self), self.result)
-
-
-class ConvergenceWarning(HigherWarning):
-    """A linear solve of `higher.implicit` did not reach its tolerance (`on_fail="warn"`, the
-    default): the answer is used, and `result` says how far it got.
-
-    Examples:
-        >>> import warnings
-        >>> A = torch.tensor([[1.0, 0.0], [0.0, 100.0]], dtype=torch.float64)
-        >>> with warnings.catch_warnings(record=True) as seen:
-        ...     warnings.simplefilter("always")
-        ...     solver = higher.implicit.Neumann(maxiter=3)
-        ...     _ = solver.solve(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
-        >>> seen[0].message.result.status
-        'diverged'
-    """
-
-    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
-
-    def __init__(self, message: str, result: SolveResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
-        return type(self), (str(self), self.result)
-
-
-class NotStationaryError(ImplicitError):
-    """The point given as the inner problem's solution is not stationary, with the solver's
-    `on_fail="raise"` (also a `ValueError`): the implicit hypergradient would be wrong there.
-    `stationarity` is the `Stationarity` measured.
-
-    Examples:
-        >>> lam = torch.tensor(1.0, requires_grad=True)
-        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
-        >>> try:
-        ...     higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.9), lam,
-        ...                               solver=higher.implicit.CG(on_fail="raise"))
-        ... except higher.implicit.NotStationaryError as err:
-        ...     print(round(err.stationarity.distance, 6))
-        0.4
-    """
-
-    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
-
-    def __init__(self, message: str, stationarity: Stationarity) -> None:
-        super().__init__(message)
-        self.stationarity = stationarity
-
-    def __reduce__(self) -> tuple[type, tuple[str, Stationarity]]:  # pickles with its record
-        return type(self), (str(self), self.stationarity)
-
-
-class NotStationaryWarning(HigherWarning):
-    """The point given as the inner problem's solution is not stationary (the solver's
-    `on_fail="warn"`, the default): the hypergradient is computed there, but the implicit
-    function theorem holds only at a stationary point, so its error grows with the distance.
-    `stationarity` is the `Stationarity` measured.
-
-    Examples:
-        >>> import warnings
-        >>> lam = torch.tensor(1.0, requires_grad=True)
-        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
-        >>> with warnings.catch_warnings(record=True) as seen:
-        ...     warnings.simplefilter("always")
-        ...     _ = higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.9), lam)
-        >>> round(seen[0].message.stationarity.grad_norm, 6)
-        0.8
-    """
-
-    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
-
-    def __init__(self, message: str, stationarity: Stationarity) -> None:
-        super().__init__(message)
-        self.stationarity = stationarity
-
-    def __reduce__(self) -> tuple[type, tuple[str, Stationarity]]:  # pickles with its record
-        return type(self), (str(self), self.stationarity)
 
 
 class UnrollError(HigherError, ValueError):

@@ -13,20 +13,20 @@ Examples:
     True
 """
 
-from ._conformance import CheckResult as CheckResult
 from ._conformance import ConformanceCase as ConformanceCase
-from ._conformance import ConformanceReport as ConformanceReport
-from ._conformance import Tolerances as Tolerances
-from ._conformance import check_optimizer_conformance as check_optimizer_conformance
-from ._conformance import conformance_cases as conformance_cases
 from ._conformance import optimizer_conformance_report as optimizer_conformance_report
-from ._conformance import parametrize_conformance as parametrize_conformance
+from ._conformance_pytest import check_optimizer_conformance as check_optimizer_conformance
+from ._conformance_pytest import conformance_cases as conformance_cases
+from ._conformance_pytest import parametrize_conformance as parametrize_conformance
+from ._conformance_report import CheckResult as CheckResult
+from ._conformance_report import ConformanceFailure as ConformanceFailure
+from ._conformance_report import ConformanceReport as ConformanceReport
+from ._conformance_report import Tolerances as Tolerances
 from ._cudnn import cudnn_safe as cudnn_safe
-from ._errors import ConformanceFailure as ConformanceFailure
 from ._errors import ContribError as ContribError
 from ._errors import HigherError as HigherError
-from ._errors import HypergradientMismatch as HypergradientMismatch
 from ._hypergrad import GradientEntry as GradientEntry
+from ._hypergrad import HypergradientMismatch as HypergradientMismatch
 from ._hypergrad import HypergradientReport as HypergradientReport
 from ._hypergrad import check_hypergradient as check_hypergradient
 from ._hypergrad import hypergradient_report as hypergradient_report

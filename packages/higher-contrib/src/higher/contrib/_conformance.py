@@ -13,6 +13,11 @@ Five checks, each on small float64 problems with two param groups:
   agree and change nothing), a refused step changes nothing, `commit` gives what `step` gives;
 - `registry`: `higher.optim.get_diff_optim` resolves the torch optimizer (and a subclass of it)
   to the twin: a plugin's entry point works.
+
+`optimizer_conformance_report` is the kit's one entry point: it runs the checks and returns the
+report. The test-suite forms of it (`conformance_cases`, `parametrize_conformance`,
+`check_optimizer_conformance`) are in `_conformance_pytest.py`; the report types in
+`_conformance_report.py`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import torch
 
 from higher.errors import HigherError
 from higher.optim import DifferentiableOptimizer, get_diff_optim
 
-from ._errors import ConformanceFailure, ContribError
+from ._conformance_report import CheckResult, ConformanceReport, Tolerances
+from ._errors import ContribError
 from ._hypergrad import _unravel, hypergradient_report
 
 TorchOptimizer = type[torch.optim.Optimizer]
@@ -37,93 +43,7 @@ Options = Mapping[str, Any]
 OptionGrid = Mapping[str, Any] | Sequence[Options]  # a grid {name: [values]}, or option sets
 
 CHECKS = ("steps", "hypergradient", "zero_grad", "protocol", "registry")
-_F = TypeVar("_F", bound=Callable[..., Any])
 T = torch.Tensor
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one check for one option set.
-
-    Examples:
-        >>> from higher.contrib import CheckResult
-        >>> CheckResult("steps", {"lr": 0.1}, True, "10 steps equal").label
-        'steps [lr=0.1]'
-    """
-
-    check: str
-    options: Mapping[str, Any]
-    ok: bool
-    detail: str
-
-    @property
-    def label(self) -> str:
-        """`check [option=value, ...]`: which check, on which options (`registry` alone)."""
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"{self.check} [{opts}]" if opts and self.check != "registry" else self.check
-
-
-@dataclass(frozen=True)
-class ConformanceReport:
-    """Every check the kit ran on one twin, with what it found.
-
-    Examples:
-        >>> import torch, higher.optim, higher.contrib
-        >>> report = higher.contrib.optimizer_conformance_report(
-        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, {"lr": [0.1]}, checks=["steps"]
-        ... )
-        >>> report.ok, [r.label for r in report.results]
-        (True, ['steps [lr=0.1]'])
-    """
-
-    torch_optimizer: str
-    diff_optimizer: str
-    results: tuple[CheckResult, ...]
-
-    @property
-    def ok(self) -> bool:
-        """True when every check passed."""
-        return all(r.ok for r in self.results)
-
-    @property
-    def failures(self) -> tuple[CheckResult, ...]:
-        """The checks that failed."""
-        return tuple(r for r in self.results if not r.ok)
-
-    def summary(self) -> str:
-        """A readable account: a headline, then one block per failed check."""
-        head = f"conformance of {self.diff_optimizer} to {self.torch_optimizer}"
-        if self.ok:
-            return f"{head}: all {len(self.results)} checks passed"
-        lines = [f"{head}: {len(self.failures)} of {len(self.results)} checks failed"]
-        for r in self.failures:
-            detail = r.detail.replace("\n", "\n    ")
-            lines.append(f"  FAILED {r.label}: {detail}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def raise_if_failed(self) -> None:
-        """Raise `ConformanceFailure` (with this report) unless every check passed."""
-        if not self.ok:
-            raise ConformanceFailure(self)
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """How close is equal: `rtol`/`atol` for steps, `fd_rtol`/`fd_atol` for hypergradients.
-
-    Examples:
-        >>> from higher.contrib import Tolerances
-        >>> Tolerances().rtol
-        1e-10
-    """
-
-    rtol: float = 1e-10
-    atol: float = 1e-12
-    fd_rtol: float = 1e-5
-    fd_atol: float = 1e-7
 
 
 @dataclass(frozen=True)
@@ -180,57 +100,6 @@ class ConformanceCase:
         _report([self.result()], self).raise_if_failed()
 
 
-def conformance_cases(
-    torch_optimizer: TorchOptimizer,
-    diff_optimizer: DiffOptimizer,
-    options: OptionGrid = ({},),
-    *,
-    checks: Iterable[str] = CHECKS,
-    steps: int = 10,
-    hyperparameters: Iterable[str] | None = None,
-    tolerances: Tolerances | None = None,
-) -> list[ConformanceCase]:
-    """Every (check, option set) pair as a `ConformanceCase`; `registry` runs once (first set).
-
-    The arguments are `optimizer_conformance_report`'s.
-
-    Examples:
-        >>> import torch, higher.optim, higher.contrib
-        >>> cases = higher.contrib.conformance_cases(
-        ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"amsgrad": [False, True]}
-        ... )
-        >>> [c.id for c in cases][:3]
-        ['steps-amsgrad=False', 'hypergradient-amsgrad=False', 'zero_grad-amsgrad=False']
-    """
-    _check_classes(torch_optimizer, diff_optimizer)
-    wanted = list(checks)
-    unknown = [c for c in wanted if c not in CHECKS]
-    if unknown or not wanted:
-        raise ContribError(f"unknown checks {unknown}; expected some of {list(CHECKS)}")
-    if steps < 2:
-        raise ContribError(f"expected steps >= 2, got {steps}")
-    grid = _option_sets(options)
-    hypers = None if hyperparameters is None else tuple(hyperparameters)
-    tol = tolerances or Tolerances()
-    cases = []
-    for i, opts in enumerate(grid):
-        for check in wanted:
-            if check == "registry" and i > 0:
-                continue
-            cases.append(
-                ConformanceCase(
-                    torch_optimizer,
-                    diff_optimizer,
-                    check,
-                    opts,
-                    steps,
-                    hypers,
-                    tol,
-                )
-            )
-    return cases
-
-
 def optimizer_conformance_report(
     torch_optimizer: TorchOptimizer,
     diff_optimizer: DiffOptimizer,
@@ -268,78 +137,11 @@ def optimizer_conformance_report(
         >>> report.ok, len(report.results)
         (True, 9)
     """
-    cases = conformance_cases(
+    cases = _cases(
         torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
         hyperparameters=hyperparameters, tolerances=tolerances,
     )  # fmt: skip
     return _report([c.result() for c in cases], cases[0])
-
-
-def check_optimizer_conformance(
-    torch_optimizer: TorchOptimizer,
-    diff_optimizer: DiffOptimizer,
-    options: OptionGrid = ({},),
-    *,
-    checks: Iterable[str] = CHECKS,
-    steps: int = 10,
-    hyperparameters: Iterable[str] | None = None,
-    tolerances: Tolerances | None = None,
-) -> ConformanceReport:
-    """`optimizer_conformance_report`, raising `ConformanceFailure` when a check fails.
-
-    Examples:
-        >>> import torch, higher.optim, higher.contrib
-        >>> higher.contrib.check_optimizer_conformance(
-        ...     torch.optim.Adam, higher.optim.DifferentiableAdam, {"lr": [1e-3, 0.1]}
-        ... ).ok
-        True
-    """
-    report = optimizer_conformance_report(
-        torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
-        hyperparameters=hyperparameters, tolerances=tolerances,
-    )  # fmt: skip
-    report.raise_if_failed()
-    return report
-
-
-def parametrize_conformance(
-    torch_optimizer: TorchOptimizer,
-    diff_optimizer: DiffOptimizer,
-    options: OptionGrid = ({},),
-    *,
-    checks: Iterable[str] = CHECKS,
-    steps: int = 10,
-    hyperparameters: Iterable[str] | None = None,
-    tolerances: Tolerances | None = None,
-    argname: str = "conformance_case",
-) -> Callable[[_F], _F]:
-    """A `pytest.mark.parametrize` over `conformance_cases`: one test item per check and option set.
-
-    Example (in a plugin's tests)::
-
-        @parametrize_conformance(Lion, DifferentiableLion, {"lr": [1e-4, 0.1]})
-        def test_lion_conforms(conformance_case):
-            conformance_case.run()
-
-    Examples:
-        >>> import torch, higher.optim, higher.contrib
-        >>> mark = higher.contrib.parametrize_conformance(
-        ...     torch.optim.SGD, higher.optim.DifferentiableSGD, [{"lr": 0.1}], checks=["registry"]
-        ... )
-        >>> @mark
-        ... def test_sgd(conformance_case):
-        ...     conformance_case.run()
-        >>> [p.id for p in test_sgd.pytestmark[0].args[1]]
-        ['registry']
-    """
-    import pytest  # only here: pytest is a test-time dependency of the plugin, not ours
-
-    cases = conformance_cases(
-        torch_optimizer, diff_optimizer, options, checks=checks, steps=steps,
-        hyperparameters=hyperparameters, tolerances=tolerances,
-    )  # fmt: skip
-    params = [pytest.param(c, id=c.id) for c in cases]
-    return cast(Callable[[_F], _F], pytest.mark.parametrize(argname, params))
 
 
 # -- the problems ------------------------------------------------------------------------------
@@ -659,6 +461,46 @@ _CHECKS: dict[str, Callable[[ConformanceCase], tuple[bool, str]]] = {
     "protocol": _check_protocol,
     "registry": _check_registry,
 }
+
+
+def _cases(
+    torch_optimizer: TorchOptimizer,
+    diff_optimizer: DiffOptimizer,
+    options: OptionGrid = ({},),
+    *,
+    checks: Iterable[str] = CHECKS,
+    steps: int = 10,
+    hyperparameters: Iterable[str] | None = None,
+    tolerances: Tolerances | None = None,
+) -> list[ConformanceCase]:
+    """Every (check, option set) pair as a `ConformanceCase` (see `conformance_cases`)."""
+    _check_classes(torch_optimizer, diff_optimizer)
+    wanted = list(checks)
+    unknown = [c for c in wanted if c not in CHECKS]
+    if unknown or not wanted:
+        raise ContribError(f"unknown checks {unknown}; expected some of {list(CHECKS)}")
+    if steps < 2:
+        raise ContribError(f"expected steps >= 2, got {steps}")
+    grid = _option_sets(options)
+    hypers = None if hyperparameters is None else tuple(hyperparameters)
+    tol = tolerances or Tolerances()
+    cases = []
+    for i, opts in enumerate(grid):
+        for check in wanted:
+            if check == "registry" and i > 0:
+                continue
+            cases.append(
+                ConformanceCase(
+                    torch_optimizer,
+                    diff_optimizer,
+                    check,
+                    opts,
+                    steps,
+                    hypers,
+                    tol,
+                )
+            )
+    return cases
 
 
 # -- inputs --------------------------------------------------------------------------------------

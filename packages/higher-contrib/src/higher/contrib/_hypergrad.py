@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._errors import ContribError, HypergradientMismatch
+from higher.errors import HigherError
+
+from ._errors import ContribError
 
 Inputs = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -118,6 +120,31 @@ class HypergradientReport:
         """Raise `HypergradientMismatch` (with this report) unless every number agrees."""
         if not self.ok:
             raise HypergradientMismatch(self)
+
+
+class HypergradientMismatch(HigherError, AssertionError):
+    """Autograd and finite differences disagree; `report` holds every compared number.
+
+    It is an `AssertionError`, so pytest shows it as a failed check.
+
+    Examples:
+        >>> import torch, higher.contrib
+        >>> wrong = lambda x: (x**2).sum() + (x.detach() ** 2).sum()  # autograd misses half
+        >>> try:
+        ...     higher.contrib.check_hypergradient(wrong, {"x": torch.ones(2)})
+        ... except higher.contrib.HypergradientMismatch as err:
+        ...     print(err.report.failures[0].tensor)
+        x
+    """
+
+    __module__ = "higher.contrib"  # its public path, for tracebacks, pickle and the docs
+
+    def __init__(self, report: HypergradientReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+    def __reduce__(self) -> tuple[type, tuple[HypergradientReport]]:  # pickles with its report
+        return type(self), (self.report,)
 
 
 def _sort_key(x: float) -> float:

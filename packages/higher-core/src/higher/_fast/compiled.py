@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import types
+import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator
@@ -13,26 +13,20 @@ from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
+from torch.torch_version import TorchVersion
 
 from higher._errors import UsageError
 from higher._torch_warnings import ignore_torch_self_deprecation
 from higher._unroll.routing import Routed
 from higher.errors import HigherError
 from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
-from higher.patch import FunctionalModule
+from higher.patch import FunctionalModule, internal
 
 LossFn = Callable[..., torch.Tensor]
 
 # What `torch.compile` needs to trace `torch.func.grad` into one graph with the update after it.
-_MIN_TORCH = (2, 3)
-_STEP_IDS = itertools.count()
+_MIN_TORCH = "2.3"
 _NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
-
-
-def torch_version() -> tuple[int, int]:
-    """(major, minor) of the torch in use."""
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 @contextlib.contextmanager
@@ -47,7 +41,7 @@ def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str
         ignore_torch_self_deprecation()
         # The slots are empty during the call: weights the module holds would alias the
         # inputs, which torch.compile guards by identity, in Python, at every call.
-        with fmodel.vacated():
+        with internal.vacated(fmodel):
             try:
                 yield
             except torch._dynamo.exc.Unsupported as err:
@@ -129,9 +123,9 @@ class CompiledStep:
         if not callable(loss_fn):
             raise UsageError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_compile_flag("compile_step", compile)
-        if compile and torch_version() < _MIN_TORCH:
+        if compile and TorchVersion(torch.__version__) < _MIN_TORCH:
             raise UsageError(
-                f"compile_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (torch.compile "
+                f"compile_step needs torch >= {_MIN_TORCH} (torch.compile "
                 f"of torch.func.grad); this is torch {torch.__version__}. Use diffopt.step, or "
                 "compile_step(..., compile=False), which runs it"
             )
@@ -150,7 +144,7 @@ class CompiledStep:
             # `_pure`'s code under a name of its own, so steps for other models or optimizers
             # neither evict its graphs nor turn its static shapes dynamic.
             pure = CompiledStep._pure
-            name = f"_pure_{next(_STEP_IDS)}"
+            name = f"_pure_{uuid.uuid4().hex}"
             code = pure.__code__.replace(co_name=name)
             own = types.FunctionType(code, pure.__globals__, name, pure.__defaults__)
             self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)

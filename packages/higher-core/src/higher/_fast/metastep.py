@@ -16,10 +16,11 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 from higher._context import check_model_and_opt
 from higher._errors import FastPathError, UsageError
-from higher._fast.compiled import _signature, check_compile_flag, torch_version, traced_call
+from higher._fast.compiled import _signature, check_compile_flag, traced_call
 from higher._fast.tasks import refuse_nested
 from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import StepPlan, StepResult, get_diff_optim
@@ -29,7 +30,7 @@ LossFn = Callable[..., torch.Tensor]
 
 # The oldest torch the compiled meta-step is verified on: scan with autograd under
 # torch.compile, vmap of scan, and torch.func.grad inside the scanned body.
-_MIN_TORCH = (2, 13)
+_MIN_TORCH = "2.13"
 
 
 class MetaStep:
@@ -99,9 +100,9 @@ class MetaStep:
         ):
             raise FastPathError(f"tasks must be None or a positive int, got {tasks!r}")
         check_compile_flag("compile_meta_step", compile)
-        if compile and torch_version() < _MIN_TORCH:
+        if compile and TorchVersion(torch.__version__) < _MIN_TORCH:
             raise FastPathError(
-                f"compile_meta_step needs torch >= {'.'.join(map(str, _MIN_TORCH))} (scan with "
+                f"compile_meta_step needs torch >= {_MIN_TORCH} (scan with "
                 f"autograd under torch.compile); this is torch {torch.__version__}. Use "
                 "compile_meta_step(..., compile=False), which runs the same steps as a loop"
             )

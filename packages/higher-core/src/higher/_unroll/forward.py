@@ -31,17 +31,25 @@ from higher.optim import DifferentiableOptimizer, StepResult
 from higher.patch import FunctionalModule
 
 _NODE = "_LinearizedBackward"
-_inside = 0  # >0 while a step reads its tangents (differentiates through _Linearized twice)
 
 
-@contextlib.contextmanager
-def _reading_tangents() -> Iterator[None]:
-    global _inside
-    _inside += 1
-    try:
-        yield
-    finally:
-        _inside -= 1
+class _Reading:
+    """How many steps of one unroll are reading their tangents now (differentiating through its
+    `_Linearized` nodes twice, which only they may). Shared by the unroll's nodes; it refers to
+    nothing, so it makes no cycle."""
+
+    __slots__ = ("depth",)
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def tangents(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
 
 class _Tangents:
@@ -49,7 +57,8 @@ class _Tangents:
     its derivative along every direction (`[directions, *shape]`)."""
 
     def __init__(self, values: list[torch.Tensor], tangents: list[torch.Tensor],
-                 shapes: list[torch.Size]) -> None:  # fmt: skip
+                 shapes: list[torch.Size], reading: _Reading) -> None:  # fmt: skip
+        self.reading = reading
         self.values: list[torch.Tensor] | None = values
         self.tangents = tangents
         self.shapes = shapes
@@ -68,13 +77,13 @@ class _Linearized(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled() and not _inside:
+        info: _Tangents = ctx.info
+        if torch.is_grad_enabled() and not info.reading.depth:
             raise UnrollError(
                 "ForwardMode gives first derivatives of the meta-loss with respect to its wrt "
                 "tensors; a gradient of that hypergradient (third order) needs "
                 "unroll='recompute' (or 'full')"
             )
-        info: _Tangents = ctx.info
         total: torch.Tensor | None = None
         for g, tangent in zip(grads, info.tangents):
             if g is None:
@@ -100,6 +109,7 @@ class ForwardDriver:
         copy_initial_weights: bool,
     ) -> None:
         self.fmodel = fmodel
+        self.reading = _Reading()
         self.wrt: list[torch.Tensor] | None = None if mode.wrt is None else list(mode.wrt)
         self.max_directions = mode.max_directions
         self.model_params = {id(p) for p in model_params}
@@ -161,7 +171,9 @@ class ForwardDriver:
         tangents = self._tangents([outs[k] for k in carried], wrt)
         values = [o.detach() for o in outs]
         if carried:
-            info = _Tangents([values[k] for k in carried], tangents, [t.shape for t in wrt])
+            info = _Tangents(
+                [values[k] for k in carried], tangents, [t.shape for t in wrt], self.reading
+            )
             linearized = _Linearized.apply(info, *wrt)  # type: ignore[no-untyped-call]
             for k, v in zip(carried, linearized):
                 values[k] = v
@@ -206,15 +218,14 @@ class ForwardDriver:
                 "if it has few elements, or use unroll='recompute'"
             )
 
-    @staticmethod
-    def _tangents(outs: list[torch.Tensor], wrt: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _tangents(self, outs: list[torch.Tensor], wrt: list[torch.Tensor]) -> list[torch.Tensor]:
         """d outs / d wrt along every element of `wrt`: one `[directions, *shape]` per output."""
         n = sum(t.numel() for t in wrt)
         found = [torch.zeros((n, *o.shape), dtype=o.dtype, device=o.device) for o in outs]
         if not outs:
             return found
         us = [torch.zeros_like(o, requires_grad=True) for o in outs]
-        with _reading_tangents(), torch.enable_grad():
+        with self.reading.tangents(), torch.enable_grad():
             vjps = torch.autograd.grad(outs, wrt, us, create_graph=True, allow_unused=True)
             d = 0
             for v, w in zip(vjps, wrt):

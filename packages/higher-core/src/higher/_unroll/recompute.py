@@ -33,14 +33,21 @@ from higher._unroll.routing import (
     unexpected_leaves,
 )
 from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
-from higher.patch import FunctionalModule
+from higher.patch import FunctionalModule, internal
 
 Tensors = list[torch.Tensor]
 
-# >0 while a step computes its own vector-Jacobian product: the other steps' nodes its graph
-# reaches (through tensors the closure took from earlier steps) are paths the backward pass
-# itself follows, so they contribute nothing there.
-_local = 0
+
+class _Products:
+    """How many steps of one unroll are computing their own vector-Jacobian product now: while
+    one is, the other steps' nodes its graph reaches (through tensors the closure took from
+    earlier steps) are paths the backward pass itself follows, so they contribute nothing there.
+    Shared by the unroll's records and cut nodes; it refers to nothing, so it makes no cycle."""
+
+    __slots__ = ("depth",)
+
+    def __init__(self) -> None:
+        self.depth = 0
 
 
 class _Segment:
@@ -108,7 +115,7 @@ class _Record:
         with unroll.env.restored(self.env), torch.enable_grad():
             if not graph:
                 params = [p.detach().requires_grad_(f) for p, f in zip(params, self.p_flags)]
-            with unroll.fmodel.using(params):
+            with internal.using(unroll.fmodel, params):
                 loss = scalar_loss(self.closure())
             self._check(loss)
             watched = None if self.fingerprints is None else _Watched(self.callback)
@@ -216,13 +223,13 @@ class _Record:
                 "this step was released (its unroll ended without keeping it); take the "
                 "meta-gradient before the next meta-iteration"
             )
-        global _local
         graph = torch.is_grad_enabled()  # a gradient of this gradient is wanted
-        _local += 1
+        products = self.unroll.products
+        products.depth += 1
         try:
             return self._vjp(grads, needs, graph)
         finally:
-            _local -= 1
+            products.depth -= 1
 
     def _vjp(
         self, grads: Sequence[torch.Tensor | None], needs: Sequence[bool], graph: bool
@@ -230,8 +237,9 @@ class _Record:
         n = len(self.roles)
         params, states = self.inputs(graph)
         if graph:  # connected to where they came from, but not inside this product
-            params = [_cut(p) for p in params]
-            states = [_cut(s) for s in states]
+            products = self.unroll.products
+            params = [_cut(p, products) for p in params]
+            states = [_cut(s, products) for s in states]
         else:
             params = [p.detach().requires_grad_(f) for p, f in zip(params, self.p_flags)]
             states = [s.detach().requires_grad_(f) for s, f in zip(states, self.s_flags)]
@@ -358,7 +366,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         record: _Record = ctx.record
-        if _local:  # reached from inside another step's own product: not a path of its
+        if record.unroll.products.depth:  # reached inside another step's own product: no path
             return (None,) * len(ctx.needs_input_grad)
         return (None, *record.backward(grads, ctx.needs_input_grad[1:]))
 
@@ -368,18 +376,19 @@ class _Cut(torch.autograd.Function):
     the step end the graph (the backward pass itself follows what lies behind them)."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, t: torch.Tensor, products: _Products) -> torch.Tensor:
+        ctx.products = products
         return t.view_as(t)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor | None:
-        return None if _local else grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        return None if ctx.products.depth else grad, None
 
 
-def _cut(t: torch.Tensor) -> torch.Tensor:
+def _cut(t: torch.Tensor, products: _Products) -> torch.Tensor:
     if not t.requires_grad:
         return t
-    out: torch.Tensor = _Cut.apply(t)  # type: ignore[no-untyped-call]
+    out: torch.Tensor = _Cut.apply(t, products)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -418,6 +427,7 @@ class RecomputeDriver:
         self.diffopt = diffopt
         self.env = Environment(fmodel)
         self.count = 0
+        self.products = _Products()
         self.last: _Record | None = None
         #: ids of the last step's outputs: (weights, state leaves), to link the next step
         self.last_out: tuple[list[int], list[int]] = ([], [])
@@ -441,7 +451,7 @@ class RecomputeDriver:
         leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
         captures = Captures(leaves)
         with torch.enable_grad():
-            with fmodel.using(leaves), captures:
+            with internal.using(fmodel, leaves), captures:
                 value = scalar_loss(closure())
                 grads = diffopt.gradients(
                     value,

@@ -24,17 +24,17 @@ Examples:
     -0.25
 """
 
-from higher._errors import ConvergenceError as ConvergenceError
-from higher._errors import ConvergenceWarning as ConvergenceWarning
 from higher._errors import ImplicitError as ImplicitError
-from higher._errors import NotStationaryError as NotStationaryError
-from higher._errors import NotStationaryWarning as NotStationaryWarning
 from higher.implicit._linsolve import CG as CG
+from higher.implicit._linsolve import ConvergenceError as ConvergenceError
+from higher.implicit._linsolve import ConvergenceWarning as ConvergenceWarning
 from higher.implicit._linsolve import Direct as Direct
 from higher.implicit._linsolve import LinearSolver as LinearSolver
 from higher.implicit._linsolve import Neumann as Neumann
 from higher.implicit._linsolve import SolveResult as SolveResult
 from higher.implicit._solve import Hypergrad as Hypergrad
+from higher.implicit._solve import NotStationaryError as NotStationaryError
+from higher.implicit._solve import NotStationaryWarning as NotStationaryWarning
 from higher.implicit._solve import Stationarity as Stationarity
 from higher.implicit._solve import Task as Task
 from higher.implicit._solve import custom_root as custom_root

@@ -20,7 +20,8 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from higher._errors import ConvergenceError, ConvergenceWarning, ImplicitError, UsageError
+from higher._errors import ImplicitError, UsageError
+from higher.errors import HigherError, HigherWarning
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 OnFail = Literal["warn", "raise"]
@@ -85,6 +86,54 @@ class SolveResult(NamedTuple):
     def relative_residual(self) -> float:
         """`residual / |b|` (0 when `b` is 0)."""
         return self.residual / self.rhs_norm if self.rhs_norm > 0 else 0.0
+
+
+class ConvergenceError(HigherError, RuntimeError):
+    """A linear solve of `higher.implicit` did not reach its tolerance, with `on_fail="raise"`
+    (also a `RuntimeError`). `result` is the `SolveResult`: the status, iterations, residual.
+
+    Examples:
+        >>> A = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)  # indefinite
+        >>> try:
+        ...     higher.implicit.CG(on_fail="raise").solve(lambda v: A @ v, torch.ones(2).double())
+        ... except higher.implicit.ConvergenceError as err:
+        ...     print(err.result.status)
+        negative curvature
+    """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
+
+    def __init__(self, message: str, result: SolveResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
+        return type(self), (str(self), self.result)
+
+
+class ConvergenceWarning(HigherWarning):
+    """A linear solve of `higher.implicit` did not reach its tolerance (`on_fail="warn"`, the
+    default): the answer is used, and `result` says how far it got.
+
+    Examples:
+        >>> import warnings
+        >>> A = torch.tensor([[1.0, 0.0], [0.0, 100.0]], dtype=torch.float64)
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     solver = higher.implicit.Neumann(maxiter=3)
+        ...     _ = solver.solve(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
+        >>> seen[0].message.result.status
+        'diverged'
+    """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
+
+    def __init__(self, message: str, result: SolveResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, SolveResult]]:  # pickles with its result
+        return type(self), (str(self), self.result)
 
 
 @runtime_checkable

@@ -25,8 +25,9 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import torch
 from torch.autograd.function import once_differentiable
 
-from higher._errors import ImplicitError, NotStationaryError, NotStationaryWarning, UsageError
+from higher._errors import ImplicitError, UsageError
 from higher._torch_warnings import ignore_torch_self_deprecation
+from higher.errors import HigherWarning
 from higher.implicit._linsolve import CG, LinearSolver, SolveResult
 from higher.patch import FunctionalModule
 
@@ -73,6 +74,59 @@ class Stationarity(NamedTuple):
     def stationary(self) -> bool:
         """`distance <= threshold` (False when `distance` is NaN)."""
         return self.distance <= self.threshold
+
+
+class NotStationaryError(ImplicitError):
+    """The point given as the inner problem's solution is not stationary, with the solver's
+    `on_fail="raise"` (also a `ValueError`): the implicit hypergradient would be wrong there.
+    `stationarity` is the `Stationarity` measured.
+
+    Examples:
+        >>> lam = torch.tensor(1.0, requires_grad=True)
+        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
+        >>> try:
+        ...     higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.9), lam,
+        ...                               solver=higher.implicit.CG(on_fail="raise"))
+        ... except higher.implicit.NotStationaryError as err:
+        ...     print(round(err.stationarity.distance, 6))
+        0.4
+    """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
+
+    def __init__(self, message: str, stationarity: Stationarity) -> None:
+        super().__init__(message)
+        self.stationarity = stationarity
+
+    def __reduce__(self) -> tuple[type, tuple[str, Stationarity]]:  # pickles with its record
+        return type(self), (str(self), self.stationarity)
+
+
+class NotStationaryWarning(HigherWarning):
+    """The point given as the inner problem's solution is not stationary (the solver's
+    `on_fail="warn"`, the default): the hypergradient is computed there, but the implicit
+    function theorem holds only at a stationary point, so its error grows with the distance.
+    `stationarity` is the `Stationarity` measured.
+
+    Examples:
+        >>> import warnings
+        >>> lam = torch.tensor(1.0, requires_grad=True)
+        >>> inner = lambda t, lam: (t - 1) ** 2 / 2 + lam * t**2 / 2  # minimum at t = 0.5
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     _ = higher.implicit.hypergrad(inner, lambda t, lam: t, torch.tensor(0.9), lam)
+        >>> round(seen[0].message.stationarity.grad_norm, 6)
+        0.8
+    """
+
+    __module__ = "higher.implicit"  # its public path, for tracebacks, pickle and the docs
+
+    def __init__(self, message: str, stationarity: Stationarity) -> None:
+        super().__init__(message)
+        self.stationarity = stationarity
+
+    def __reduce__(self) -> tuple[type, tuple[str, Stationarity]]:  # pickles with its record
+        return type(self), (str(self), self.stationarity)
 
 
 class Hypergrad(NamedTuple):

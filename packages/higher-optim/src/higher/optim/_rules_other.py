@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch.torch_version import TorchVersion
 
 from ._errors import OptimError
 from ._kernel import compiling, elementwise, is_zero, some
@@ -41,10 +42,7 @@ def asgd_init(params: Sequence[T], hyper: Hyper) -> ASGDState:
 # Before torch 2.4 the foreach path of ASGD computed the next step size as
 # lr / (1 + lambd lr step**alpha) (not its loop's lr / (1 + lambd lr step)**alpha) and gave every
 # parameter of a group the first one's; torch 2.4 fixed both. That path is not followed.
-_TORCH = tuple(
-    int("".join(c for c in v if c.isdigit()) or 0) for v in torch.__version__.split(".")[:2]
-)
-_FOREACH_ETA_FIXED = _TORCH >= (2, 4)
+_FOREACH_ETA_FIXED = TorchVersion(torch.__version__) >= "2.4"
 
 
 def _foreach_path(hyper: Hyper, params: Sequence[T]) -> bool:

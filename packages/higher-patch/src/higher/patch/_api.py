@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ._errors import PatchError
-from ._module import FunctionalModule, functional_tree
+from ._module import FunctionalModule, buffer_owner, functional_tree
 
 Encapsulator = Callable[[FunctionalModule, torch.nn.Module], None]
 
@@ -86,14 +86,6 @@ def monkeypatch(
     return functional_tree(module, initial, dev, track_higher_grads, anchor)
 
 
-def _buffer_owner(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
-    prefix, _, name = qualname.rpartition(".")
-    try:
-        return root.get_submodule(prefix), name
-    except AttributeError as err:
-        raise PatchError(f"no submodule {prefix!r} to hold buffer {qualname!r}") from err
-
-
 def buffer_sync(
     module: torch.nn.Module, fmodule: FunctionalModule, device: torch.device | str | None = None
 ) -> None:
@@ -109,7 +101,7 @@ def buffer_sync(
     """
     dev = _device(device)
     for qualname, buf in module.named_buffers():
-        owner, name = _buffer_owner(fmodule, qualname)
+        owner, name = buffer_owner(fmodule, qualname)
         if name not in owner._buffers:
             raise PatchError(f"the functional module has no buffer {qualname!r} to sync into")
         copied = buf.detach().to(dev, copy=True) if dev is not None else buf.detach().clone()
@@ -129,19 +121,4 @@ def write_back_buffers(fmodule: FunctionalModule, module: torch.nn.Module | None
         >>> torch.equal(bn.running_mean, fbn.running_mean)
         True
     """
-    if module is None:
-        source = fmodule._higher_store.source
-        module = source() if source is not None else None
-        if module is None:
-            raise PatchError("the original module is gone; pass the module to write back into")
-    for qualname, fbuf in fmodule.named_buffers():
-        owner, name = _buffer_owner(module, qualname)
-        if name not in owner._buffers:
-            raise PatchError(f"module has no buffer {qualname!r} to write back into")
-        target = owner._buffers[name]
-        value = fbuf.detach()
-        if target is not None and target.shape == value.shape and target.dtype == value.dtype:
-            with torch.no_grad():
-                target.copy_(value)
-        else:
-            owner._buffers[name] = value.clone()
+    fmodule.write_back_buffers(module)

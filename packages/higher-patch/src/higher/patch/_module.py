@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
 import copyreg
 import itertools
-import types
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._copying import _deepcopy_module, _original_class, _reconstruct, _tensors_of, slot_pairs
 from ._errors import PatchError
 from ._store import FastWeights, Params
 
@@ -285,11 +282,6 @@ def _root_class(cls: type[torch.nn.Module]) -> type[FunctionalModule]:
     return root
 
 
-def _original_class(module: torch.nn.Module) -> type[torch.nn.Module]:
-    original: type[torch.nn.Module] = getattr(type(module), "_higher_original", type(module))
-    return original
-
-
 class FunctionalModule(_FunctionalNode):
     """A stateless copy of a module, run with fast weights (returned by `monkeypatch`).
 
@@ -432,64 +424,6 @@ class FunctionalModule(_FunctionalNode):
         if not value and len(store.history) > 1:
             store.history = store.history[-1:]
 
-    @contextlib.contextmanager
-    def using(self, params: Params) -> Iterator[list[torch.Tensor]]:
-        """Run a block with `params` as the fast weights, outside the history.
-
-        Inside the block the module's forward, `fast_params` and `parameters()` see `params`;
-        nothing is recorded, and the fast weights are as before when the block ends (even on
-        error). For code that re-runs a forward with the weights of another step (the memory
-        modes of `higher.innerloop_ctx` recompute steps this way).
-
-        Examples:
-            >>> fnet = higher.patch.monkeypatch(torch.nn.Linear(1, 1, bias=False))
-            >>> with fnet.using([torch.full((1, 1), 3.0)]):
-            ...     print(fnet(torch.ones(1, 1)).item())
-            3.0
-            >>> len(list(fnet.parameters(time=0))), fnet.weight.item() != 3.0
-            (1, True)
-        """
-        store = self._higher_store
-        checked = store.check(params)
-        before = store.current()
-        store.place(checked)
-        store.substitutes.append(checked)
-        store.transient += 1
-        try:
-            yield checked
-        finally:
-            store.transient -= 1
-            store.substitutes.pop()
-            store.place(before)
-
-    @contextlib.contextmanager
-    def vacated(self) -> Iterator[list[torch.Tensor]]:
-        """Empty the module's parameter slots for a block; yields the current fast weights.
-
-        For tracing a call that passes every weight explicitly (`torch.func.functional_call`
-        under `torch.compile`): with the slots empty, the module holds no tensor that aliases the
-        call's inputs, which the compiler would otherwise check at every call. The slots hold the
-        latest fast weights again when the block ends, even on error.
-
-        Examples:
-            >>> net = torch.nn.Linear(2, 1)
-            >>> fnet = higher.patch.monkeypatch(net)
-            >>> with fnet.vacated() as weights:
-            ...     y = torch.func.functional_call(fnet, dict(fnet.named_fast_params()),
-            ...                                    (torch.ones(1, 2),))
-            ...     print(fnet.weight is None, len(weights))
-            True 2
-            >>> fnet.weight.shape  # the slots hold the fast weights again
-            torch.Size([1, 2])
-        """
-        store = self._higher_store
-        current = store.at(None)
-        store.place([None] * len(current))
-        try:
-            yield current
-        finally:
-            store.place(store.at(None))
-
     # ---- buffers -----------------------------------------------------------------------------
 
     def write_back_buffers(self, module: torch.nn.Module | None = None) -> None:
@@ -498,169 +432,31 @@ class FunctionalModule(_FunctionalNode):
         `module` defaults to the module this one was made from. Buffers are copied in place, so
         the original keeps its tensors (and optimizer or hook references to them stay valid).
         """
-        from ._api import write_back_buffers
-
-        write_back_buffers(self, module)
-
-
-def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes."""
-    for m in module.modules():
-        for d in (m._parameters, m._buffers, m.__dict__):
-            for v in d.values():
-                if isinstance(v, torch.Tensor):
-                    yield v
-        for v in m.__dict__.get("_flat_weights", ()):
-            if isinstance(v, torch.Tensor):
-                yield v
-
-
-# ---- copying a module tree as copy.deepcopy does ---------------------------------------------
-
-# Types `copy.deepcopy` returns as they are (its atomic types, and torch.dtype, which reduces to
-# its own name); a copy can share them.
-_ATOMIC = frozenset(
-    {
-        type(None),
-        bool,
-        int,
-        float,
-        complex,
-        str,
-        bytes,
-        range,
-        type(Ellipsis),
-        type(NotImplemented),
-        types.CodeType,
-        types.FunctionType,
-        types.BuiltinFunctionType,
-        weakref.ref,
-        property,
-        torch.dtype,
-    }
-)
-_TENSOR_DICTS = ("_parameters", "_buffers")
-_DICTS = (dict, collections.OrderedDict)
-_EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
-_MISSING = object()
+        if module is None:
+            source = self._higher_store.source
+            module = source() if source is not None else None
+            if module is None:
+                raise PatchError("the original module is gone; pass the module to write back into")
+        for qualname, fbuf in self.named_buffers():
+            owner, name = buffer_owner(module, qualname)
+            if name not in owner._buffers:
+                raise PatchError(f"module has no buffer {qualname!r} to write back into")
+            target = owner._buffers[name]
+            value = fbuf.detach()
+            if target is not None and target.shape == value.shape and target.dtype == value.dtype:
+                with torch.no_grad():
+                    target.copy_(value)
+            else:
+                owner._buffers[name] = value.clone()
 
 
-def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
-    """`copy.deepcopy(module, memo)`, step for step, with a faster copy of a module's state.
-
-    The copy protocol is the module class's own, run as `copy.deepcopy` runs it: its
-    `__deepcopy__` if it has one, else `copyreg`'s reducer or `__reduce_ex__(4)` (which reads
-    `__getstate__`), the object rebuilt from the reduction and given the copied state through
-    `__setstate__`. Only the copy of a state dict is faster, and gives what `copy.deepcopy`
-    gives: values `copy.deepcopy` returns unchanged are shared, parameter and buffer dicts take
-    their tensors from `memo` (where every one of them is), empty containers are made afresh,
-    submodules recurse here, and everything else goes through `copy.deepcopy` with the same memo.
-    For a module of a functional tree the protocol is that of the user's class.
-    """
-    found = memo.get(id(module), _MISSING)
-    if found is not _MISSING:
-        return found
-    user: Any = super(_FunctionalNode, module) if isinstance(module, _FunctionalNode) else module
-    copier = getattr(user, "__deepcopy__", None)
-    if copier is not None:
-        new = copier(memo)
-    else:
-        reductor = copyreg.dispatch_table.get(_original_class(module))
-        rv = reductor(module) if reductor is not None else user.__reduce_ex__(4)
-        new = module if isinstance(rv, str) else _reconstruct(module, memo, *rv)
-    if new is module:
-        raise PatchError(
-            f"copy.deepcopy of {type(module).__name__} returns the module itself; a functional "
-            "module needs a copy it can own (check the class's __deepcopy__ or __reduce_ex__)"
-        )
-    memo[id(module)] = new
-    return new
-
-
-def _reconstruct(
-    x: Any,
-    memo: dict[int, Any] | None,
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    state: Any = None,
-    listiter: Iterator[Any] | None = None,
-    dictiter: Iterator[tuple[Any, Any]] | None = None,
-) -> Any:
-    """Rebuild `x` from its reduction, as `copy` does (deep when a memo is given)."""
-    deep = memo is not None
-    if memo is not None and args:
-        args = copy.deepcopy(args, memo)
-    new = func(*args)
-    if memo is not None:
-        memo[id(x)] = new
-    if state is not None:
-        if memo is not None:
-            memo.setdefault(id(memo), []).append(state)  # keep it alive: memo keys are ids
-            state = _copy_state(state, memo) if type(state) is dict else copy.deepcopy(state, memo)
-        if hasattr(new, "__setstate__"):
-            new.__setstate__(state)
-        else:
-            slotstate = None
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slotstate = state
-            if state is not None:
-                new.__dict__.update(state)
-            if slotstate is not None:
-                for key, value in slotstate.items():
-                    setattr(new, key, value)
-    if listiter is not None:
-        for item in listiter:
-            new.append(copy.deepcopy(item, memo) if deep else item)
-    if dictiter is not None:
-        for key, value in dictiter:
-            if memo is not None:
-                key, value = copy.deepcopy(key, memo), copy.deepcopy(value, memo)
-            new[key] = value
-    return new
-
-
-def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
-    """`copy.deepcopy(state, memo)` for a module's state dict (see `_deepcopy_module`)."""
-    if any(type(key) is not str for key in state):
-        return copy.deepcopy(state, memo)
-    new: dict[str, Any] = {}
-    memo[id(state)] = new
-    for key, value in state.items():
-        kind = type(value)
-        if kind in _ATOMIC or issubclass(kind, type):
-            new[key] = value
-            continue
-        found = memo.get(id(value), _MISSING)
-        if found is not _MISSING:
-            new[key] = found
-        elif key in _TENSOR_DICTS and kind in _DICTS and _all_in_memo(value, memo):
-            tensors: dict[str, Any] = kind()
-            memo[id(value)] = tensors
-            for name, t in value.items():
-                tensors[name] = None if t is None else memo[id(t)]
-            new[key] = tensors
-        elif key == "_modules" and kind in _DICTS and _all_modules(value):
-            children: dict[str, Any] = kind()
-            memo[id(value)] = children
-            for name, m in value.items():
-                children[name] = None if m is None else _deepcopy_module(m, memo)
-            new[key] = children
-        elif kind in _EMPTY_COPYABLE and not value:
-            new[key] = memo[id(value)] = kind()
-        else:
-            new[key] = copy.deepcopy(value, memo)
-    return new
-
-
-def _all_in_memo(tensors: dict[Any, Any], memo: dict[int, Any]) -> bool:
-    return all(type(k) is str and (t is None or id(t) in memo) for k, t in tensors.items())
-
-
-def _all_modules(children: dict[Any, Any]) -> bool:
-    return all(
-        type(k) is str and (m is None or isinstance(m, torch.nn.Module))
-        for k, m in children.items()
-    )
+def buffer_owner(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
+    """The submodule of `root` that holds the buffer `qualname`, and the buffer's own name."""
+    prefix, _, name = qualname.rpartition(".")
+    try:
+        return root.get_submodule(prefix), name
+    except AttributeError as err:
+        raise PatchError(f"no submodule {prefix!r} to hold buffer {qualname!r}") from err
 
 
 def _convert(
@@ -735,13 +531,8 @@ def _adopt(
 ) -> FunctionalModule:
     """Make `tree`, a copy of `model` (or `model` itself), functional: its store built with
     `history` (its slots hold the last entry) and the other arguments of `FastWeights`."""
-    # Resolve every place each weight occupies, once: tied weights and shared submodules.
     unique = list(model.parameters())
-    index_of = {id(p): i for i, p in enumerate(unique)}
-    pairs = [
-        (m, {name: index_of[id(p)] for name, p in m._parameters.items() if p is not None})
-        for m in model.modules()
-    ]
+    pairs = slot_pairs(model)
     names = [name for name, _ in model.named_parameters()]  # same order as parameters()
     store = FastWeights(names, unique, source, device, history, track, anchor)
     _convert(tree, pairs, store)

@@ -1,0 +1,208 @@
+"""The copy engine: a user's module tree copied as `copy.deepcopy` copies it, and its slots.
+
+`copy.deepcopy` semantics, honoured exactly: the class's own `__deepcopy__`, `copyreg`'s reducer
+or `__reduce_ex__(4)` (which reads `__getstate__`), `__setstate__`, the memo. Only the copy of a
+module's state dict is faster. The functional module (`_module.py`) builds its tree with this
+engine and makes the copy functional; for a module of a functional tree, the protocol used is
+the user's class's own (the class after the functional layer in the method resolution order).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import copyreg
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ._errors import PatchError
+
+
+def _original_class(module: torch.nn.Module) -> type[torch.nn.Module]:
+    original: type[torch.nn.Module] = getattr(type(module), "_higher_original", type(module))
+    return original
+
+
+def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes."""
+    for m in module.modules():
+        for d in (m._parameters, m._buffers, m.__dict__):
+            for v in d.values():
+                if isinstance(v, torch.Tensor):
+                    yield v
+        for v in m.__dict__.get("_flat_weights", ()):
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+# ---- copying a module tree as copy.deepcopy does ---------------------------------------------
+
+# Types `copy.deepcopy` returns as they are (its atomic types, and torch.dtype, which reduces to
+# its own name); a copy can share them.
+_ATOMIC = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        range,
+        type(Ellipsis),
+        type(NotImplemented),
+        types.CodeType,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        weakref.ref,
+        property,
+        torch.dtype,
+    }
+)
+_TENSOR_DICTS = ("_parameters", "_buffers")
+_DICTS = (dict, collections.OrderedDict)
+_EMPTY_COPYABLE = (dict, collections.OrderedDict, set, list)
+_MISSING = object()
+
+
+def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
+    """`copy.deepcopy(module, memo)`, step for step, with a faster copy of a module's state.
+
+    The copy protocol is the module class's own, run as `copy.deepcopy` runs it: its
+    `__deepcopy__` if it has one, else `copyreg`'s reducer or `__reduce_ex__(4)` (which reads
+    `__getstate__`), the object rebuilt from the reduction and given the copied state through
+    `__setstate__`. Only the copy of a state dict is faster, and gives what `copy.deepcopy`
+    gives: values `copy.deepcopy` returns unchanged are shared, parameter and buffer dicts take
+    their tensors from `memo` (where every one of them is), empty containers are made afresh,
+    submodules recurse here, and everything else goes through `copy.deepcopy` with the same memo.
+    For a module of a functional tree the protocol is that of the user's class.
+    """
+    found = memo.get(id(module), _MISSING)
+    if found is not _MISSING:
+        return found
+    user = _user_protocol(module)
+    copier = getattr(user, "__deepcopy__", None)
+    if copier is not None:
+        new = copier(memo)
+    else:
+        reductor = copyreg.dispatch_table.get(_original_class(module))
+        rv = reductor(module) if reductor is not None else user.__reduce_ex__(4)
+        new = module if isinstance(rv, str) else _reconstruct(module, memo, *rv)
+    if new is module:
+        raise PatchError(
+            f"copy.deepcopy of {type(module).__name__} returns the module itself; a functional "
+            "module needs a copy it can own (check the class's __deepcopy__ or __reduce_ex__)"
+        )
+    memo[id(module)] = new
+    return new
+
+
+def _reconstruct(
+    x: Any,
+    memo: dict[int, Any] | None,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    state: Any = None,
+    listiter: Iterator[Any] | None = None,
+    dictiter: Iterator[tuple[Any, Any]] | None = None,
+) -> Any:
+    """Rebuild `x` from its reduction, as `copy` does (deep when a memo is given)."""
+    deep = memo is not None
+    if memo is not None and args:
+        args = copy.deepcopy(args, memo)
+    new = func(*args)
+    if memo is not None:
+        memo[id(x)] = new
+    if state is not None:
+        if memo is not None:
+            memo.setdefault(id(memo), []).append(state)  # keep it alive: memo keys are ids
+            state = _copy_state(state, memo) if type(state) is dict else copy.deepcopy(state, memo)
+        if hasattr(new, "__setstate__"):
+            new.__setstate__(state)
+        else:
+            slotstate = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slotstate = state
+            if state is not None:
+                new.__dict__.update(state)
+            if slotstate is not None:
+                for key, value in slotstate.items():
+                    setattr(new, key, value)
+    if listiter is not None:
+        for item in listiter:
+            new.append(copy.deepcopy(item, memo) if deep else item)
+    if dictiter is not None:
+        for key, value in dictiter:
+            if memo is not None:
+                key, value = copy.deepcopy(key, memo), copy.deepcopy(value, memo)
+            new[key] = value
+    return new
+
+
+def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
+    """`copy.deepcopy(state, memo)` for a module's state dict (see `_deepcopy_module`)."""
+    if any(type(key) is not str for key in state):
+        return copy.deepcopy(state, memo)
+    new: dict[str, Any] = {}
+    memo[id(state)] = new
+    for key, value in state.items():
+        kind = type(value)
+        if kind in _ATOMIC or issubclass(kind, type):
+            new[key] = value
+            continue
+        found = memo.get(id(value), _MISSING)
+        if found is not _MISSING:
+            new[key] = found
+        elif key in _TENSOR_DICTS and kind in _DICTS and _all_in_memo(value, memo):
+            tensors: dict[str, Any] = kind()
+            memo[id(value)] = tensors
+            for name, t in value.items():
+                tensors[name] = None if t is None else memo[id(t)]
+            new[key] = tensors
+        elif key == "_modules" and kind in _DICTS and _all_modules(value):
+            children: dict[str, Any] = kind()
+            memo[id(value)] = children
+            for name, m in value.items():
+                children[name] = None if m is None else _deepcopy_module(m, memo)
+            new[key] = children
+        elif kind in _EMPTY_COPYABLE and not value:
+            new[key] = memo[id(value)] = kind()
+        else:
+            new[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _all_in_memo(tensors: dict[Any, Any], memo: dict[int, Any]) -> bool:
+    return all(type(k) is str and (t is None or id(t) in memo) for k, t in tensors.items())
+
+
+def _all_modules(children: dict[Any, Any]) -> bool:
+    return all(
+        type(k) is str and (m is None or isinstance(m, torch.nn.Module))
+        for k, m in children.items()
+    )
+
+
+def _user_protocol(module: torch.nn.Module) -> Any:
+    """`module` seen as its user's class: the copy protocol of the class the functional layer
+    wraps (the next class after that layer in the MRO), or the module itself for a plain one."""
+    original = _original_class(module)
+    mro = type(module).__mro__
+    if original is type(module):
+        return module
+    return super(mro[mro.index(original) - 1], module)
+
+
+def slot_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, int]]]:
+    """Every place each weight of `model` occupies, resolved once: each module of the tree (in
+    `modules()` order) with its parameter names mapped to the index of the weight in
+    `model.parameters()`, so tied weights and shared submodules are one weight."""
+    index_of = {id(p): i for i, p in enumerate(model.parameters())}
+    return [
+        (m, {name: index_of[id(p)] for name, p in m._parameters.items() if p is not None})
+        for m in model.modules()
+    ]
