@@ -1,16 +1,25 @@
-"""Nested states (a rule's NamedTuple of lists of tensors) as a flat list of tensors and back.
+"""The tree module of core: nested containers of tensors, through torch's pytree registry.
 
-`torch.func.vmap` and `torch.compile`'s loop operators take tensors; an optimizer's state also
-holds step counts and None. `flatten` takes the tensors out (in a fixed order) and leaves the
-rest in a spec that `unflatten` fills again.
+Everything in core that walks a nested value (a rule's NamedTuple of lists of tensors, a torch
+function's arguments, a solver's arguments, a param group's options) goes through here, and here
+through `torch.utils._pytree`: its registry says what a node is (NamedTuples, tuples, lists,
+dicts, OrderedDicts, and what else is registered) and how it splits and is rebuilt; anything else
+is a leaf. The walk itself is a module function, not torch's `tree_flatten`: in torch 2.13 that
+is a recursive closure, a reference cycle on every call, and the walks here run at every step
+(and at every torch function a recomputed step calls).
+
+`torch.func.vmap` and `torch.compile`'s loop operators take tensors, while an optimizer's state
+also holds step counts and None: `flatten` takes the tensors out (in a fixed order) and leaves
+the rest in a `Spec` that `unflatten` fills again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 
 
 class _Leaf:
@@ -21,48 +30,67 @@ class _Leaf:
 
 
 LEAF = _Leaf()
+# torch's spec of a leaf: one shared instance (torch 2.13 deprecates making new ones)
+_LEAF_SPEC: pytree.TreeSpec = getattr(pytree, "_LEAF_SPEC", None) or pytree.LeafSpec()
 
 
-def flatten(tree: Any) -> tuple[list[torch.Tensor], Any]:
+class Spec(NamedTuple):
+    """What `flatten` kept of a tree: its structure, and its leaves with `LEAF` for each tensor."""
+
+    structure: pytree.TreeSpec
+    leaves: tuple[Any, ...]
+
+
+def flatten(tree: Any) -> tuple[list[torch.Tensor], Spec]:
     """The tensors of `tree` (NamedTuples, tuples, lists and dicts of them), and its spec."""
-    leaves: list[torch.Tensor] = []
-    return leaves, _walk(tree, leaves)
+    leaves: list[Any] = []
+    structure = _structure(tree, leaves)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    kept = tuple(LEAF if isinstance(x, torch.Tensor) else x for x in leaves)
+    return tensors, Spec(structure, kept)
 
 
-def _walk(x: Any, leaves: list[torch.Tensor]) -> Any:
-    # A module function, not a closure over `leaves`: a recursive closure is a reference
-    # cycle, and it would keep the tensors alive until the cycle collector runs.
-    if isinstance(x, torch.Tensor):
-        leaves.append(x)
-        return LEAF
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*[_walk(v, leaves) for v in x])
-    if isinstance(x, (list, tuple)):
-        return type(x)(_walk(v, leaves) for v in x)
-    if isinstance(x, dict):
-        return {k: _walk(v, leaves) for k, v in x.items()}
-    return x
-
-
-def unflatten(spec: Any, leaves: list[torch.Tensor]) -> Any:
-    """The tree `flatten` took `leaves` from (the same order)."""
-    it = iter(leaves)
-    tree = _build(spec, it)
+def unflatten(spec: Spec, tensors: list[torch.Tensor]) -> Any:
+    """The tree `flatten` took `tensors` from (the same order)."""
+    it = iter(tensors)
+    leaves = [next(it) if x is LEAF else x for x in spec.leaves]
     if next(it, None) is not None:
         raise ValueError("more leaves than the spec has places")
-    return tree
+    return pytree.tree_unflatten(leaves, spec.structure)
 
 
-def _build(spec: Any, it: Iterator[torch.Tensor]) -> Any:
-    if spec is LEAF:
-        return next(it)
-    if isinstance(spec, tuple) and hasattr(spec, "_fields"):
-        return type(spec)(*[_build(v, it) for v in spec])
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_build(v, it) for v in spec)
-    if isinstance(spec, dict):
-        return {k: _build(v, it) for k, v in spec.items()}
-    return spec
+def tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of `tree`, in order."""
+    leaves: list[Any] = []
+    _leaves(tree, leaves)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def map_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """`tree` with each leaf `x` replaced by `fn(x)`."""
+    leaves: list[Any] = []
+    structure = _structure(tree, leaves)
+    return pytree.tree_unflatten([fn(x) for x in leaves], structure)
+
+
+def _structure(node: Any, leaves: list[Any]) -> pytree.TreeSpec:
+    """torch's `tree_flatten(node)`: the leaves appended to `leaves`, the spec returned."""
+    kind = pytree._get_node_type(node)
+    if kind not in pytree.SUPPORTED_NODES:
+        leaves.append(node)
+        return _LEAF_SPEC
+    children, context = pytree.SUPPORTED_NODES[kind].flatten_fn(node)
+    return pytree.TreeSpec(kind, context, [_structure(child, leaves) for child in children])
+
+
+def _leaves(node: Any, leaves: list[Any]) -> None:
+    """The leaves of `node` appended to `leaves` (no spec: for the hot paths)."""
+    kind = pytree._get_node_type(node)
+    if kind not in pytree.SUPPORTED_NODES:
+        leaves.append(node)
+        return
+    for child in pytree.SUPPORTED_NODES[kind].flatten_fn(node)[0]:
+        _leaves(child, leaves)
 
 
 def map_fields(state: Any, fn: Callable[[str, Any], Any]) -> Any:

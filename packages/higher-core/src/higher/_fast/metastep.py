@@ -22,7 +22,7 @@ from higher._context import check_model_and_opt
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, traced_call
 from higher._fast.tasks import refuse_nested
-from higher._trees import flatten, merge_fields, split_fields, unflatten
+from higher._trees import flatten, map_leaves, merge_fields, split_fields, unflatten
 from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
@@ -438,17 +438,13 @@ def _tensor_counts(
     `count` plus the number when given): inside the loop the body is traced once, so a count
     must be a value of the carry."""
 
-    def walk(x: Any) -> Any:
+    def tensor(x: Any) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             number = torch.tensor(float(x), dtype=torch.float64, device=device)
             return number if count is None else count + number
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return type(x)(*[walk(v) for v in x])
-        if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
         return x
 
-    return [walk(s) for s in states]
+    return [map_leaves(tensor, s) for s in states]
 
 
 def _probe_step(plan: StepPlan, params: list[torch.Tensor], states: Any = None) -> StepResult:

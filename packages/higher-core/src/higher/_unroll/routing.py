@@ -12,6 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from higher._errors import UnrollError
+from higher._trees import tensors
 from higher.optim import DifferentiableOptimizer, StepPlan
 from higher.patch import FunctionalModule
 
@@ -125,18 +126,11 @@ def hyper_tensors(plan: StepPlan) -> list[torch.Tensor]:
 
 
 def _requiring_grad(x: Any, found: dict[int, torch.Tensor]) -> None:
-    # A module function, not a recursive closure: that would be a reference cycle holding
-    # `found` (the hyperparameters) until the cycle collector runs.
-    if isinstance(x, torch.Tensor):
-        if x.requires_grad:
-            found.setdefault(id(x), x)
-    elif isinstance(x, Mapping):
-        for key, value in x.items():
-            if key != "params":
-                _requiring_grad(value, found)
-    elif isinstance(x, (list, tuple)):
-        for value in x:
-            _requiring_grad(value, found)
+    if isinstance(x, Mapping):  # a param group's options: its params are not hyperparameters
+        x = {key: value for key, value in x.items() if key != "params"}
+    for t in tensors(x):
+        if t.requires_grad:
+            found.setdefault(id(t), t)
 
 
 def stripped(plan: StepPlan) -> StepPlan:
@@ -238,17 +232,6 @@ class Environment:
 # ---- which tensors a step's graph reaches -----------------------------------------------------
 
 
-def _tensors(x: Any, out: list[torch.Tensor]) -> None:
-    if isinstance(x, torch.Tensor):
-        out.append(x)
-    elif isinstance(x, (list, tuple)):
-        for item in x:
-            _tensors(item, out)
-    elif isinstance(x, dict):
-        for item in x.values():
-            _tensors(item, out)
-
-
 class Captures(TorchFunctionMode):
     """Records the tensors that require grad which the code run under it takes from outside
     (made before it started and not in `own`): the data or hyperparameters a closure uses."""
@@ -268,15 +251,12 @@ class Captures(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        given: list[torch.Tensor] = []
-        _tensors((args, kwargs), given)
-        for t in given:
+        for t in tensors((args, kwargs)):
             key = id(t)
             if t.requires_grad and key not in self.made and key not in self.own:
                 self.found.setdefault(key, t)
         out = func(*args, **kwargs)
-        made: list[torch.Tensor] = []
-        _tensors(out, made)
+        made = tensors(out)
         for t in made:
             self.made.add(id(t))
         self.keep.extend(made)

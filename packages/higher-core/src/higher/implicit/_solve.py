@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from higher._errors import ImplicitError, UsageError
 from higher._torch_warnings import ignore_torch_self_deprecation
+from higher._trees import map_leaves
 from higher.errors import HigherWarning
 from higher.implicit._linsolve import CG, LinearSolver, SolveResult
 from higher.patch import FunctionalModule
@@ -676,34 +677,20 @@ class _Slot:
 def _template(tree: Any, inputs: list[torch.Tensor], seen: dict[int, int]) -> Any:
     """`tree` with every tensor that requires grad replaced by a `_Slot` (collected in
     `inputs`; one slot per distinct tensor)."""
-    if isinstance(tree, torch.Tensor):
-        if not tree.requires_grad:
-            return tree
-        if id(tree) not in seen:
-            seen[id(tree)] = len(inputs)
-            inputs.append(tree)
-        return _Slot(seen[id(tree)])
-    if isinstance(tree, list):
-        return [_template(x, inputs, seen) for x in tree]
-    if isinstance(tree, tuple):
-        items = [_template(x, inputs, seen) for x in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    if isinstance(tree, dict):
-        return {k: _template(v, inputs, seen) for k, v in tree.items()}
-    return tree
+
+    def slot(x: Any) -> Any:
+        if not (isinstance(x, torch.Tensor) and x.requires_grad):
+            return x
+        if id(x) not in seen:
+            seen[id(x)] = len(inputs)
+            inputs.append(x)
+        return _Slot(seen[id(x)])
+
+    return map_leaves(slot, tree)
 
 
 def _rebuild(tree: Any, leaves: Sequence[torch.Tensor]) -> Any:
-    if isinstance(tree, _Slot):
-        return leaves[tree.index]
-    if isinstance(tree, list):
-        return [_rebuild(x, leaves) for x in tree]
-    if isinstance(tree, tuple):
-        items = [_rebuild(x, leaves) for x in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    if isinstance(tree, dict):
-        return {k: _rebuild(v, leaves) for k, v in tree.items()}
-    return tree
+    return map_leaves(lambda x: leaves[x.index] if isinstance(x, _Slot) else x, tree)
 
 
 def _outputs(out: Any, what: str) -> tuple[list[torch.Tensor], Callable[[Sequence[Any]], Any]]:

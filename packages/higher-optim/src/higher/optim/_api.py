@@ -176,20 +176,6 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str
         0.5
     """
 
-    def cast(like: Any, value: Any) -> Any:
-        if isinstance(like, bool):
-            return like
-        if isinstance(like, tuple) and isinstance(value, (tuple, list)):
-            return tuple(cast(a, b) for a, b in zip(like, value, strict=True))
-        number = value.item() if isinstance(value, torch.Tensor) else value
-        if isinstance(like, int) and float(number).is_integer():
-            return int(number)
-        if isinstance(like, int):
-            return float(number)
-        if isinstance(like, float):
-            return float(number)
-        return value
-
     n_groups = len(opt.param_groups)
     for name, values in override.items():
         if not isinstance(values, (list, tuple)) or len(values) not in (1, n_groups):
@@ -198,4 +184,22 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str
             )
         for g, group in enumerate(opt.param_groups):
             value = values[0] if len(values) == 1 else values[g]
-            group[name] = cast(group.get(name), value)
+            group[name] = _cast_like(group.get(name), value)
+
+
+def _cast_like(like: Any, value: Any) -> Any:
+    """`value` (a tensor, a number, or a tuple of them) as the Python type of `like`.
+
+    A module function, not a recursive closure: that would be a reference cycle."""
+    if isinstance(like, bool):
+        return like
+    if isinstance(like, tuple) and isinstance(value, (tuple, list)):
+        return tuple(_cast_like(a, b) for a, b in zip(like, value, strict=True))
+    number = value.item() if isinstance(value, torch.Tensor) else value
+    if isinstance(like, int) and float(number).is_integer():
+        return int(number)
+    if isinstance(like, int):
+        return float(number)
+    if isinstance(like, float):
+        return float(number)
+    return value

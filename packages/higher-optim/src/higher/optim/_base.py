@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
 from ._protocols import FunctionalModel, GradCallback
@@ -843,14 +844,12 @@ def _device_of(value: Any) -> torch.device:
 
 def _replaced(value: Any, memo: dict[int, Any]) -> Any:
     """`value` with the tensors found in `memo` replaced, through dicts, lists and tuples."""
-    if isinstance(value, torch.Tensor):
-        return memo.get(id(value), value)
-    if isinstance(value, dict):
-        out = type(value)() if not isinstance(value, defaultdict) else defaultdict(dict)
-        out.update((k, _replaced(v, memo)) for k, v in value.items())
-        return out
-    if isinstance(value, list):
-        return [_replaced(v, memo) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_replaced(v, memo) for v in value)
-    return value
+
+    def swap(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return memo.get(id(x), x)
+        if isinstance(x, defaultdict):  # a leaf to torch's pytree before torch 2.2
+            return defaultdict(x.default_factory, {k: _replaced(v, memo) for k, v in x.items()})
+        return x
+
+    return pytree.tree_map(swap, value)
