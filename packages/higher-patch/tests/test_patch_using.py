@@ -65,3 +65,14 @@ def test_keep_history_false_keeps_only_the_current_weights() -> None:
     fnet.keep_history = True
     fnet.update_params([p + 1 for p in latest])
     assert len(list(fnet.parameters(time=1))) == 4  # times count from the kept weights
+
+
+def test_the_seam_is_not_user_api() -> None:
+    # `using`/`vacated` are for sibling packages (higher.patch.internal), not methods of the
+    # module a user holds, and vacated empties the slots only for its block.
+    assert not hasattr(higher.patch.FunctionalModule, "using")
+    assert not hasattr(higher.patch.FunctionalModule, "vacated")
+    fnet = _net()
+    with internal.vacated(fnet) as weights:
+        assert fnet.get_submodule("0").weight is None and len(weights) == 4
+    assert fnet.get_submodule("0").weight is weights[0]

@@ -4,8 +4,9 @@
   the GPU (their ops alone run without cuDNN).
 - `check_hypergradient` / `hypergradient_report`: autograd's gradient of a meta-loss against
   float64 central differences, with a readable report.
-- `check_optimizer_conformance` / `optimizer_conformance_report` / `parametrize_conformance`:
-  the conformance kit a differentiable-optimizer plugin runs against its torch original.
+- `optimizer_conformance_report`: the conformance kit a differentiable-optimizer plugin runs
+  against its torch original (its one entry point); `check_optimizer_conformance`,
+  `conformance_cases` and `parametrize_conformance` are its forms for a test suite.
 
 Examples:
     >>> import torch, higher.contrib

@@ -1,6 +1,6 @@
 """The memory modes of an unroll: what `innerloop_ctx(..., unroll=...)` accepts.
 
-Each mode is a small frozen description; `_recompute.py` and `_forward.py` run them.
+Each mode is a small frozen description; `recompute.py` and `forward.py` run them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ are averaged across the ranks so that every rank takes the same outer step. Two 
 Without a process group every function acts as rank 0 of 1, so one script runs under
 `torchrun` and as a plain `python` process alike. Importing this module initializes nothing.
 
+What lives where: `_shard.py` owns `shard`, `world` and `all_reduce_grads` (and the checks that
+the ranks agree); `_ddp.py` owns the meta-gradient averaging of an inner loop on a
+`DistributedDataParallel` model. The errors are core's (`_errors.py`).
+
 Examples:
     >>> import higher.distributed
     >>> higher.distributed.shard(range(10), rank=1, world_size=3)

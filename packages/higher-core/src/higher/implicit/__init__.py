@@ -15,6 +15,11 @@ no longer grow with the number of inner steps, and the answer does not depend on
   warns with `NotStationaryWarning` or raises `NotStationaryError`; NaN or inf anywhere give a
   NaN hypergradient, never a finite one.
 
+What lives where: `_solve.py` owns the hypergradient (`hypergrad`, `hypergrad_batch`,
+`custom_root`), its records (`Hypergrad`, `Task`, `Stationarity`) and the stationarity errors;
+`_linsolve.py` owns the linear solvers (`CG`, `Neumann`, `Direct`), `SolveResult` and the
+convergence errors. `ImplicitError`, the base of this package's errors, is core's (`_errors.py`).
+
 Examples:
     >>> import torch, higher
     >>> lam = torch.tensor(1.0, requires_grad=True)
