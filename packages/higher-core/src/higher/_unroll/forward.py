@@ -99,6 +99,7 @@ class ForwardDriver:
         model_params: list[torch.Tensor],
         copy_initial_weights: bool,
     ) -> None:
+        self.mode = mode
         self.fmodel = fmodel
         self.wrt: list[torch.Tensor] | None = None if mode.wrt is None else list(mode.wrt)
         self.max_directions = mode.max_directions

@@ -12,6 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from higher._errors import UnrollError
+from higher._unroll.modes import Mode
 from higher.optim import DifferentiableOptimizer, StepPlan
 from higher.patch import FunctionalModule
 
@@ -23,6 +24,8 @@ GradCallback = Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | Non
 
 class Driver(Protocol):
     """A memory mode's way of taking one step (`step`) and of ending the unroll (`close`)."""
+
+    mode: Mode
 
     def step(
         self,
