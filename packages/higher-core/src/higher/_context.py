@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -228,15 +229,21 @@ def _arm(
         arm_inner_loop(ddp, diffopt, copy_initial_weights, loops)
 
 
+# The compiled step of each loss function (and torch.compile options), shared by the inner
+# loops that use it: each inner loop of a meta-training run reuses the graphs of the first.
+_STEPS: weakref.WeakKeyDictionary[Callable[..., torch.Tensor], dict[str, CompiledStep]]
+_STEPS = weakref.WeakKeyDictionary()
+
+
 class _CompiledDriver:
     """The steps of `innerloop_ctx(..., compile=True)`: each `diffopt.step(closure=partial(
-    loss_fn, fmodel, *batch))` runs a `CompiledStep` of `loss_fn` (one per loss function)."""
+    loss_fn, fmodel, *batch))` runs the `CompiledStep` of `loss_fn`."""
 
     def __init__(self, fmodel: FunctionalModule, options: dict[str, Any]) -> None:
         self.mode = Full()
         self.fmodel = fmodel
         self.options = options
-        self.steps: dict[Callable[..., torch.Tensor], CompiledStep] = {}
+        self.local: dict[str, CompiledStep] = {}
 
     def step(
         self,
@@ -266,14 +273,19 @@ class _CompiledDriver:
                 "compile=False"
             )
         fn = partial.func
-        compiled = self.steps.get(fn)
+        try:
+            steps = _STEPS.setdefault(fn, {})
+        except TypeError:  # a function that takes no weak reference: kept for this loop
+            steps = self.local
+        key = repr(sorted(self.options.items()))
+        compiled = steps.get(key)
         if compiled is None:
-            compiled = self.steps[fn] = CompiledStep(fn, **self.options)
+            compiled = steps[key] = CompiledStep(fn, **self.options)
         compiled(self.fmodel, diffopt, *partial.args[1:], **partial.keywords)
         return self.fmodel.fast_params
 
     def close(self, diffopt: DifferentiableOptimizer) -> None:
-        self.steps.clear()
+        pass  # the compiled steps stay for the next inner loop
 
 
 @contextlib.contextmanager
