@@ -17,9 +17,11 @@ import argparse
 import datetime
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,13 +29,17 @@ from torch import Tensor, nn
 
 import higher
 import higher.distributed
+from higher._fast.compiled import torch_version
 from higher._strategies import SUPPORTED, TABLE, Cell
+from higher._unroll.modes import Mode
 
 STEPS = 3
 WINDOW = 2
 TASKS = 4
 MOMENTUM = 0.9
 BACKEND = "aot_eager"  # dynamo + AOTAutograd: what inductor compiles, in seconds
+# the oldest torch each compiled run needs (older ones refuse it, and the eager run is checked)
+MIN_TORCH = {"compiled step": (2, 3), "compiled meta_step": (2, 13)}
 
 
 def make_model() -> nn.Module:
@@ -41,10 +47,10 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
 
 
-def make_tasks() -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+def make_tasks() -> list[tuple[Tensor, ...]]:
     """Regression tasks: support (x, y) to adapt on, query (x, y) to score on."""
     g = torch.Generator().manual_seed(7)
-    tasks = []
+    tasks: list[tuple[Tensor, ...]] = []
     for _ in range(TASKS):
         x = torch.randn(6, 3, generator=g, dtype=torch.float64)
         y = torch.sin(x @ torch.randn(3, 1, generator=g, dtype=torch.float64))
@@ -52,13 +58,14 @@ def make_tasks() -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     return tasks
 
 
-def mode_of(unroll: str, lr: Tensor) -> higher.Full | higher.Recompute | higher.Truncated | higher.ForwardMode:
-    return {
+def mode_of(unroll: str, lr: Tensor) -> Mode:
+    modes: dict[str, Mode] = {
         "full": higher.Full(),
         "recompute": higher.Recompute(),
         "truncated": higher.Truncated(window=WINDOW),
         "forward": higher.ForwardMode(wrt=[lr]),
-    }[unroll]
+    }
+    return modes[unroll]
 
 
 def inner(model: nn.Module, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
@@ -72,14 +79,14 @@ def outer(model: nn.Module, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> T
 per_task_inner = torch.vmap(lambda out, y: F.mse_loss(out, y))
 
 
-def run_cell(
-    cell: Cell, net: nn.Module, lr: Tensor, tasks: list[tuple[Tensor, ...]]
-) -> None:
+def run_cell(cell: Cell, net: nn.Module, lr: Tensor, tasks: list[tuple[Tensor, ...]]) -> None:
     """Accumulate into `.grad` the mean over `tasks` of the meta-loss's gradient, as `cell`
     computes it (`net` may be a DDP model). The mean is over this list: a rank's share."""
     mode = mode_of(cell.unroll, lr)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=MOMENTUM)
     override = {"lr": [lr]}
+    if TABLE[cell] == SUPPORTED and torch_version() < MIN_TORCH.get(cell.run, (0, 0)):
+        cell = _refused_by_this_torch(cell, net, opt, tasks[0])
     n = len(tasks)
     # forward mode differentiates with respect to the learning rate only
     copy = cell.unroll == "forward"
@@ -120,6 +127,23 @@ def run_cell(
         (meta(net, opt, *task, override=override) / n).backward()
 
 
+def _refused_by_this_torch(
+    cell: Cell, net: nn.Module, opt: torch.optim.Optimizer, task: tuple[Tensor, ...]
+) -> Cell:
+    """Check that a torch too old to compile the cell's run says so; the eager run instead."""
+    want = r"needs torch >= " + re.escape(".".join(map(str, MIN_TORCH[cell.run])))
+    if cell.run == "compiled step":
+        with (
+            higher.innerloop_ctx(net, opt, compile=True) as (fmodel, diffopt),
+            pytest.raises(higher.UsageError, match=want),
+        ):
+            diffopt.step(closure=functools.partial(inner, fmodel, *task))
+        return cell._replace(run="eager loop")
+    with pytest.raises(higher.FastPathError, match=want):
+        higher.meta_step(inner, outer, steps=STEPS, compile=True)
+    return cell._replace(run="eager meta_step")
+
+
 _META: dict[tuple[tuple[str, ...], int], higher.MetaStep] = {}  # shared by the processes
 
 
@@ -132,7 +156,7 @@ def reference(
     names = [name for name, _ in model.named_parameters()]
     start = STEPS - WINDOW if truncated else 0
     for xs, ys, xq, yq in tasks:
-        params = list(model.parameters())
+        params: list[Tensor] = list(model.parameters())
         buffers: list[Tensor] | None = None
         for k in range(STEPS):
             if k == start and truncated:

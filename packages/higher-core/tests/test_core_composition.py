@@ -28,6 +28,7 @@ WORKER = HERE / "_composition_worker.py"
 DOCS = HERE.parents[2] / "docs" / "composition.md"
 JOIN_TIMEOUT_S = 300.0
 RTOL = 1e-8
+Results = dict[tuple[str, ...], list[torch.Tensor]]
 
 
 def _load_worker() -> ModuleType:
@@ -93,13 +94,13 @@ def test_refused_ddp_cells_raise_from_the_table() -> None:
     needed: the refusal comes first)."""
     refused = [c for c in TABLE if c.process == "DDP" and TABLE[c] != SUPPORTED]
     assert refused
-    local = Cell(*refused[0][:3], "one process")  # type: ignore[misc]
+    local = refused[0]._replace(process="one process")
     assert TABLE[local] != SUPPORTED  # the process axis adds no refusal of its own
     assert TABLE[refused[0]].endswith(TABLE[local].split(" is not supported: ")[1])
 
 
 @pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], list[torch.Tensor]]:
+def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Results:
     """One launch of two gloo ranks that runs every supported distributed cell."""
     tmp = tmp_path_factory.mktemp("composition")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -128,7 +129,7 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[
     ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
     for cell in ranks[0]:  # every rank ends with the same averaged meta-gradient
         _assert_close(ranks[1][cell], ranks[0][cell])
-    results: dict[tuple[str, ...], list[torch.Tensor]] = ranks[0]
+    results: Results = ranks[0]
     return results
 
 

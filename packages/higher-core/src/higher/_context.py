@@ -21,6 +21,7 @@ from higher._unroll.routing import Driver, GradCallback, attach, routed_class
 from higher.optim import DifferentiableOptimizer, get_diff_optim, twin_of
 from higher.patch import FunctionalModule, monkeypatch
 
+
 @contextlib.contextmanager
 def innerloop_ctx(
     model: torch.nn.Module,
@@ -117,10 +118,10 @@ def innerloop_ctx(
     refuse(mode, tasks, "compiled step" if compile else "eager loop",
            "one process" if ddp is None else "DDP")  # fmt: skip
     if tasks is not None:
-        fmodel, batched, twin = batched_pair(model, opt, tasks, device, copy_initial_weights,
-                                       override, track_higher_grads, randomness)  # fmt: skip
+        bmodel, batched, twin = batched_pair(model, opt, tasks, device, copy_initial_weights,
+                                             override, track_higher_grads, randomness)  # fmt: skip
         _arm(ddp, twin, copy_initial_weights, tasks)
-        yield fmodel, batched
+        yield bmodel, batched
         return
     if not isinstance(mode, Full):
         with _unrolled(model, opt, device, copy_initial_weights, override, track_higher_grads,
@@ -192,8 +193,7 @@ def batched_innerloop_ctx(
         >>> net.weight.grad.shape
         torch.Size([1, 1])
     """
-    if tasks is None:  # the alias always batches: None would be innerloop_ctx's one task
-        check_tasks(tasks, required=True)
+    check_tasks(tasks, required=True)  # the alias always batches (None: one inner loop)
     return innerloop_ctx(
         model,
         opt,
@@ -255,8 +255,11 @@ class _CompiledDriver:
         kwargs: dict[str, Any],
     ) -> list[torch.Tensor]:
         partial = closure if isinstance(closure, functools.partial) else None
-        if loss is not None or partial is None or not partial.args or (
-            partial.args[0] is not self.fmodel
+        if (
+            loss is not None
+            or partial is None
+            or not partial.args
+            or (partial.args[0] is not self.fmodel)
         ):
             got = "a loss tensor" if loss is not None else f"closure={closure!r}"
             raise UsageError(
@@ -282,7 +285,8 @@ class _CompiledDriver:
         if compiled is None:
             compiled = steps[key] = CompiledStep(fn, **self.options)
         compiled(self.fmodel, diffopt, *partial.args[1:], **partial.keywords)
-        return self.fmodel.fast_params
+        params: list[torch.Tensor] = self.fmodel.fast_params
+        return params
 
     def close(self, diffopt: DifferentiableOptimizer) -> None:
         pass  # the compiled steps stay for the next inner loop

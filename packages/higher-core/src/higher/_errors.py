@@ -190,10 +190,11 @@ class UnrollError(HigherError, ValueError):
     __module__ = "higher"  # its public path, for tracebacks, pickle and the docs
 
 
-class CompositionError(HigherError, ValueError):
-    """Strategies that do not compose were asked for together (also a `ValueError`): a memory
-    mode with batched tasks, a memory mode compiled, ... The message names the combination and
-    what to use instead; every combination's entry is in docs/composition.md.
+class CompositionError(UsageError, ValueError):
+    """Strategies that do not compose were asked for together: a memory mode with batched
+    tasks, a memory mode compiled, ... The message names the combination and what to use
+    instead; every combination's entry is in docs/composition.md. Also a `ValueError`, and a
+    `UsageError` (so a `TypeError`), as the refusals it replaces were.
 
     Examples:
         >>> net = torch.nn.Linear(2, 1)

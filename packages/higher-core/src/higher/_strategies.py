@@ -51,9 +51,7 @@ class Cell(NamedTuple):
     def describe(self) -> str:
         """The cell as a user asked for it, e.g. `unroll='recompute', tasks=T, ...`."""
         tasks = "tasks=None" if self.tasks == "one task" else "tasks=T"
-        return (
-            f"unroll={self.unroll!r} with {tasks} in {RUN_CALLS[self.run]} ({self.process})"
-        )
+        return f"unroll={self.unroll!r} with {tasks} in {RUN_CALLS[self.run]} ({self.process})"
 
 
 _MEMORY = ("recompute", "truncated", "forward")
@@ -76,8 +74,8 @@ _RULES: list[tuple[str, str, str]] = [
     ),
     (
         "memory mode compiled",
-        "torch.compile traces a full unroll's step; a step rebuilt during the backward pass "
-        "(recompute, truncated) or carried with tangents (forward) is not traced",
+        "torch.compile traces a full unroll's step, and a memory mode's step (rebuilt during "
+        "the backward pass, or carried with tangents) is not traced",
         "compile=False with this unroll (exact), or unroll='full' with compile=True",
     ),
     (
@@ -113,8 +111,7 @@ def _entry(cell: Cell) -> str:
 
 #: every cell: SUPPORTED, or the message of its refusal
 TABLE: dict[Cell, str] = {
-    Cell(*axes): _entry(Cell(*axes))
-    for axes in itertools.product(UNROLLS, TASKS, RUNS, PROCESSES)
+    Cell(*axes): _entry(Cell(*axes)) for axes in itertools.product(UNROLLS, TASKS, RUNS, PROCESSES)
 }
 
 

@@ -1,9 +1,10 @@
 """Batched tasks: the ordinary inner loop, run for many tasks at once with `torch.func.vmap`.
 
-`innerloop_ctx(model, opt, tasks=T)` (and its alias `batched_innerloop_ctx`) yields a `BatchedModule` (fast weights with a
-leading task dimension, a forward vmapped over tasks) and a `BatchedOptimizer` (the twin of
-`opt`, whose update rule runs per task under vmap through the step protocol). One step of the
-batched loop computes what `T` separate inner loops compute, task for task.
+`innerloop_ctx(model, opt, tasks=T)` (and its alias `batched_innerloop_ctx`) yields a
+`BatchedModule` (fast weights with a leading task dimension, a forward vmapped over tasks) and a
+`BatchedOptimizer` (the twin of `opt`, whose update rule runs per task under vmap through the
+step protocol). One step of the batched loop computes what `T` separate inner loops compute,
+task for task.
 
 Why the gradients are exact: the per-task losses come out of one vmapped forward, and task
 `t`'s loss depends on task `t`'s slice of the stacked weights only, so the gradient of their

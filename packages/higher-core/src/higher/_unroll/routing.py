@@ -25,7 +25,8 @@ GradCallback = Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | Non
 class Driver(Protocol):
     """A memory mode's way of taking one step (`step`) and of ending the unroll (`close`)."""
 
-    mode: Mode
+    @property
+    def mode(self) -> Mode: ...
 
     def step(
         self,
