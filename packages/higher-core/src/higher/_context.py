@@ -8,7 +8,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -22,7 +22,40 @@ from higher.optim import DifferentiableOptimizer, get_diff_optim, twin_of
 from higher.patch import FunctionalModule, monkeypatch
 
 
-@contextlib.contextmanager
+@overload
+def innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: Mapping[str, Sequence[Any]] | None = None,
+    track_higher_grads: bool = True,
+    unroll: str | Mode = "full",
+    *,
+    tasks: None = None,
+    compile: bool = False,
+    compile_options: Mapping[str, Any] | None = None,
+    randomness: str = "different",
+) -> contextlib.AbstractContextManager[tuple[FunctionalModule, DifferentiableOptimizer]]: ...
+
+
+@overload
+def innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: Mapping[str, Sequence[Any]] | None = None,
+    track_higher_grads: bool = True,
+    unroll: str | Mode = "full",
+    *,
+    tasks: int,
+    compile: bool = False,
+    compile_options: Mapping[str, Any] | None = None,
+    randomness: str = "different",
+) -> contextlib.AbstractContextManager[tuple[BatchedModule, BatchedOptimizer]]: ...
+
+
 def innerloop_ctx(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -36,7 +69,7 @@ def innerloop_ctx(
     compile: bool = False,
     compile_options: Mapping[str, Any] | None = None,
     randomness: str = "different",
-) -> Iterator[tuple[Any, Any]]:
+) -> contextlib.AbstractContextManager[tuple[Any, Any]]:
     """Yield `(fmodel, diffopt)`: a functional copy of `model` and the twin of `opt`.
 
     `diffopt.step(loss)` takes a step of `opt`'s rule out of place and makes the new weights
@@ -100,6 +133,37 @@ def innerloop_ctx(
         >>> model.weight.grad.shape
         torch.Size([1, 2])
     """
+    return _innerloop(
+        model,
+        opt,
+        device,
+        copy_initial_weights,
+        override,
+        track_higher_grads,
+        unroll,
+        tasks=tasks,
+        compile=compile,
+        compile_options=compile_options,
+        randomness=randomness,
+    )
+
+
+@contextlib.contextmanager
+def _innerloop(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    override: Mapping[str, Sequence[Any]] | None,
+    track_higher_grads: bool,
+    unroll: str | Mode,
+    *,
+    tasks: int | None,
+    compile: bool,
+    compile_options: Mapping[str, Any] | None,
+    randomness: str,
+) -> Iterator[tuple[Any, Any]]:
+    """`innerloop_ctx`'s context."""
     check_model_and_opt(model, opt)
     mode = resolve(unroll)
     check_tasks(tasks)
