@@ -9,6 +9,7 @@ table rendered from this registry, and must stay so.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -97,6 +99,77 @@ def test_refused_ddp_cells_raise_from_the_table() -> None:
     local = refused[0]._replace(process="one process")
     assert TABLE[local] != SUPPORTED  # the process axis adds no refusal of its own
     assert TABLE[refused[0]].endswith(TABLE[local].split(" is not supported: ")[1])
+
+
+def _compiling_torch() -> bool:
+    return bool(worker.torch_version() >= worker.MIN_TORCH["compiled step"])
+
+
+def test_compiled_loop_takes_a_loss_function_and_its_batch() -> None:
+    """compile=True: step takes partial(loss_fn, fmodel, *batch); a loss tensor, a lambda, a
+    partial of another model, or per-step options are refused, and change nothing."""
+    model = worker.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys, xq, yq = worker.make_tasks()[0]
+    with higher.innerloop_ctx(model, opt, compile=True) as (fmodel, diffopt):
+        wrong: list[dict[str, Any]] = [
+            {"loss": worker.inner(fmodel, xs, ys, xq, yq)},
+            {"closure": lambda: worker.inner(fmodel, xs, ys, xq, yq)},
+            {"closure": functools.partial(worker.inner, model, xs, ys, xq, yq)},
+        ]
+        for kwargs in wrong:
+            with pytest.raises(higher.UsageError, match=r"functools\.partial\(loss_fn, fmodel"):
+                diffopt.step(**kwargs)
+        step = functools.partial(worker.inner, fmodel, xs, ys, xq, yq)
+        with pytest.raises(higher.UsageError, match="no per-step override"):
+            diffopt.step(closure=step, override={"lr": [0.5]})
+        assert len(list(fmodel.parameters(time=-1))) == 4
+        with pytest.raises(higher.patch.PatchError, match="1 step"):
+            list(fmodel.parameters(time=1))  # no step was taken
+
+
+def test_compiled_loops_share_their_graphs() -> None:
+    """Every inner loop with compile=True reuses the graphs of the first (one compiled step
+    per loss function and options, not one per loop)."""
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = worker.make_model()
+    tasks = worker.make_tasks()
+    options = {"backend": counting}
+    after_first = 0
+    for k, task in enumerate(tasks):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with higher.innerloop_ctx(model, opt, compile=_compiling_torch(),
+                                  compile_options=options if _compiling_torch() else None) as (
+            fmodel, diffopt):  # fmt: skip
+            for _ in range(3):
+                diffopt.step(closure=functools.partial(worker.inner, fmodel, *task))
+        if k == 0:
+            after_first = len(graphs)
+    if _compiling_torch():  # momentum's first step (fresh state) and the later ones
+        assert 1 <= after_first <= 3
+    assert len(graphs) == after_first
+
+
+def test_aliases_are_the_strategies() -> None:
+    """batched_innerloop_ctx is innerloop_ctx(tasks=T) (and needs its T); compile_meta_step is
+    meta_step(compile=True)."""
+    model = worker.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.batched_innerloop_ctx(model, opt, tasks=2) as (fmodel, diffopt):
+        assert isinstance(fmodel, higher.BatchedModule)
+        assert isinstance(diffopt, higher.BatchedOptimizer)
+    with pytest.raises(higher.FastPathError, match="tasks must be a positive int"):
+        higher.batched_innerloop_ctx(model, opt, tasks=None)  # type: ignore[arg-type]
+    meta = higher.compile_meta_step(worker.inner, worker.outer, steps=2, compile=False)
+    assert isinstance(meta, higher.MetaStep) and meta.steps == 2 and meta.tasks is None
+    with pytest.raises(higher.CompositionError) as info:
+        higher.meta_step(worker.inner, worker.outer, steps=2, unroll="forward")
+    assert str(info.value) == TABLE[Cell("forward", "one task", "eager meta_step", "one process")]
 
 
 @pytest.fixture(scope="module")
