@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from higher._context import check_model_and_opt
+from higher._context import check_model_and_opt, innerloop_ctx
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, torch_version, traced_call
 from higher._fast.tasks import refuse_nested
@@ -48,6 +48,9 @@ class MetaStep:
             for _ in range(steps):
                 diffopt.step(inner_loss_fn(fmodel, *batch))
             meta_loss = outer_loss_fn(fmodel, *batch)
+
+    In a memory mode (`unroll=` other than "full", eagerly) the loop above runs with it, each
+    step `diffopt.step(closure=...)`.
 
     With `tasks=T`, every positional tensor of `batch` carries the task dimension first, the
     loop runs once per task (vmapped) and the result is the `T` outer losses (reduce them, e.g.
@@ -230,8 +233,6 @@ class MetaStep:
         kwargs: dict[str, Any],
     ) -> torch.Tensor:
         """The meta-step in a memory mode: the loop form's steps, the loss as a closure."""
-        from higher._context import innerloop_ctx
-
         with innerloop_ctx(model, opt, copy_initial_weights=False, override=override,
                            unroll=self._mode) as (fmodel, diffopt):  # fmt: skip
             step = functools.partial(self._inner, fmodel, *batch, **kwargs)
