@@ -108,14 +108,17 @@ def _pytest(session: nox.Session, *args: str) -> None:
 # Its two-process launches run alone, after the rest: beside another pytest worker on two
 # cores the launch hung (both ranks silent) on torch 2.1.2 in two of three CI runs; alone, as
 # before the suite ran on two workers, it never did.
-PROCESS_TESTS = "packages/higher-core/tests/test_core_distributed.py"
+PROCESS_TESTS = (
+    "packages/higher-core/tests/test_core_distributed.py",
+    "packages/higher-core/tests/test_core_composition.py",
+)
 
 
 def _tests(session: nox.Session, torch: str) -> None:
     _install_workspace(session, torch)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
-    _pytest(session, *PARALLEL, f"--ignore={PROCESS_TESTS}")
-    _pytest(session, PROCESS_TESTS)
+    _pytest(session, *PARALLEL, *(f"--ignore={path}" for path in PROCESS_TESTS))
+    _pytest(session, *PROCESS_TESTS)
 
 
 def _repo_tests(session: nox.Session) -> None:

@@ -1,4 +1,4 @@
-# mypy: disable-error-code="union-attr,index,arg-type"
+# mypy: disable-error-code="union-attr,index,arg-type,call-overload"
 # (tests index Sequential models and read .grad, which torch types as Optional)
 """Compatibility with higher 0.2.1, written from its documented behaviour (docs and README).
 

@@ -67,7 +67,7 @@ def test_modes_by_name_and_bad_modes() -> None:
         pass
     with (
         pytest.raises(higher.UsageError, match="got int"),
-        higher.innerloop_ctx(model, opt, unroll=3),  # type: ignore[arg-type]
+        higher.innerloop_ctx(model, opt, unroll=3),  # type: ignore[call-overload]
     ):
         pass
     with pytest.raises(higher.UnrollError, match="every must be at least 1"):

@@ -22,7 +22,9 @@ from higher import implicit as implicit
 from higher import optim as optim
 from higher import patch as patch
 from higher import utils as utils
+from higher._context import batched_innerloop_ctx as batched_innerloop_ctx
 from higher._context import innerloop_ctx as innerloop_ctx
+from higher._errors import CompositionError as CompositionError
 from higher._errors import FastPathError as FastPathError
 from higher._errors import UnrollError as UnrollError
 from higher._errors import UsageError as UsageError
@@ -30,9 +32,9 @@ from higher._fast.compiled import CompiledStep as CompiledStep
 from higher._fast.compiled import compile_step as compile_step
 from higher._fast.metastep import MetaStep as MetaStep
 from higher._fast.metastep import compile_meta_step as compile_meta_step
+from higher._fast.metastep import meta_step as meta_step
 from higher._fast.tasks import BatchedModule as BatchedModule
 from higher._fast.tasks import BatchedOptimizer as BatchedOptimizer
-from higher._fast.tasks import batched_innerloop_ctx as batched_innerloop_ctx
 from higher._unroll.modes import ForwardMode as ForwardMode
 from higher._unroll.modes import Full as Full
 from higher._unroll.modes import Recompute as Recompute
@@ -48,6 +50,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "innerloop_ctx",
+    "meta_step",
     "compile_step",
     "CompiledStep",
     "Full",
@@ -68,6 +71,7 @@ __all__ = [
     "UsageError",
     "UnrollError",
     "FastPathError",
+    "CompositionError",
     "errors",
     "distributed",
     "implicit",

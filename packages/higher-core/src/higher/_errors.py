@@ -83,6 +83,26 @@ class UnrollError(HigherError, ValueError):
     __module__ = "higher"  # its public path, for tracebacks, pickle and the docs
 
 
+class CompositionError(UsageError, ValueError):
+    """Strategies that do not compose were asked for together: a memory mode with batched
+    tasks, a memory mode compiled, ... The message names the combination and what to use
+    instead; every combination's entry is in docs/composition.md. Also a `ValueError`, and a
+    `UsageError` (so a `TypeError`), as the refusals it replaces were.
+
+    Examples:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> try:
+        ...     with higher.innerloop_ctx(net, torch.optim.SGD(net.parameters(), lr=0.1),
+        ...                               unroll="recompute", tasks=4):
+        ...         pass
+        ... except higher.CompositionError as err:
+        ...     print(str(err)[:62])
+        unroll='recompute' with tasks=T in innerloop_ctx(..., compile=
+    """
+
+    __module__ = "higher"  # its public path, for tracebacks, pickle and the docs
+
+
 class FastPathError(HigherError, ValueError):
     """A fast path (batched tasks, the compiled meta-step) refused its input: a value of the
     wrong shape, or a model, optimizer or torch it cannot run exactly (also a `ValueError`).

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.torch_version import TorchVersion
 
 from higher._errors import UsageError
+from higher._strategies import refuse
 from higher._torch_warnings import ignore_torch_self_deprecation
 from higher._unroll.routing import Routed
 from higher.errors import HigherError
@@ -266,11 +267,9 @@ class CompiledStep:
                 f"the second argument must be a differentiable optimizer, got "
                 f"{type(diffopt).__name__}"
             )
-        if isinstance(diffopt, Routed):
-            raise UsageError(
-                "compile_step takes full unrolls; this optimizer steps in a memory mode of "
-                "innerloop_ctx(..., unroll=...): use diffopt.step(closure=...) in that mode"
-            )
+        driver = diffopt._higher_unroll if isinstance(diffopt, Routed) else None
+        if driver is not None:  # a memory mode: refused by the table
+            refuse(driver.mode, None, "compiled step")
         if diffopt.fmodel is not None and diffopt.fmodel is not fmodel:
             raise UsageError(
                 "diffopt was built for another functional model: pass the pair innerloop_ctx "
@@ -426,8 +425,11 @@ def _refuse_batch_statistics(name: str, sub: _NormBase) -> None:
 
 
 def compile_step(loss_fn: LossFn, *, compile: bool = True, **compile_kwargs: Any) -> CompiledStep:
-    """Make a `CompiledStep`: `step(fmodel, diffopt, *batch)` is `diffopt.step(loss_fn(fmodel,
-    *batch))` traced by `torch.compile` into one graph (forward, loss, gradient and update).
+    """An alias of the compiled loop form: `step = compile_step(loss_fn)` then
+    `step(fmodel, diffopt, *batch)` is, in `innerloop_ctx(model, opt, compile=True)`,
+    `diffopt.step(closure=functools.partial(loss_fn, fmodel, *batch))`: `diffopt.step(
+    loss_fn(fmodel, *batch))` traced by `torch.compile` into one graph (forward, loss, gradient
+    and update), returning the loss.
 
     Make it once, outside the task loop, and call it in every inner loop: the graph is
     compiled on the first calls (seconds) and reused by every later task of the same model.

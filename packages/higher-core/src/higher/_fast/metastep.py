@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch.torch_version import TorchVersion
 
-from higher._context import check_model_and_opt
+from higher._context import check_model_and_opt, innerloop_ctx
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, traced_call
 from higher._fast.tasks import refuse_nested
+from higher._strategies import RunName, refuse
 from higher._trees import flatten, map_leaves, merge_fields, split_fields, unflatten
+from higher._unroll.modes import Full, Mode, resolve
 from higher.optim import StepPlan, StepResult, get_diff_optim
 from higher.patch import FunctionalModule, monkeypatch
 
@@ -38,7 +40,7 @@ class MetaStep:
     of `opt`'s differentiable twin on `inner_loss_fn(fmodel, *batch)`, starting from `model`'s
     parameters, and returns `outer_loss_fn(fmodel, *batch)` at the adapted weights; its
     backward is the meta-gradient (into `model.parameters()` and the tensors of `override`
-    that require grad). Made by `higher.compile_meta_step`.
+    that require grad). Made by `higher.meta_step` (or its alias `higher.compile_meta_step`).
 
     It computes what this loop computes (in float64, to round-off):
 
@@ -47,6 +49,9 @@ class MetaStep:
             for _ in range(steps):
                 diffopt.step(inner_loss_fn(fmodel, *batch))
             meta_loss = outer_loss_fn(fmodel, *batch)
+
+    In a memory mode (`unroll=` other than "full", eagerly) the loop above runs with it, each
+    step `diffopt.step(closure=...)`.
 
     With `tasks=T`, every positional tensor of `batch` carries the task dimension first, the
     loop runs once per task (vmapped) and the result is the `T` outer losses (reduce them, e.g.
@@ -87,12 +92,14 @@ class MetaStep:
         outer_loss_fn: LossFn,
         *,
         steps: int,
+        unroll: str | Mode = "full",
         tasks: int | None = None,
         compile: bool = True,
         **compile_kwargs: Any,
     ) -> None:
         if not callable(inner_loss_fn) or not callable(outer_loss_fn):
             raise UsageError("inner_loss_fn and outer_loss_fn must be callable")
+        mode = resolve(unroll)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise FastPathError(f"steps must be a positive int, got {steps!r}")
         if tasks is not None and (
@@ -100,12 +107,14 @@ class MetaStep:
         ):
             raise FastPathError(f"tasks must be None or a positive int, got {tasks!r}")
         check_compile_flag("compile_meta_step", compile)
+        refuse(mode, tasks, "compiled meta_step" if compile else "eager meta_step")
         if compile and TorchVersion(torch.__version__) < _MIN_TORCH:
             raise FastPathError(
                 f"compile_meta_step needs torch >= {_MIN_TORCH} (scan with "
                 f"autograd under torch.compile); this is torch {torch.__version__}. Use "
                 "compile_meta_step(..., compile=False), which runs the same steps as a loop"
             )
+        self._mode = mode
         self._inner = inner_loss_fn
         self._outer = outer_loss_fn
         self._steps = steps
@@ -150,6 +159,14 @@ class MetaStep:
         """The outer loss after `steps` inner steps from `model`'s parameters (with `tasks`,
         one per task)."""
         check_model_and_opt(model, opt)
+        ddp = None
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # as innerloop_ctx: the model it wraps runs, the meta-gradients average across ranks
+            run: RunName = "compiled meta_step" if self._compiled else "eager meta_step"
+            refuse(self._mode, self._tasks, run, "DDP")
+            ddp, model = model, model.get_submodule("module")
+        if not isinstance(self._mode, Full):
+            return self._looped(model if ddp is None else ddp, opt, batch, override, kwargs)
         fmodule = self._functional(model)
         params: list[torch.Tensor] = list(model.parameters())
         refuse_nested(batch, kwargs)
@@ -166,6 +183,10 @@ class MetaStep:
         names = tuple(fmodule.named_fast_params())
         buffers = dict(model.named_buffers())
         twin = get_diff_optim(opt, params, override=override)
+        if ddp is not None:
+            from higher.distributed._ddp import arm_inner_loop
+
+            arm_inner_loop(ddp, twin, copy_initial_weights=False, loops=self._tasks or 1)
         key = (names, tuple(p.requires_grad for p in params), _signature(batch), _signature(kwargs))
         unused = self._unused.get(key)
         if unused is None:
@@ -203,6 +224,22 @@ class MetaStep:
                 )
         except torch._dynamo.exc.TorchDynamoException as err:  # what is not Unsupported
             raise FastPathError(refusal.format(reason=str(err).splitlines()[0])) from err
+
+    def _looped(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        batch: tuple[Any, ...],
+        override: dict[str, list[Any]] | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The meta-step in a memory mode: the loop form's steps, the loss as a closure."""
+        with innerloop_ctx(model, opt, copy_initial_weights=False, override=override,
+                           unroll=self._mode) as (fmodel, diffopt):  # fmt: skip
+            step = functools.partial(self._inner, fmodel, *batch, **kwargs)
+            for _ in range(self._steps):
+                diffopt.step(closure=step)
+            return self._outer(fmodel, *batch, **kwargs)
 
     def _probe(self, plan: StepPlan, params: list[torch.Tensor]) -> bool:
         """Check that the rule runs with its step count a tensor, and say whether the first
@@ -503,6 +540,45 @@ def _loop(
     return unpack(final)[:n_live]
 
 
+def meta_step(
+    inner_loss_fn: LossFn,
+    outer_loss_fn: LossFn,
+    *,
+    steps: int,
+    unroll: str | Mode = "full",
+    tasks: int | None = None,
+    compile: bool = False,
+    **compile_kwargs: Any,
+) -> MetaStep:
+    """The function form of an inner loop: `meta = meta_step(inner, outer, steps=k)`, then
+    `meta(model, opt, *batch, override=...)` is the outer loss after `k` steps of `opt`'s twin
+    on `inner(fmodel, *batch)` from `model`'s parameters; its backward is the meta-gradient
+    (into `model.parameters()` and the tensors of `override` that require grad).
+
+    The strategies are arguments, as in `innerloop_ctx`: `unroll=` (the memory mode; in a
+    memory mode each step runs `diffopt.step(closure=...)` of the loop form), `tasks=T` (every
+    positional tensor of the batch carries the task dimension first; the result is the `T`
+    outer losses), `compile=True` (the whole meta-step one `torch.compile`d graph, the inner
+    loop a scan traced once; `compile_kwargs` go to `torch.compile`) or False (the same steps
+    eagerly, any torch). A combination that does not compose is refused with
+    `higher.CompositionError` (docs/composition.md). A `DistributedDataParallel` model runs
+    the model it wraps and averages the meta-gradients across its ranks, as `innerloop_ctx`.
+    `MetaStep` documents the rest.
+
+    Examples:
+        >>> import torch, higher
+        >>> net = torch.nn.Linear(1, 1)
+        >>> mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)
+        >>> meta = higher.meta_step(mse, mse, steps=5, unroll="recompute")
+        >>> x, y = torch.randn(10, 1), torch.randn(10, 1)
+        >>> meta(net, torch.optim.SGD(net.parameters(), lr=0.1), x, y).backward()
+        >>> net.weight.grad.shape
+        torch.Size([1, 1])
+    """
+    return MetaStep(inner_loss_fn, outer_loss_fn, steps=steps, unroll=unroll, tasks=tasks,
+                    compile=compile, **compile_kwargs)  # fmt: skip
+
+
 def compile_meta_step(
     inner_loss_fn: LossFn,
     outer_loss_fn: LossFn,
@@ -512,9 +588,10 @@ def compile_meta_step(
     compile: bool = True,
     **compile_kwargs: Any,
 ) -> MetaStep:
-    """Make a `MetaStep`: `meta(model, opt, *batch)` is the outer loss after `steps` inner
-    steps of `opt`'s twin from `model`'s parameters, the whole meta-step one compiled graph
-    whose backward is the meta-gradient.
+    """An alias: `meta_step(inner_loss_fn, outer_loss_fn, steps=steps, tasks=tasks,
+    compile=compile)`, compiled by default. `meta(model, opt, *batch)` is the outer loss after
+    `steps` inner steps of `opt`'s twin from `model`'s parameters, the whole meta-step one
+    compiled graph whose backward is the meta-gradient.
 
     Make it once and call it every meta-iteration: the graph is compiled on the first call (the
     loop body once, whatever `steps` is; torch caches compiled artefacts on disk, so a second
@@ -531,9 +608,8 @@ def compile_meta_step(
         >>> meta(net, torch.optim.SGD(net.parameters(), lr=0.1), x, y).shape
         torch.Size([4])
     """
-    return MetaStep(
-        inner_loss_fn, outer_loss_fn, steps=steps, tasks=tasks, compile=compile, **compile_kwargs
-    )
+    return meta_step(inner_loss_fn, outer_loss_fn, steps=steps, tasks=tasks, compile=compile,
+                     **compile_kwargs)  # fmt: skip
 
 
-__all__ = ["MetaStep", "compile_meta_step"]
+__all__ = ["MetaStep", "compile_meta_step", "meta_step"]

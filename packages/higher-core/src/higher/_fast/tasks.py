@@ -1,9 +1,10 @@
 """Batched tasks: the ordinary inner loop, run for many tasks at once with `torch.func.vmap`.
 
-`batched_innerloop_ctx(model, opt, tasks=T)` yields a `BatchedModule` (fast weights with a
-leading task dimension, a forward vmapped over tasks) and a `BatchedOptimizer` (the twin of
-`opt`, whose update rule runs per task under vmap through the step protocol). One step of the
-batched loop computes what `T` separate inner loops compute, task for task.
+`innerloop_ctx(model, opt, tasks=T)` (and its alias `batched_innerloop_ctx`) yields a
+`BatchedModule` (fast weights with a leading task dimension, a forward vmapped over tasks) and a
+`BatchedOptimizer` (the twin of `opt`, whose update rule runs per task under vmap through the
+step protocol). One step of the batched loop computes what `T` separate inner loops compute,
+task for task.
 
 Why the gradients are exact: the per-task losses come out of one vmapped forward, and task
 `t`'s loss depends on task `t`'s slice of the stacked weights only, so the gradient of their
@@ -15,13 +16,11 @@ was measured wrong on torch 2.13.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from higher._context import check_model_and_opt
 from higher._errors import FastPathError
 from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
@@ -34,7 +33,7 @@ Params = Sequence[torch.Tensor]
 class BatchedModule:
     """A functional model for `tasks` tasks at once: each fast weight (and buffer) carries a
     leading task dimension, and a call runs the model's forward once per task under
-    `torch.func.vmap`. Made by `higher.batched_innerloop_ctx`.
+    `torch.func.vmap`. Made by `higher.innerloop_ctx(..., tasks=T)`.
 
     Positional tensor arguments carry the task dimension first (`x[t]` is task `t`'s input);
     keyword arguments and non-tensor arguments are shared by every task. Buffers (BatchNorm's
@@ -208,7 +207,7 @@ class BatchedOptimizer:
     `grad_callback` such as `higher.optim.clip_grad_norm` sees one task's gradients at a time.
     The state (`state`, `param_groups`) is the twin's, its tensors stacked per task.
     Hyperparameters are shared by every task (tensors in `override` learnable as usual).
-    Made by `higher.batched_innerloop_ctx`.
+    Made by `higher.innerloop_ctx(..., tasks=T)`.
 
     Examples:
         >>> net = torch.nn.Linear(2, 1)
@@ -428,54 +427,18 @@ def _present(grads: list[torch.Tensor | None], stepped: list[int]) -> list[torch
     return out
 
 
-@contextlib.contextmanager
-def batched_innerloop_ctx(
+def batched_pair(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     tasks: int,
-    *,
-    device: torch.device | str | None = None,
-    copy_initial_weights: bool = True,
-    override: Mapping[str, Sequence[Any]] | None = None,
-    track_higher_grads: bool = True,
-    randomness: str = "different",
-) -> Iterator[tuple[BatchedModule, BatchedOptimizer]]:
-    """Yield `(fmodel, diffopt)` for `tasks` inner loops run at once with `torch.func.vmap`.
-
-    The loop is the one `innerloop_ctx` runs, over a stacked batch of tasks: inputs carry the
-    task dimension first, `fmodel(x)` runs every task's forward, and `diffopt.step(losses)`
-    takes one loss per task (shape `(tasks,)`) and steps each task with its own gradient and
-    optimizer state. Every task starts from `model`'s weights (with
-    `copy_initial_weights=False`, `model.parameters()` themselves, so a meta-loss's backward
-    sums every task's meta-gradient into their `.grad`); the results equal `tasks` separate
-    `innerloop_ctx` loops (float64 tests: SGD with momentum, Adam, learnable learning rates,
-    BatchNorm in training mode).
-
-    Refused, with `FastPathError`: optimizers with a hand-written `_update` (rule-based twins
-    only); a loss that is not one value per task, or one that couples the tasks where that is
-    seen (on the first step: nonzero losses, every gradient exactly zero, and task 0's loss
-    reaching another task's weights, as with `l - l.mean()`); inputs that are nested tensors
-    (tasks of unequal sizes: pad and mask, or group tasks of equal size). `randomness` goes to
-    `torch.func.vmap` ("different": each task draws its own dropout masks).
-
-    Examples:
-        >>> net = torch.nn.Linear(1, 1)
-        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        >>> x, y = torch.randn(8, 5, 1), torch.randn(8, 5, 1)   # 8 tasks of 5 points
-        >>> mse = torch.vmap(torch.nn.functional.mse_loss)
-        >>> with higher.batched_innerloop_ctx(net, opt, tasks=8, copy_initial_weights=False) as (
-        ...     fmodel, diffopt):
-        ...     for _ in range(3):
-        ...         _ = diffopt.step(mse(fmodel(x), y))
-        ...     mse(fmodel(x), y).mean().backward()
-        >>> net.weight.grad.shape
-        torch.Size([1, 1])
-    """
-    check_model_and_opt(model, opt)
-    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
-        raise FastPathError(
-            f"tasks must be a positive int (the number of tasks batched), got {tasks!r}"
-        )
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    override: Mapping[str, Sequence[Any]] | None,
+    track_higher_grads: bool,
+    randomness: str,
+) -> tuple[BatchedModule, BatchedOptimizer, DifferentiableOptimizer]:
+    """The batched model and optimizer of `innerloop_ctx(model, opt, tasks=tasks)` (checked
+    arguments), and the twin the optimizer steps."""
     if randomness not in ("different", "same", "error"):
         raise FastPathError(
             f"randomness must be 'different', 'same' or 'error' (torch.func.vmap's), got "
@@ -499,7 +462,7 @@ def batched_innerloop_ctx(
     templates = [p.detach() for p in fmodule.fast_params]
     for t, p in zip(templates, fmodule.fast_params):
         t.requires_grad_(p.requires_grad)
-    yield fmodel, BatchedOptimizer(twin, fmodel, templates)
+    return fmodel, BatchedOptimizer(twin, fmodel, templates), twin
 
 
-__all__ = ["BatchedModule", "BatchedOptimizer", "batched_innerloop_ctx"]
+__all__ = ["BatchedModule", "BatchedOptimizer"]

@@ -108,6 +108,7 @@ class ForwardDriver:
         model_params: list[torch.Tensor],
         copy_initial_weights: bool,
     ) -> None:
+        self.mode = mode
         self.fmodel = fmodel
         self.reading = _Reading()
         self.wrt: list[torch.Tensor] | None = None if mode.wrt is None else list(mode.wrt)

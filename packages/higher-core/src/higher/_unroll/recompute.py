@@ -419,6 +419,7 @@ class RecomputeDriver:
         fmodel: FunctionalModule,
         diffopt: DifferentiableOptimizer,
     ) -> None:
+        self.mode = mode
         self.name = "'recompute'" if isinstance(mode, Recompute) else "higher.Truncated(...)"
         self.every = mode.every if isinstance(mode, Recompute) else 1
         self.window = mode.window if isinstance(mode, Truncated) else None

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from higher._errors import UnrollError
 from higher._trees import tensors
+from higher._unroll.modes import Mode
 from higher.optim import DifferentiableOptimizer, StepPlan
 from higher.patch import FunctionalModule
 
@@ -24,6 +25,9 @@ GradCallback = Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | Non
 
 class Driver(Protocol):
     """A memory mode's way of taking one step (`step`) and of ending the unroll (`close`)."""
+
+    @property
+    def mode(self) -> Mode: ...
 
     def step(
         self,

@@ -81,13 +81,13 @@ class _MetaGradientSync:
         self._inner_loops = 0
         self._queued = False
 
-    def arm(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Count one more inner loop, whose meta-gradient may reach `tensors`."""
+    def arm(self, tensors: Iterable[torch.Tensor], loops: int = 1) -> None:
+        """Count `loops` more inner loops, whose meta-gradients may reach `tensors`."""
         for t in tensors:
             if id(t) not in self._handles:
                 self._handles[id(t)] = t.register_post_accumulate_grad_hook(self._accumulated)
                 self._tensors.append(t)
-        self._inner_loops += 1
+        self._inner_loops += loops
         self._queued = False  # a backward that raised midway never ran its callback
 
     def _accumulated(self, tensor: torch.Tensor) -> None:
@@ -119,8 +119,10 @@ def arm_inner_loop(
     ddp: torch.nn.parallel.DistributedDataParallel,
     diffopt: DifferentiableOptimizer,
     copy_initial_weights: bool,
+    loops: int = 1,
 ) -> None:
-    """Register one inner loop on `ddp`: its meta-gradient will be averaged across the ranks."""
+    """Register `loops` inner loops (a batch of tasks: one per task) on `ddp`: their
+    meta-gradients will be averaged across the ranks."""
     if not torch.is_grad_enabled():
         return  # no graph is recorded: no meta-gradient can come of this inner loop
     tensors: list[torch.Tensor] = []
@@ -132,4 +134,4 @@ def arm_inner_loop(
     sync = _SYNCS.get(ddp)
     if sync is None:
         sync = _SYNCS[ddp] = _MetaGradientSync(ddp)
-    sync.arm(tensors)
+    sync.arm(tensors, loops)
