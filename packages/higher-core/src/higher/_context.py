@@ -10,7 +10,7 @@ import torch
 
 from higher._errors import UnrollError, UsageError
 from higher._unroll.modes import ForwardMode, Full, Mode, resolve
-from higher._unroll.routing import Driver, attach, routed_class
+from higher._unroll.routing import Driver, attach, check_routable
 from higher.optim import DifferentiableOptimizer, get_diff_optim, twin_of
 from higher.patch import FunctionalModule, monkeypatch
 
@@ -124,12 +124,13 @@ def _unrolled(
             "track_higher_grads=False no step keeps a graph, so there is nothing to save: "
             "drop unroll="
         )
-    routed = routed_class(twin_of(type(opt)))
+    twin = twin_of(type(opt))
+    check_routable(twin)
     fmodel = monkeypatch(
         model, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=True
     )
     fmodel.keep_history = False
-    diffopt = routed(opt, model.parameters(), fmodel=fmodel, device=device, override=override)
+    diffopt = twin(opt, model.parameters(), fmodel=fmodel, device=device, override=override)
     driver: Driver
     if isinstance(mode, ForwardMode):
         driver = ForwardDriver(mode, fmodel, list(model.parameters()), copy_initial_weights)

@@ -16,9 +16,10 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from higher._errors import UsageError
 from higher._torch_warnings import ignore_torch_self_deprecation
-from higher._unroll.routing import Routed
+from higher._unroll.routing import routed
 from higher.errors import HigherError
-from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
+from higher.optim import DifferentiableOptimizer, internal
+from higher.optim.internal import StepPlan, StepResult
 from higher.patch import FunctionalModule
 
 LossFn = Callable[..., torch.Tensor]
@@ -198,7 +199,9 @@ class CompiledStep:
                         buffer = owner._buffers[key_]
                         assert buffer is not None
                         buffer.copy_(moved[name])
-        diffopt.commit(plan, new)  # first order without tracking or under no_grad, as step
+        internal.commit(
+            diffopt, plan, new
+        )  # first order without tracking or under no_grad, as step
         return loss
 
     def _run(
@@ -215,7 +218,7 @@ class CompiledStep:
         flags = [False] * len(params)
         for i in ctx.requires:
             flags[i] = i not in unused
-        plan = diffopt.plan(params, stepped=flags)
+        plan = internal.plan(diffopt, params, stepped=flags)
         buffers: dict[str, torch.Tensor] = {}
         for name, module, key in ctx.buffers:
             owner = module()
@@ -272,7 +275,7 @@ class CompiledStep:
                 f"the second argument must be a differentiable optimizer, got "
                 f"{type(diffopt).__name__}"
             )
-        if isinstance(diffopt, Routed):
+        if routed(diffopt):
             raise UsageError(
                 "compile_step takes full unrolls; this optimizer steps in a memory mode of "
                 "innerloop_ctx(..., unroll=...): use diffopt.step(closure=...) in that mode"
@@ -283,7 +286,7 @@ class CompiledStep:
                 "gave (or the fmodel the optimizer was built with)"
             )
         named = fmodel.named_fast_params()  # raises for a module without fast weights
-        if diffopt.plan(list(named.values())).rule is None:
+        if internal.plan(diffopt, list(named.values())).rule is None:
             raise UsageError(
                 "compile_step runs rule-based differentiable optimizers (every built-in twin, "
                 f"and plugins written as a Rule); {type(diffopt).__name__} implements _update "

@@ -22,7 +22,8 @@ from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, torch_version, traced_call
 from higher._fast.tasks import refuse_nested
 from higher._trees import flatten, merge_fields, split_fields, unflatten
-from higher.optim import StepPlan, StepResult, get_diff_optim
+from higher.optim import get_diff_optim, internal
+from higher.optim.internal import StepPlan, StepResult
 from higher.patch import FunctionalModule, monkeypatch
 
 LossFn = Callable[..., torch.Tensor]
@@ -172,7 +173,7 @@ class MetaStep:
                 fmodule, names, params, buffers, batch, kwargs
             )
         stepped = [p.requires_grad and i not in unused for i, p in enumerate(params)]
-        plan = twin.plan(params, stepped=stepped)
+        plan = internal.plan(twin, params, stepped=stepped)
         if plan.rule is None:
             raise FastPathError(
                 "compile_meta_step runs rule-based differentiable optimizers (every built-in "

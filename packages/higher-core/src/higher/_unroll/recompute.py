@@ -32,7 +32,8 @@ from higher._unroll.routing import (
     stripped,
     unexpected_leaves,
 )
-from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
+from higher.optim import DifferentiableOptimizer, internal
+from higher.optim.internal import StepPlan, StepResult
 from higher.patch import FunctionalModule
 
 Tensors = list[torch.Tensor]
@@ -462,8 +463,8 @@ class RecomputeDriver:
             )
         env = self.env.after(env)
         stepped = [i for i, g in enumerate(grads) if g is not None]
-        plan = diffopt.plan(params, stepped=[g is not None for g in grads], override=override,
-                            **kwargs)  # fmt: skip
+        plan = internal.plan(diffopt, params, stepped=[g is not None for g in grads],
+                             override=override, **kwargs)  # fmt: skip
         states, state_spec = flatten([b.state for b in plan.buckets])
         with torch.no_grad():
             result = plan.update(leaves, grads, unflatten(state_spec, [s.detach() for s in states]))
@@ -515,7 +516,9 @@ class RecomputeDriver:
         for k, i in enumerate(stepped):
             new_params[i] = outs[k]
         out_states = list(outs[len(stepped) :])
-        committed = diffopt.commit(plan, StepResult(new_params, unflatten(out_spec, out_states)))
+        committed = internal.commit(
+            diffopt, plan, StepResult(new_params, unflatten(out_spec, out_states))
+        )
         self.last_out = ([id(p) for p in committed], [id(s) for s in out_states])
         self.count += 1
         return committed
@@ -559,9 +562,9 @@ class RecomputeDriver:
             else p.detach()
             for p in params
         ]
-        plan = diffopt.plan(params)
+        plan = internal.plan(diffopt, params)
         states = [unflatten(spec, [s.detach() for s in leaves])
                   for leaves, spec in map(flatten, (b.state for b in plan.buckets))]  # fmt: skip
-        diffopt.commit(plan, StepResult(sealed, states))
+        internal.commit(diffopt, plan, StepResult(sealed, states))
         self.last = None
         self.recent.clear()
