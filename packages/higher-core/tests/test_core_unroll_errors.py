@@ -96,7 +96,7 @@ def test_the_optimizer_is_the_twin_itself_in_every_mode() -> None:
     at run time, and after the block the same object steps plainly."""
     model, opt, data = setup()
     lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
-    modes = ["recompute", higher.Recompute(every=2), higher.Truncated(window=2)]
+    modes: list[Any] = ["recompute", higher.Recompute(every=2), higher.Truncated(window=2)]
     for unroll in [*modes, higher.ForwardMode(wrt=[lr])]:
         with higher.innerloop_ctx(model, opt, override={"lr": [lr]}, unroll=unroll) as (
             fmodel,
