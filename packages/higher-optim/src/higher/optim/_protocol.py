@@ -50,6 +50,10 @@ class StepDriver(Protocol):
     ) -> list[torch.Tensor]: ...
 
 
+#: the `step` that consults the driver (a class that overrides it would not)
+_DRIVEN_STEP = ("higher.optim._base", "DifferentiableOptimizer.step")
+
+
 def set_step_driver(diffopt: DifferentiableOptimizer, driver: StepDriver | None) -> None:
     """Hand `diffopt.step` to `driver` (None: back to the optimizer's own step).
 
@@ -67,9 +71,8 @@ def set_step_driver(diffopt: DifferentiableOptimizer, driver: StepDriver | None)
         (['driven'], 'DifferentiableSGD')
         >>> internal.set_step_driver(diffopt, None)
     """
-    from ._base import DifferentiableOptimizer
-
-    if driver is not None and type(diffopt).step is not DifferentiableOptimizer.step:
+    step = type(diffopt).step
+    if driver is not None and (step.__module__, step.__qualname__) != _DRIVEN_STEP:
         raise OptimError(
             f"{type(diffopt).__name__} overrides step, so a step driver would never run: "
             "drive it through its own step"
