@@ -505,3 +505,25 @@ def test_a_twin_that_overrides_step_takes_no_driver() -> None:
     with pytest.raises(higher.optim.OptimError, match="OwnStep overrides step"):
         internal.set_step_driver(diffopt, lambda *a: [])
     assert internal.step_driver(diffopt) is None
+
+
+def test_a_built_in_twin_with_a_hand_written_update_keeps_its_dict_state() -> None:
+    """The 0.2.1 recipe on a subclass of a built-in twin: its `_update` runs and its per-slot
+    dicts are stored (the rule's typed store used to take them and fail at commit)."""
+
+    class Counting(higher.optim.DifferentiableSGD):
+        def _update(self, grouped_grads: Any, **kwargs: Any) -> None:
+            for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+                for j, grad in enumerate(grads):
+                    if grad is not None:
+                        state = self.state[g][j]
+                        state["n"] = state.get("n", 0) + 1
+                        group["params"][j] = group["params"][j] - group["lr"] * grad
+
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    diffopt = Counting(torch.optim.SGD([w], lr=0.5), [w])
+    current = [w]
+    for _ in range(2):
+        current = diffopt.step(current[0].sum(), params=current)
+    assert current[0].tolist() == [0.0, 0.0]
+    assert dict(diffopt.state[0]) == {0: {"n": 2}}
