@@ -41,15 +41,17 @@ def _exports(path: Path) -> list[str] | None:
 
 @cache
 def public_modules() -> dict[str, list[str] | None]:
-    """Each public module of the `higher` namespace (no `_` name in its path), with its
-    `__all__`, across the five distributions' sources."""
+    """Each public module of the `higher` namespace (no `_` name in its path, not an
+    `internal` module), with its `__all__`, across the five distributions' sources."""
     found: dict[str, list[str] | None] = {}
     for src in sorted(ROOT.glob("packages/*/src")):
         for path in sorted((src / "higher").rglob("*.py")):
             parts = path.relative_to(src).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            if not any(part.startswith("_") for part in parts):
+            # `internal` modules are the seam between the distributions, documented in their
+            # docstrings for plugin authors and kept out of the API reference
+            if not any(part.startswith("_") for part in parts) and parts[-1] != "internal":
                 found[".".join(parts)] = _exports(path)
     return found
 
@@ -167,3 +169,15 @@ def test_the_reference_names_no_private_path() -> None:
         if not _exported(match.group(1))
     }
     assert sorted(found) == []
+
+
+def test_the_reference_shows_no_step_protocol() -> None:
+    """The step protocol is internal (`higher.optim.internal`): not on the user's API pages."""
+    seam = {
+        "higher.optim.StepPlan",
+        "higher.optim.StepResult",
+        "higher.optim.Bucket",
+        "higher.optim.DifferentiableOptimizer.plan",
+        "higher.optim.DifferentiableOptimizer.commit",
+    }
+    assert sorted(seam & anchors()) == []

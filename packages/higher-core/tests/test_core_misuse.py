@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import higher
+from higher.optim import internal
 
 
 class World(NamedTuple):
@@ -200,13 +201,13 @@ MISUSES: list[tuple[str, Callable[[World], Any], type[Exception] | None, str]] =
     # the step protocol
     (
         "plan stepped wrong length",
-        lambda w: w.diffopt.plan(stepped=[True]),
+        lambda w: internal.plan(w.diffopt, stepped=[True]),
         OptimError,
         "stepped has 1 entries; expected 4",
     ),
     (
         "update with too few grads",
-        lambda w: w.diffopt.plan().update(w.fmodel.fast_params, []),
+        lambda w: internal.plan(w.diffopt).update(w.fmodel.fast_params, []),
         OptimError,
         "got 0 gradients for 4 parameters",
     ),

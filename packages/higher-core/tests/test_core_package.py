@@ -87,5 +87,5 @@ def test_core_uses_no_private_name_of_patch_or_optim() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     others = {m.__name__: Path(m.__file__ or "").parent for m in (higher.optim, higher.patch)}
-    assert "_load_params" in module.private_names(list(others.values()))  # the scan sees them
+    assert "_make_plan" in module.private_names(list(others.values()))  # the scan sees them
     assert module.private_uses(Path(higher.__file__).parent, others) == []

@@ -91,6 +91,25 @@ def test_modes_by_name_and_bad_modes() -> None:
         assert not fmodel.keep_history
 
 
+def test_the_optimizer_is_the_twin_itself_in_every_mode() -> None:
+    """A memory mode takes `diffopt.step` through the optimizer's step driver: no subclass made
+    at run time, and after the block the same object steps plainly."""
+    model, opt, data = setup()
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    modes: list[Any] = ["recompute", higher.Recompute(every=2), higher.Truncated(window=2)]
+    for unroll in [*modes, higher.ForwardMode(wrt=[lr])]:
+        with higher.innerloop_ctx(model, opt, override={"lr": [lr]}, unroll=unroll) as (
+            fmodel,
+            diffopt,
+        ):
+            assert type(diffopt) is higher.optim.DifferentiableSGD, unroll
+            for x, y in data[:2]:
+                diffopt.step(closure=mse(fmodel, x, y))
+        assert type(diffopt) is higher.optim.DifferentiableSGD
+        x, y = data[0]
+        diffopt.step(F.mse_loss(fmodel(x), y))  # the unroll has ended: a plain step
+
+
 def test_a_closure_that_reads_a_loop_variable_is_caught() -> None:
     """The classic late-binding bug: every closure sees the last batch when run again."""
     model, opt, data = setup()

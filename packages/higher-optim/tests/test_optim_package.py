@@ -16,17 +16,17 @@ import torch
 
 import higher.errors
 import higher.optim
-from higher.optim import functional
+from higher.optim import functional, internal
 
 SRC = Path(higher.optim.__file__).parent
 MODULES = sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__")
-PUBLIC_MODULES = {"functional", "rule"}
+PUBLIC_MODULES = {"functional", "internal", "rule"}  # internal: the step protocol, not user API
 # the higher namespace folder of higher-errors, which every distribution depends on
 ERRORS = str(Path(higher.errors.__file__).parent.parent)
 
 
 def _public_names() -> list[tuple[Any, str]]:
-    modules = (higher.optim, functional, higher.optim.rule)
+    modules = (higher.optim, functional, higher.optim.rule, internal)
     return [(module, n) for module in modules for n in module.__all__]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import pickle
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import higher.optim
+from higher.optim import internal
 
 T = torch.Tensor
 
@@ -101,14 +103,14 @@ def test_plan_update_commit_is_step(
         current_a = by_step.step(loss_of(current_a), params=current_a)
         grads = list(torch.autograd.grad(loss_of(current_b), current_b, create_graph=True))
         before = snapshot(by_protocol)
-        plan = by_protocol.plan(current_b)
+        plan = internal.plan(by_protocol, current_b)
         assert_same(snapshot(by_protocol), before)  # planning changes nothing
         first = plan.update(current_b, grads)
         again = plan.update(current_b, grads)  # pure: the same again, inputs untouched
         for u, v in zip(first.params, again.params, strict=True):
             assert torch.equal(u, v)
         assert_same(snapshot(by_protocol), before)
-        current_b = by_protocol.commit(plan, first)
+        current_b = internal.commit(by_protocol, plan, first)
     for a, b in zip(current_a, current_b, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert_same(snapshot(by_step), snapshot(by_protocol))
@@ -122,7 +124,7 @@ def test_update_takes_other_states_and_hyperparameters() -> None:
     ps = params()
     diffopt = higher.optim.get_diff_optim(torch.optim.Adam(ps, lr=0.05), ps)
     grads = list(torch.autograd.grad(loss_of(ps), ps))
-    plan = diffopt.plan(ps)
+    plan = internal.plan(diffopt, ps)
     result = plan.update(ps, grads)
     twice = plan.update(ps, grads, states=result.states)  # a second step from the first's state
     assert twice.states[0].step == 2
@@ -138,15 +140,17 @@ def test_update_takes_other_states_and_hyperparameters() -> None:
 def test_stepped_decides_which_parameters_move() -> None:
     ps = params()
     diffopt = higher.optim.get_diff_optim(torch.optim.SGD(ps, lr=0.1, weight_decay=0.5), ps)
-    plan = diffopt.plan(ps, stepped=[False, True])
+    plan = internal.plan(diffopt, ps, stepped=[False, True])
     assert [b.indices for b in plan.buckets] == [(1,)]
-    new = diffopt.commit(plan, plan.update(ps, [None, torch.zeros(2, dtype=torch.float64)]))
+    new = internal.commit(
+        diffopt, plan, plan.update(ps, [None, torch.zeros(2, dtype=torch.float64)])
+    )
     assert new[0] is ps[0]
     torch.testing.assert_close(new[1], ps[1] * 0.95)
     with pytest.raises(higher.optim.OptimError, match="gradient 1 is NoneType"):
         plan.update(ps, [None, None])
     with pytest.raises(higher.optim.OptimError, match="stepped has 1 entries"):
-        diffopt.plan(ps, stepped=[True])
+        internal.plan(diffopt, ps, stepped=[True])
 
 
 # -- a step that is refused changes nothing ---------------------------------------------------
@@ -332,7 +336,6 @@ def test_deepcopy_is_independent() -> None:
 
 
 def test_pickle_round_trip_continues_the_same() -> None:
-    import pickle
 
     diffopt, current = stepped_adam()  # its state carries a graph
     again = pickle.loads(pickle.dumps(diffopt))
@@ -384,3 +387,143 @@ def test_a_step_under_no_grad_is_first_order_and_keeps_the_weights_trainable() -
         results.append([p.detach() for p in current])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+# -- a plan is bound to the optimizer and the state that made it -------------------------------
+
+
+def adam_twin() -> tuple[higher.optim.DifferentiableOptimizer, list[T]]:
+    ps = params()
+    return higher.optim.get_diff_optim(torch.optim.Adam(ps, lr=0.01), ps), ps
+
+
+def test_a_stale_plan_is_refused_and_changes_nothing() -> None:
+    """Committing a plan made before another step would store a step from the old state (Adam's
+    step count 1 instead of 2, weights an lr off)."""
+    diffopt, ps = adam_twin()
+    grads = list(torch.autograd.grad(loss_of(ps), ps))
+    stale = internal.plan(diffopt, ps)
+    result = stale.update(ps, grads)
+    current = diffopt.step(loss_of(ps), params=ps)
+    before = snapshot(diffopt)
+    with pytest.raises(higher.optim.OptimError, match="stale plan") as caught:
+        internal.commit(diffopt, stale, result)
+    assert "make a new plan" in str(caught.value)
+    assert_same(snapshot(diffopt), before)
+    assert diffopt.state[0][0]["step"] == 1
+    assert all(a is b for a, b in zip(diffopt.param_groups[0]["params"], current, strict=True))
+
+
+def test_the_same_result_committed_twice_is_refused() -> None:
+    """A second commit of one result would add a second history entry (and a second step)."""
+    ps = params()
+    fmodel = Weights([p.detach().clone().requires_grad_() for p in ps])
+    diffopt = higher.optim.get_diff_optim(torch.optim.Adam(ps, lr=0.01), ps, fmodel=fmodel)
+    fast = fmodel.fast_params
+    plan = internal.plan(diffopt)
+    result = plan.update(fast, list(torch.autograd.grad(loss_of(fast), fast)))
+    internal.commit(diffopt, plan, result)
+    before = snapshot(diffopt)
+    with pytest.raises(higher.optim.OptimError, match="stale plan"):
+        internal.commit(diffopt, plan, result)
+    assert len(fmodel.history) == 2  # no second history entry
+    assert_same(snapshot(diffopt), before)
+
+
+def test_a_plan_of_another_optimizer_is_refused() -> None:
+    """An Adam plan committed into an SGD twin would give its state `exp_avg`; a plan of
+    another instance of the same class would store that one's step."""
+    ps = params()
+    sgd = higher.optim.get_diff_optim(torch.optim.SGD(ps, lr=0.1, momentum=0.9), ps)
+    adam, _ = adam_twin()
+    twin, _ = adam_twin()
+    grads = list(torch.autograd.grad(loss_of(ps), ps))
+    adam_plan = internal.plan(adam, ps)
+    for target in (sgd, twin):
+        before = snapshot(target)
+        with pytest.raises(higher.optim.OptimError, match="made by another optimizer") as caught:
+            internal.commit(target, adam_plan, adam_plan.update(ps, grads))
+        assert "(a Adam step)" in str(caught.value)
+        assert_same(snapshot(target), before)
+    assert all("exp_avg" not in s for s in sgd.state[0].values())
+    # the plan still commits into the optimizer that made it
+    internal.commit(adam, adam_plan, adam_plan.update(ps, grads))
+    assert adam.state[0][0]["step"] == 1
+
+
+def test_a_copy_takes_no_plan_of_the_original() -> None:
+    diffopt, ps = adam_twin()
+    plan = internal.plan(diffopt, ps)
+    result = plan.update(ps, list(torch.autograd.grad(loss_of(ps), ps)))
+    for copied in (
+        copy.deepcopy(diffopt),
+        __import__("pickle").loads(__import__("pickle").dumps(diffopt)),
+    ):
+        with pytest.raises(higher.optim.OptimError, match="made by another optimizer"):
+            internal.commit(copied, plan, result)
+    internal.commit(diffopt, plan, result)
+
+
+def test_load_state_dict_makes_earlier_plans_stale() -> None:
+    diffopt, ps = adam_twin()
+    plan = internal.plan(diffopt, ps)
+    result = plan.update(ps, list(torch.autograd.grad(loss_of(ps), ps)))
+    diffopt.load_state_dict(diffopt.state_dict())
+    with pytest.raises(higher.optim.OptimError, match="stale plan"):
+        internal.commit(diffopt, plan, result)
+
+
+def test_the_step_driver_takes_the_step_and_the_class_stays_the_twin() -> None:
+    diffopt, ps = adam_twin()
+    calls: list[Any] = []
+
+    def driver(
+        d: Any, loss: Any, params: Any, override: Any, callback: Any, closure: Any, kwargs: Any
+    ) -> list[T]:
+        calls.append((d, loss, params))
+        return ["driven"]  # type: ignore[list-item]
+
+    internal.set_step_driver(diffopt, driver)
+    assert type(diffopt) is higher.optim.DifferentiableAdam
+    assert internal.step_driver(diffopt) is driver
+    assert diffopt.step(loss_of(ps), params=ps) == ["driven"]
+    assert calls[0][0] is diffopt and calls[0][2] is ps
+    internal.set_step_driver(diffopt, None)
+    assert internal.step_driver(diffopt) is None
+    assert diffopt.state[0] == {}
+    diffopt.step(loss_of(ps), params=ps)
+    assert diffopt.state[0][0]["step"] == 1
+
+
+def test_a_twin_that_overrides_step_takes_no_driver() -> None:
+    class OwnStep(higher.optim.DifferentiableSGD):
+        def step(self, *args: Any, **kwargs: Any) -> list[T]:
+            return super().step(*args, **kwargs)
+
+    ps = params()
+    diffopt = OwnStep(torch.optim.SGD(ps, lr=0.1), ps)
+    with pytest.raises(higher.optim.OptimError, match="OwnStep overrides step"):
+        internal.set_step_driver(diffopt, lambda *a: [])
+    assert internal.step_driver(diffopt) is None
+
+
+def test_a_built_in_twin_with_a_hand_written_update_keeps_its_dict_state() -> None:
+    """The 0.2.1 recipe on a subclass of a built-in twin: its `_update` runs and its per-slot
+    dicts are stored (the rule's typed store used to take them and fail at commit)."""
+
+    class Counting(higher.optim.DifferentiableSGD):
+        def _update(self, grouped_grads: Any, **kwargs: Any) -> None:
+            for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+                for j, grad in enumerate(grads):
+                    if grad is not None:
+                        state = self.state[g][j]
+                        state["n"] = state.get("n", 0) + 1
+                        group["params"][j] = group["params"][j] - group["lr"] * grad
+
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    diffopt = Counting(torch.optim.SGD([w], lr=0.5), [w])
+    current = [w]
+    for _ in range(2):
+        current = diffopt.step(current[0].sum(), params=current)
+    assert current[0].tolist() == [0.0, 0.0]
+    assert dict(diffopt.state[0]) == {0: {"n": 2}}

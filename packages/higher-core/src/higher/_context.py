@@ -17,7 +17,7 @@ from higher._fast.compiled import CompiledStep, check_compile_flag
 from higher._fast.tasks import BatchedModule, BatchedOptimizer, batched_pair
 from higher._strategies import refuse
 from higher._unroll.modes import ForwardMode, Full, Mode, resolve
-from higher._unroll.routing import Driver, GradCallback, attach, routed_class
+from higher._unroll.routing import Driver, GradCallback, attach, check_routable
 from higher.optim import DifferentiableOptimizer, get_diff_optim, twin_of
 from higher.patch import FunctionalModule, monkeypatch
 
@@ -368,10 +368,11 @@ def _compiled(
     ddp: torch.nn.parallel.DistributedDataParallel | None,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """`innerloop_ctx` with compiled steps: the optimizer's `step` runs a `CompiledStep`."""
-    routed = routed_class(twin_of(type(opt)))
+    twin = twin_of(type(opt))
+    check_routable(twin)
     fmodel = monkeypatch(model, device=device, copy_initial_weights=copy_initial_weights,
                          track_higher_grads=track_higher_grads)  # fmt: skip
-    diffopt = routed(opt, model.parameters(), fmodel=fmodel, device=device, override=override,
+    diffopt = twin(opt, model.parameters(), fmodel=fmodel, device=device, override=override,
                      track_higher_grads=track_higher_grads)  # fmt: skip
     driver = _CompiledDriver(fmodel, options)
     attach(diffopt, driver)
@@ -404,12 +405,13 @@ def _unrolled(
             "track_higher_grads=False no step keeps a graph, so there is nothing to save: "
             "drop unroll="
         )
-    routed = routed_class(twin_of(type(opt)))
+    twin = twin_of(type(opt))
+    check_routable(twin)
     fmodel = monkeypatch(
         model, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=True
     )
     fmodel.keep_history = False
-    diffopt = routed(opt, model.parameters(), fmodel=fmodel, device=device, override=override)
+    diffopt = twin(opt, model.parameters(), fmodel=fmodel, device=device, override=override)
     driver: Driver
     if isinstance(mode, ForwardMode):
         driver = ForwardDriver(mode, fmodel, list(model.parameters()), copy_initial_weights)

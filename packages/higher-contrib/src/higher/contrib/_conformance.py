@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from higher.errors import HigherError
-from higher.optim import DifferentiableOptimizer, get_diff_optim
+from higher.optim import DifferentiableOptimizer, get_diff_optim, internal
 
 from ._conformance_report import CheckResult, ConformanceReport, Tolerances
 from ._errors import ContribError
@@ -404,7 +404,7 @@ def _check_protocol(case: ConformanceCase) -> tuple[bool, str]:
     before = _snapshot(twin)
     loss = problem.train(1, fast)
     grads = list(torch.autograd.grad(loss, fast, create_graph=True, allow_unused=True))
-    plan = twin.plan(fast, stepped=[g is not None for g in grads])
+    plan = internal.plan(twin, fast, stepped=[g is not None for g in grads])
     if not _same(_snapshot(twin), before):
         return False, "plan changed the optimizer (its options or state): only commit may"
     first, again = plan.update(fast, grads), plan.update(fast, grads)
@@ -420,7 +420,7 @@ def _check_protocol(case: ConformanceCase) -> tuple[bool, str]:
         return False, "a step with an override of an unknown option was accepted"
     if not _same(_snapshot(twin), before):
         return False, "a refused step (an unknown override) changed the optimizer"
-    committed = twin.commit(plan, first)
+    committed = internal.commit(twin, plan, first)
     stepped = twin_too.step(problem.train(1, fast), params=fast)
     where = _compare(committed, stepped, case.tolerances)
     if where:

@@ -18,10 +18,12 @@ from torch.torch_version import TorchVersion
 from higher._errors import UsageError
 from higher._strategies import refuse
 from higher._torch_warnings import ignore_torch_self_deprecation
-from higher._unroll.routing import Routed
+from higher._unroll.routing import routed
 from higher.errors import HigherError
-from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
-from higher.patch import FunctionalModule, internal
+from higher.optim import DifferentiableOptimizer, internal
+from higher.optim.internal import StepPlan, StepResult
+from higher.patch import FunctionalModule
+from higher.patch import internal as patch_internal
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -42,7 +44,7 @@ def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str
         ignore_torch_self_deprecation()
         # The slots are empty during the call: weights the module holds would alias the
         # inputs, which torch.compile guards by identity, in Python, at every call.
-        with internal.vacated(fmodel):
+        with patch_internal.vacated(fmodel):
             try:
                 yield
             except torch._dynamo.exc.Unsupported as err:
@@ -193,7 +195,9 @@ class CompiledStep:
                         buffer = owner._buffers[key_]
                         assert buffer is not None
                         buffer.copy_(moved[name])
-        diffopt.commit(plan, new)  # first order without tracking or under no_grad, as step
+        internal.commit(
+            diffopt, plan, new
+        )  # first order without tracking or under no_grad, as step
         return loss
 
     def _run(
@@ -210,7 +214,7 @@ class CompiledStep:
         flags = [False] * len(params)
         for i in ctx.requires:
             flags[i] = i not in unused
-        plan = diffopt.plan(params, stepped=flags)
+        plan = internal.plan(diffopt, params, stepped=flags)
         buffers: dict[str, torch.Tensor] = {}
         for name, module, key in ctx.buffers:
             owner = module()
@@ -267,7 +271,7 @@ class CompiledStep:
                 f"the second argument must be a differentiable optimizer, got "
                 f"{type(diffopt).__name__}"
             )
-        driver = diffopt._higher_unroll if isinstance(diffopt, Routed) else None
+        driver = routed(diffopt)
         if driver is not None:  # a memory mode: refused by the table
             refuse(driver.mode, None, "compiled step")
         if diffopt.fmodel is not None and diffopt.fmodel is not fmodel:
@@ -276,7 +280,7 @@ class CompiledStep:
                 "gave (or the fmodel the optimizer was built with)"
             )
         named = fmodel.named_fast_params()  # raises for a module without fast weights
-        if diffopt.plan(list(named.values())).rule is None:
+        if internal.plan(diffopt, list(named.values())).rule is None:
             raise UsageError(
                 "compile_step runs rule-based differentiable optimizers (every built-in twin, "
                 f"and plugins written as a Rule); {type(diffopt).__name__} implements _update "

@@ -25,7 +25,8 @@ from higher._fast.tasks import refuse_nested
 from higher._strategies import RunName, refuse
 from higher._trees import flatten, map_leaves, merge_fields, split_fields, unflatten
 from higher._unroll.modes import Full, Mode, resolve
-from higher.optim import StepPlan, StepResult, get_diff_optim
+from higher.optim import get_diff_optim, internal
+from higher.optim.internal import StepPlan, StepResult
 from higher.patch import FunctionalModule, monkeypatch
 
 LossFn = Callable[..., torch.Tensor]
@@ -194,7 +195,7 @@ class MetaStep:
                 fmodule, names, params, buffers, batch, kwargs
             )
         stepped = [p.requires_grad and i not in unused for i, p in enumerate(params)]
-        plan = twin.plan(params, stepped=stepped)
+        plan = internal.plan(twin, params, stepped=stepped)
         if plan.rule is None:
             raise FastPathError(
                 "compile_meta_step runs rule-based differentiable optimizers (every built-in "

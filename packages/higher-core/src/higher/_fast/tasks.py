@@ -23,8 +23,9 @@ import torch
 
 from higher._errors import FastPathError
 from higher._trees import flatten, merge_fields, split_fields, unflatten
-from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
+from higher.optim import DifferentiableOptimizer, get_diff_optim, internal
 from higher.optim import FunctionalModel as FunctionalModel
+from higher.optim.internal import Bucket, StepPlan, StepResult
 from higher.patch import FunctionalModule, monkeypatch
 
 Params = Sequence[torch.Tensor]
@@ -232,7 +233,7 @@ class BatchedOptimizer:
         # whether a step saw losses that do not couple the tasks (checked on the first step:
         # the check syncs with the device)
         self._uncoupled = False
-        if twin.plan(templates).rule is None:
+        if internal.plan(twin, templates).rule is None:
             raise FastPathError(
                 "batched tasks run rule-based differentiable optimizers (every built-in twin, "
                 f"and plugins written as a Rule); {type(twin).__name__} implements _update by "
@@ -306,11 +307,11 @@ class BatchedOptimizer:
             for i, g in zip(trainable, found):
                 grads[i] = g
         callback = grad_callback if grad_callback is not None else self._twin.grad_callback
-        plan = self._twin.plan(
-            self._templates, stepped=[g is not None for g in grads], override=override
+        plan = internal.plan(
+            self._twin, self._templates, stepped=[g is not None for g in grads], override=override
         )
         result = self._run(plan, current, grads, callback)
-        new = self._twin.commit(plan, result)
+        new = internal.commit(self._twin, plan, result)
         self._stepped.update((b.group, j) for b in plan.buckets for j in b.slots)
         return new
 

@@ -27,7 +27,8 @@ from higher._unroll.routing import (
     scalar_loss,
     unexpected_leaves,
 )
-from higher.optim import DifferentiableOptimizer, StepResult
+from higher.optim import DifferentiableOptimizer, internal
+from higher.optim.internal import StepResult
 from higher.patch import FunctionalModule
 
 _NODE = "_LinearizedBackward"
@@ -160,7 +161,7 @@ class ForwardDriver:
             grads = diffopt.gradients(
                 scalar_loss(loss), params, create_graph=True, grad_callback=grad_callback
             )
-            plan = diffopt.plan(params, stepped=[g is not None for g in grads],
+            plan = internal.plan(diffopt, params, stepped=[g is not None for g in grads],
                                 override=override, **kwargs)  # fmt: skip
             result = plan.update(params, grads)
         wrt = self._directions(hyper_tensors(plan))
@@ -182,7 +183,7 @@ class ForwardDriver:
         for k, i in enumerate(stepped):
             new_params[i] = values[k]
         states = unflatten(spec, values[len(stepped) :])
-        return diffopt.commit(plan, StepResult(new_params, states))
+        return internal.commit(diffopt, plan, StepResult(new_params, states))
 
     def _directions(self, hyper: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors to differentiate with respect to (checked once they are known)."""

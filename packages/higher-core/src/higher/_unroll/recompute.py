@@ -32,8 +32,10 @@ from higher._unroll.routing import (
     stripped,
     unexpected_leaves,
 )
-from higher.optim import DifferentiableOptimizer, StepPlan, StepResult
-from higher.patch import FunctionalModule, internal
+from higher.optim import DifferentiableOptimizer, internal
+from higher.optim.internal import StepPlan, StepResult
+from higher.patch import FunctionalModule
+from higher.patch import internal as patch_internal
 
 Tensors = list[torch.Tensor]
 
@@ -115,7 +117,7 @@ class _Record:
         with unroll.env.restored(self.env), torch.enable_grad():
             if not graph:
                 params = [p.detach().requires_grad_(f) for p, f in zip(params, self.p_flags)]
-            with internal.using(unroll.fmodel, params):
+            with patch_internal.using(unroll.fmodel, params):
                 loss = scalar_loss(self.closure())
             self._check(loss)
             watched = None if self.fingerprints is None else _Watched(self.callback)
@@ -452,7 +454,7 @@ class RecomputeDriver:
         leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
         captures = Captures(leaves)
         with torch.enable_grad():
-            with internal.using(fmodel, leaves), captures:
+            with patch_internal.using(fmodel, leaves), captures:
                 value = scalar_loss(closure())
                 grads = diffopt.gradients(
                     value,
@@ -473,8 +475,8 @@ class RecomputeDriver:
             )
         env = self.env.after(env)
         stepped = [i for i, g in enumerate(grads) if g is not None]
-        plan = diffopt.plan(params, stepped=[g is not None for g in grads], override=override,
-                            **kwargs)  # fmt: skip
+        plan = internal.plan(diffopt, params, stepped=[g is not None for g in grads],
+                             override=override, **kwargs)  # fmt: skip
         states, state_spec = flatten([b.state for b in plan.buckets])
         with torch.no_grad():
             result = plan.update(leaves, grads, unflatten(state_spec, [s.detach() for s in states]))
@@ -526,7 +528,9 @@ class RecomputeDriver:
         for k, i in enumerate(stepped):
             new_params[i] = outs[k]
         out_states = list(outs[len(stepped) :])
-        committed = diffopt.commit(plan, StepResult(new_params, unflatten(out_spec, out_states)))
+        committed = internal.commit(
+            diffopt, plan, StepResult(new_params, unflatten(out_spec, out_states))
+        )
         self.last_out = ([id(p) for p in committed], [id(s) for s in out_states])
         self.count += 1
         return committed
@@ -570,9 +574,9 @@ class RecomputeDriver:
             else p.detach()
             for p in params
         ]
-        plan = diffopt.plan(params)
+        plan = internal.plan(diffopt, params)
         states = [unflatten(spec, [s.detach() for s in leaves])
                   for leaves, spec in map(flatten, (b.state for b in plan.buckets))]  # fmt: skip
-        diffopt.commit(plan, StepResult(sealed, states))
+        internal.commit(diffopt, plan, StepResult(sealed, states))
         self.last = None
         self.recent.clear()

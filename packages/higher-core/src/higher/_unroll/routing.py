@@ -1,6 +1,6 @@
-"""What the memory modes share: the optimizer that routes `step` to a mode, the state a step
-ran with besides its weights (random numbers, buffers, train/eval flags), and the checks that
-a step's graph reaches only the tensors a mode tracks."""
+"""What the memory modes share: the step driver that routes `diffopt.step` to a mode, the
+state a step ran with besides its weights (random numbers, buffers, train/eval flags), and the
+checks that a step's graph reaches only the tensors a mode tracks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from torch.overrides import TorchFunctionMode
 from higher._errors import UnrollError
 from higher._trees import tensors
 from higher._unroll.modes import Mode
-from higher.optim import DifferentiableOptimizer, StepPlan
+from higher.optim import DifferentiableOptimizer, internal
+from higher.optim.internal import StepPlan
 from higher.patch import FunctionalModule
 
 GradCallback = Callable[[list[torch.Tensor | None]], Sequence[torch.Tensor | None]]
@@ -42,54 +43,50 @@ class Driver(Protocol):
     def close(self, diffopt: DifferentiableOptimizer) -> None: ...
 
 
-class Routed(DifferentiableOptimizer):
-    """Mixed in before a twin: `step` is the memory mode's (plan, update and commit of the
-    step protocol, run the mode's way); everything else is the twin's."""
+def check_routable(twin: type[DifferentiableOptimizer]) -> None:
+    """Refuse a twin whose class overrides `step`: a memory mode could not take its steps."""
+    if twin.step is not DifferentiableOptimizer.step:
+        raise UnrollError(
+            f"{twin.__name__} overrides step; the memory modes drive an optimizer through "
+            "the step protocol (plan, update, commit) only. Use unroll='full' with it"
+        )
 
-    _higher_unroll: Driver | None = None
 
-    def step(
+class _Route:
+    """The step driver a memory mode sets on its optimizer: `diffopt.step` is the mode's (plan,
+    update and commit of the step protocol, run the mode's way); everything else is the
+    twin's. An object, not a closure, so that a deep copy of the optimizer copies the mode."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+
+    def __call__(
         self,
-        loss: torch.Tensor | None = None,
-        params: Iterable[torch.Tensor] | None = None,
-        override: Mapping[str, Sequence[Any]] | None = None,
-        grad_callback: GradCallback | None = None,
-        *,
-        closure: Callable[[], torch.Tensor] | None = None,
-        **kwargs: Any,
+        diffopt: DifferentiableOptimizer,
+        loss: torch.Tensor | None,
+        params: Iterable[torch.Tensor] | None,
+        override: Mapping[str, Sequence[Any]] | None,
+        grad_callback: GradCallback | None,
+        closure: Callable[[], torch.Tensor] | None,
+        kwargs: dict[str, Any],
     ) -> list[torch.Tensor]:
-        driver = self._higher_unroll
-        if driver is None:  # the unroll has ended: a plain step
-            return super().step(loss, params, override, grad_callback, closure=closure, **kwargs)
         if params is not None:
             raise UnrollError(
                 "in a memory mode, step takes the functional model's fast weights: drop params="
             )
-        return driver.step(self, loss, override, grad_callback, closure, kwargs)
-
-
-_ROUTED: dict[type[DifferentiableOptimizer], type[DifferentiableOptimizer]] = {}
-
-
-def routed_class(twin: type[DifferentiableOptimizer]) -> type[DifferentiableOptimizer]:
-    """`twin` with its `step` run by a memory mode (same name, a subclass: isinstance holds)."""
-    cls = _ROUTED.get(twin)
-    if cls is None:
-        if twin.step is not DifferentiableOptimizer.step:
-            raise UnrollError(
-                f"{twin.__name__} overrides step; the memory modes drive an optimizer through "
-                "the step protocol (plan, update, commit) only. Use unroll='full' with it"
-            )
-        namespace = {"__module__": twin.__module__, "__qualname__": twin.__qualname__}
-        cls = type(twin.__name__, (Routed, twin), namespace)
-        _ROUTED[twin] = cls
-    return cls
+        return self.driver.step(diffopt, loss, override, grad_callback, closure, kwargs)
 
 
 def attach(diffopt: DifferentiableOptimizer, driver: Driver | None) -> None:
     """Route `diffopt.step` to `driver` (None: back to plain steps)."""
-    assert isinstance(diffopt, Routed)
-    diffopt._higher_unroll = driver
+    internal.set_step_driver(diffopt, None if driver is None else _Route(driver))
+
+
+def routed(diffopt: DifferentiableOptimizer) -> Driver | None:
+    """The driver that takes `diffopt`'s steps (a memory mode's, or the compiled loop's), or
+    None where the optimizer takes its own."""
+    route = internal.step_driver(diffopt)
+    return route.driver if isinstance(route, _Route) else None
 
 
 def require_closure(

@@ -53,9 +53,6 @@ from ._registry import clear_plugin_cache as clear_plugin_cache
 from ._registry import register_optim as register_optim
 from ._registry import twin_of as twin_of
 from ._rule import Rule as Rule
-from ._step import Bucket as Bucket
-from ._step import StepPlan as StepPlan
-from ._step import StepResult as StepResult
 from ._twins import DifferentiableAdadelta as DifferentiableAdadelta
 from ._twins import DifferentiableAdafactor as DifferentiableAdafactor
 from ._twins import DifferentiableAdagrad as DifferentiableAdagrad
@@ -90,9 +87,6 @@ __all__ = [
     "DifferentiableNAdam",
     "DifferentiableRAdam",
     "DifferentiableAdafactor",
-    "StepPlan",
-    "StepResult",
-    "Bucket",
     "RuleOptimizer",
     "Rule",
     "FunctionalModel",

@@ -1,10 +1,6 @@
-"""The step protocol: `plan` (check, gather) -> `update` (pure) -> `commit` (store).
+"""The step protocol's values: `Bucket`, `StepPlan` (with its pure `update`), `StepResult`.
 
-A differentiable optimizer's step is split in three so that anything can drive it, not only
-`DifferentiableOptimizer.step`: a compiled step runs `update` inside a traced graph, a memory
-mode runs it again during the backward pass, task batching runs it under `vmap`. `plan` checks
-everything and changes nothing; `update` is a pure function of its inputs; `commit` is the only
-phase that changes the optimizer (and its functional model), and it cannot fail half-way.
+Public through `higher.optim.internal`, which says what the protocol guarantees.
 """
 
 from __future__ import annotations
@@ -28,9 +24,10 @@ class Bucket(NamedTuple):
 
     Examples:
         >>> import torch, higher.optim
+        >>> from higher.optim import internal
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
-        >>> bucket = diffopt.plan([w]).buckets[0]
+        >>> bucket = internal.plan(diffopt, [w]).buckets[0]
         >>> bucket.group, bucket.slots, bucket.indices, bucket.hyper["lr"]
         (0, (0,), (0,), 0.5)
     """
@@ -48,9 +45,10 @@ class StepResult(NamedTuple):
 
     Examples:
         >>> import torch, higher.optim
+        >>> from higher.optim import internal
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
-        >>> result = diffopt.plan([w]).update([w], [torch.ones(2)])
+        >>> result = internal.plan(diffopt, [w]).update([w], [torch.ones(2)])
         >>> result.params[0].tolist(), len(result.states)
         ([0.5, 0.5], 1)
     """
@@ -68,7 +66,19 @@ def check_grads(
 ) -> list[torch.Tensor | None]:
     """`grads` checked against the stepped parameters: a tensor of the parameter's shape for
     each; sparse ones made dense where the optimizer takes them (torch's sparse path computes
-    the same values: rows without a gradient do not move), else refused as torch refuses them."""
+    the same values: rows without a gradient do not move), else refused as torch refuses them.
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> plan = internal.plan(diffopt, [w])
+        >>> internal.check_grads(plan.buckets, [w], [torch.ones(3)], False, "SGD")
+        Traceback (most recent call last):
+        ...
+        higher.optim.OptimError: gradient 0 has shape (3,); expected (2,), the shape of ...
+    """
     if len(grads) != len(params):
         raise OptimError(
             f"got {len(grads)} gradients for {len(params)} parameters; expected one per "
@@ -108,20 +118,23 @@ def check_grads(
 
 
 class StepPlan(NamedTuple):
-    """What one step will do, checked and gathered by `DifferentiableOptimizer.plan`.
+    """What one step will do, checked and gathered by `higher.optim.internal.plan`.
 
     `update(params, grads)` runs it as a pure function (nothing is modified: call it again, in a
     traced graph, under `vmap` or during a backward pass, and it computes the same);
-    `DifferentiableOptimizer.commit(plan, result)` stores the outcome. A plan is for one step:
-    make it, run it, commit it.
+    `higher.optim.internal.commit(diffopt, plan, result)` stores the outcome. A plan is for one
+    step of the optimizer that made it, at the state it made it from: make it, run it, commit it
+    (once).
 
     Examples:
         >>> import torch, higher.optim
+        >>> from higher.optim import internal
         >>> w = torch.nn.Parameter(torch.ones(2))
         >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([w], lr=0.1), [w])
-        >>> plan = diffopt.plan([w])
+        >>> plan = internal.plan(diffopt, [w])
         >>> result = plan.update([w], [torch.ones(2)])
-        >>> [round(v, 6) for v in diffopt.commit(plan, result)[0].tolist()], result.states[0].step
+        >>> new = internal.commit(diffopt, plan, result)
+        >>> [round(v, 6) for v in new[0].tolist()], result.states[0].step
         ([0.9, 0.9], 1)
     """
 
@@ -144,6 +157,10 @@ class StepPlan(NamedTuple):
     name: str
     #: whether sparse gradients are taken (made dense, as torch's sparse path computes)
     sparse_ok: bool = False
+    #: the optimizer that made the plan (its identity token; None: not bound yet)
+    owner: object = None
+    #: that optimizer's state version when the plan was made (each commit makes a new one)
+    version: int = -1
 
     def update(
         self,
@@ -157,8 +174,10 @@ class StepPlan(NamedTuple):
 
         Examples:
             >>> import torch, higher.optim
+            >>> from higher.optim import internal
             >>> w = torch.nn.Parameter(torch.ones(1))
-            >>> plan = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w]).plan([w])
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+            >>> plan = internal.plan(diffopt, [w])
             >>> plan.update([w], [torch.ones(1)]).params[0].item()
             0.5
         """
@@ -176,8 +195,10 @@ class StepPlan(NamedTuple):
 
         Examples:
             >>> import torch, higher.optim
+            >>> from higher.optim import internal
             >>> w = torch.nn.Parameter(torch.ones(1))
-            >>> plan = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w]).plan([w])
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+            >>> plan = internal.plan(diffopt, [w])
             >>> plan.run([w], [torch.ones(1)]).params[0].item()
             0.5
         """

@@ -1,0 +1,171 @@
+"""The one adapter between torch's per-slot state dicts (`diffopt.state[g][i]`) and a rule's
+typed state: which slots a step runs together (buckets), their typed state gathered from the
+slots' dicts, and a step's new typed state stored back into them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._rule import Rule, unfusable_options
+from ._step import Bucket, StepPlan
+
+if TYPE_CHECKING:
+    from ._twins import RuleOptimizer
+
+#: (group, slots, positions of the slots among the step's parameters): one run of the rule
+Run = tuple[int, tuple[int, ...], tuple[int, ...]]
+#: the last `runs` call of an optimizer: its `live` key, its runs, and whether their state was
+#: empty
+Cache = tuple[tuple[list[list[bool]], list[bool]], list[Run], bool]
+
+
+def rule_plan(
+    opt: RuleOptimizer,
+    params: list[torch.Tensor],
+    live: list[list[bool]],
+    options: list[dict[str, Any]],
+) -> StepPlan:
+    """The plan of a step of `opt`'s rule over the slots flagged in `live`."""
+    found, fresh = runs(opt, live, params, options)
+    buckets = [
+        Bucket(g, slots, indices, gather(opt, g, slots, fresh), hyper(options[g], slots))
+        for g, slots, indices in found
+    ]
+    requires_grad = [p.requires_grad for p in params]
+    rule = opt.rule
+    return StepPlan(buckets, options, requires_grad, rule, None, rule.name, rule.sparse)
+
+
+def runs(
+    opt: RuleOptimizer,
+    live: list[list[bool]],
+    params: list[torch.Tensor],
+    options: list[dict[str, Any]],
+) -> tuple[list[Run], dict[tuple[int, int], dict[str, Any]]]:
+    """`(group, slots, indices)` for each run of `rule.update` a step makes: the slots
+    flagged in `live` of a group, split by step count, dtype, device and state present;
+    and the initial state of the slots that have none yet (kept until `commit`).
+
+    The slots of a bucket are stepped together, so they keep one step count and the same
+    state fields: the last step's runs are reused while that still holds for the same
+    `live` (a step on other slots, or state set by hand, makes them computed again). A group
+    with a hyperparameter of one value per element (or of more dimensions than one) runs
+    once per slot: the rule's kernel then sees one parameter at a time, which such a value
+    broadcasts to."""
+    rule = opt.rule
+    split = [bool(unfusable_options(rule, group)) for group in options]
+    for g, mapping in enumerate(opt._group_to_param_list):
+        if split[g]:  # values set in param_groups by hand are checked here
+            opt._check_group(g, options[g], [params[i] for i in mapping])
+    key = (live, split)
+    cached = opt._bucket_cache
+    if cached is not None and cached[0] == key and _buckets_hold(opt, *cached[1:]):
+        return cached[1], {}
+    out: list[Run] = []
+    fresh: dict[tuple[int, int], dict[str, Any]] = {}
+    for g, (flags, mapping) in enumerate(zip(live, opt._group_to_param_list, strict=True)):
+        states = opt.state[g]
+        slots = [j for j, flag in enumerate(flags) if flag]
+        new = [j for j in slots if not states.get(j)]
+        if new:
+            values = fresh_states(rule, [params[mapping[j]] for j in new], options[g], new)
+            fresh.update(((g, j), state) for j, state in zip(new, values, strict=True))
+        if len(slots) <= 1 or split[g]:  # one slot is one bucket: no keys to compute
+            out.extend((g, (j,), (mapping[j],)) for j in slots)
+            continue
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for j in slots:
+            state = fresh.get((g, j)) or states.get(j, {})
+            buckets.setdefault(_bucket_key(state, rule, params[mapping[j]]), []).append(j)
+        out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
+    # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
+    stateless = not any(fresh.get((g, j)) or opt.state[g].get(j) for g, ss, _ in out for j in ss)
+    opt._bucket_cache = (([list(flags) for flags in live], split), out, stateless)
+    return out, fresh
+
+
+def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any, ...]:
+    fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
+    present = tuple(state.get(f) is not None for f in fields)
+    scalars = tuple(float(state[f].detach()) for f in rule.scalar_state)
+    return (state.get("step"), p.dtype, p.device, present, scalars)
+
+
+def _buckets_hold(opt: RuleOptimizer, found: list[Run], stateless: bool) -> bool:
+    """Whether each run's slots still share one step count and the same state fields."""
+    for g, slots, _ in found:
+        states = opt.state[g]
+        first = states.get(slots[0])
+        if not first:  # fresh, or a rule that keeps no state
+            if stateless and not any(states.get(j) for j in slots):
+                continue
+            return False
+        step, size = first.get("step"), len(first)
+        for j in slots:
+            state = states.get(j)
+            if not state or state.get("step") != step or len(state) != size:
+                return False
+    return True
+
+
+def fresh_states(
+    rule: Rule, params: list[torch.Tensor], group: dict[str, Any], slots: list[int]
+) -> list[dict[str, Any]]:
+    """The initial state of `slots` of a group (one `rule.init` call for all of them), for
+    `params`, their current values."""
+    init = rule.init(params, hyper(group, slots))
+    states: list[dict[str, Any]] = [{} for _ in slots]
+    for name, value in zip(init._fields, init, strict=True):
+        for k, state in enumerate(states):
+            if name == "step" or name in rule.scalar_state:
+                state[name] = value
+            elif value is not None and value[k] is not None:
+                state[name] = value[k]
+    return states
+
+
+def gather(
+    opt: RuleOptimizer,
+    g: int,
+    slots: tuple[int, ...],
+    fresh: dict[tuple[int, int], dict[str, Any]],
+) -> Any:
+    """The rule's state of `slots` of group `g` (the initial state where `fresh` has it)."""
+    rule, states = opt.rule, opt.state[g]
+    empty: dict[str, Any] = {}
+    slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
+    values: dict[str, Any] = {}
+    for name in rule.state_type._fields:
+        if name == "step" or name in rule.scalar_state:
+            values[name] = slot_states[0][name]
+        else:
+            column = [state.get(name) for state in slot_states]
+            values[name] = None if all(v is None for v in column) else column
+    return rule.state_type(**values)
+
+
+def store(opt: RuleOptimizer, bucket: Bucket, new_state: Any) -> None:
+    """Store what `rule.update` returned for a bucket into the slots' state dicts."""
+    if not any(value is not None for value in new_state):  # a rule without state (SGD)
+        return
+    rule, states = opt.rule, opt.state[bucket.group]
+    for k, j in enumerate(bucket.slots):
+        slot = states[j]
+        for name, value in zip(new_state._fields, new_state, strict=True):
+            if name == "step" or name in rule.scalar_state:
+                slot[name] = value
+            elif value is not None and value[k] is not None:
+                slot[name] = value[k]
+
+
+def hyper(group: dict[str, Any], slots: Sequence[int]) -> dict[str, Any]:
+    """A group's options for a run over `slots` (`params` left out, a per-parameter `lr`
+    narrowed to the slots)."""
+    out = {k: v for k, v in group.items() if k != "params"}
+    lr = out.get("lr")
+    if isinstance(lr, (list, tuple)):
+        out["lr"] = [lr[j] for j in slots]
+    return out

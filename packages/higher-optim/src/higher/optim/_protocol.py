@@ -1,0 +1,440 @@
+"""The step protocol's phases over an optimizer: `plan` (check, gather; changes nothing) and
+`commit` (store; the only phase that changes it), the gradients a step takes, and the
+per-instance step driver. Public through `higher.optim.internal`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from ._errors import ArgumentTypeError, OptimError
+from ._options import validated_options
+from ._protocols import GradCallback
+from ._step import Bucket, StepPlan, StepResult
+
+if TYPE_CHECKING:
+    from ._base import DifferentiableOptimizer
+
+
+class StepDriver(Protocol):
+    """What takes over `diffopt.step` for one optimizer (see `set_step_driver`): called with
+    the optimizer and `step`'s arguments as given, it returns the new parameters.
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> def plain(diffopt, loss, params, override, grad_callback, closure, kwargs):
+        ...     internal.set_step_driver(diffopt, None)  # the next steps are plain again
+        ...     return diffopt.step(loss, params, override, grad_callback, closure=closure)
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> internal.set_step_driver(diffopt, plain)
+        >>> diffopt.step(w.sum(), params=[w])[0].item()
+        0.5
+    """
+
+    def __call__(
+        self,
+        diffopt: DifferentiableOptimizer,
+        loss: torch.Tensor | None,
+        params: Iterable[torch.Tensor] | None,
+        override: Mapping[str, Sequence[Any]] | None,
+        grad_callback: GradCallback | None,
+        closure: Callable[[], torch.Tensor] | None,
+        kwargs: dict[str, Any],
+        /,
+    ) -> list[torch.Tensor]: ...
+
+
+#: the `step` that consults the driver (a class that overrides it would not)
+_DRIVEN_STEP = ("higher.optim._base", "DifferentiableOptimizer.step")
+
+
+def set_step_driver(diffopt: DifferentiableOptimizer, driver: StepDriver | None) -> None:
+    """Hand `diffopt.step` to `driver` (None: back to the optimizer's own step).
+
+    A driver runs the step protocol its own way (a memory mode of `higher.innerloop_ctx` does);
+    the optimizer's class and every other method stay as they are. An optimizer whose class
+    overrides `step` cannot be driven: its `step` would not consult the driver.
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> internal.set_step_driver(diffopt, lambda d, loss, *rest: ["driven"])
+        >>> diffopt.step(w.sum(), params=[w]), type(diffopt).__name__
+        (['driven'], 'DifferentiableSGD')
+        >>> internal.set_step_driver(diffopt, None)
+    """
+    step = type(diffopt).step
+    if driver is not None and (step.__module__, step.__qualname__) != _DRIVEN_STEP:
+        raise OptimError(
+            f"{type(diffopt).__name__} overrides step, so a step driver would never run: "
+            "drive it through its own step"
+        )
+    if driver is None:
+        diffopt.__dict__.pop("_step_driver", None)
+    else:
+        diffopt._step_driver = driver
+
+
+def step_driver(diffopt: DifferentiableOptimizer) -> StepDriver | None:
+    """The driver `diffopt.step` hands over to (None: its own step).
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> print(internal.step_driver(higher.optim.get_diff_optim(torch.optim.SGD([w]), [w])))
+        None
+    """
+    return diffopt._step_driver
+
+
+# -- the parameters and gradients of a step ---------------------------------------------------
+
+
+def current_params(
+    opt: DifferentiableOptimizer, params: Iterable[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """`params` as a list, or the functional model's fast weights."""
+    if params is not None:
+        return params if isinstance(params, list) else list(params)
+    if opt.fmodel is None:
+        raise OptimError(
+            "step() needs the current parameters: pass params=[...] or build the "
+            "optimizer with fmodel="
+        )
+    fast = opt.fmodel.fast_params
+    if fast is None:
+        raise OptimError("the functional model has no fast weights; pass params=[...]")
+    return list(fast)
+
+
+def check_step_params(opt: DifferentiableOptimizer, params: list[torch.Tensor]) -> None:
+    """Refuse parameters of the wrong count, type, shape or dtype."""
+    specs = opt._specs
+    if len(params) == len(specs):
+        try:
+            if all(
+                p.shape == shape and p.dtype == dtype for p, (shape, dtype) in zip(params, specs)
+            ):
+                return
+        except AttributeError:  # not a tensor: said below
+            pass
+    reference = opt._reference
+    if len(params) != len(reference):
+        raise OptimError(
+            f"step got {len(params)} parameters; expected {len(reference)} "
+            "(one per reference parameter, in the same order)"
+        )
+    for i, (p, ref) in enumerate(zip(params, reference, strict=True)):
+        if not isinstance(p, torch.Tensor):
+            raise ArgumentTypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+        if p.shape != ref.shape:
+            raise OptimError(
+                f"params[{i}] has shape {tuple(p.shape)}; expected {tuple(ref.shape)} "
+                f"(the shape of reference parameter {i})"
+            )
+        if p.dtype != ref.dtype:
+            raise OptimError(
+                f"params[{i}] has dtype {p.dtype}; expected {ref.dtype} (the dtype of "
+                f"reference parameter {i}, which the optimizer state follows)"
+            )
+
+
+def gradients(
+    opt: DifferentiableOptimizer,
+    loss: torch.Tensor,
+    params: list[torch.Tensor],
+    create_graph: bool | None,
+    grad_callback: GradCallback | None,
+) -> list[torch.Tensor | None]:
+    """`opt.gradients(...)` for parameters not checked yet."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise OptimError(f"the loss must be a scalar tensor (one element), got {shape}")
+    check_step_params(opt, params)
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    if trainable:
+        if not loss.requires_grad:
+            raise OptimError(
+                "the loss does not require grad, so it does not depend on the parameters; "
+                "compute it from the parameters given to step (or the functional model)"
+            )
+        found = torch.autograd.grad(
+            loss,
+            [params[i] for i in trainable],
+            create_graph=opt.track_higher_grads if create_graph is None else create_graph,
+            allow_unused=True,
+        )
+        if all(g is None for g in found):
+            raise OptimError(_unrelated_loss(opt, loss, params))
+        for i, grad in zip(trainable, found, strict=True):
+            grads[i] = grad
+    callback = grad_callback if grad_callback is not None else opt.grad_callback
+    return grads if callback is None else _called_back(callback, grads)
+
+
+def _unrelated_loss(
+    opt: DifferentiableOptimizer, loss: torch.Tensor, params: list[torch.Tensor]
+) -> str:
+    """Why a loss that requires grad depends on none of the step's parameters."""
+    what = "the parameters given to step" if opt.fmodel is None else "the fast weights"
+    suspects = [("the original model's parameters", opt._reference)]
+    history = getattr(opt.fmodel, "parameters", None)
+    if callable(history):  # a higher.patch module: the weights before the last step
+        with contextlib.suppress(Exception):
+            suspects.append(("the fast weights of an earlier step", list(history(time=-2))))
+    for name, tensors in suspects:
+        tensors = [t for t in tensors if t.requires_grad and all(t is not p for p in params)]
+        if tensors and any(
+            g is not None for g in torch.autograd.grad(loss, tensors, allow_unused=True)
+        ):
+            return (
+                f"the loss depends on none of {what} but on {name}: compute it from the "
+                "current weights (fmodel(...) after the last step, not the model itself or a "
+                "loss computed before a step), then call step"
+            )
+    return (
+        f"the loss depends on none of {what}: compute it from the current weights "
+        "(fmodel(...) or the params given to step), not from other tensors"
+    )
+
+
+def _called_back(
+    callback: GradCallback, grads: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    returned = callback(grads)
+    if not isinstance(returned, (list, tuple)):
+        raise OptimError(
+            "grad_callback must return a list of gradients (one per parameter, None "
+            f"where there is none), got {type(returned).__name__}"
+        )
+    if len(returned) != len(grads):
+        raise OptimError(f"grad_callback returned {len(returned)} gradients; expected {len(grads)}")
+    return list(returned)
+
+
+def closure_loss(
+    loss: torch.Tensor | None, closure: Callable[[], torch.Tensor] | None
+) -> torch.Tensor:
+    """The loss `step` was given, or its closure's (run with grad enabled)."""
+    if closure is None:
+        raise OptimError("step needs the loss: step(loss) or step(closure=lambda: loss_fn(...))")
+    if loss is not None:
+        raise OptimError("give step either the loss or a closure that computes it, not both")
+    if not callable(closure):
+        raise ArgumentTypeError(f"closure must be callable, got {type(closure).__name__}")
+    with torch.enable_grad():
+        return closure()
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+def plan(
+    diffopt: DifferentiableOptimizer,
+    params: Iterable[torch.Tensor] | None = None,
+    *,
+    stepped: Sequence[bool] | None = None,
+    override: Mapping[str, Sequence[Any]] | None = None,
+    **kwargs: Any,
+) -> StepPlan:
+    """Check one step of `diffopt` and gather what it needs; nothing is changed.
+
+    Args:
+        diffopt: the optimizer to step.
+        params: the current parameters, in the order of `reference_params` (default: the
+            functional model's fast weights).
+        stepped: per parameter, whether it is updated (default: whether it requires grad);
+            a parameter the loss does not use has no gradient and is not stepped.
+        override: hyperparameters for this step and, once committed, the later ones.
+        **kwargs: passed to a hand-written `_update`.
+
+    Returns:
+        A `StepPlan` bound to `diffopt` as it is now: run it with `plan.update(params, grads)`,
+        then `commit` the result (before any other step of `diffopt`).
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> plan = internal.plan(diffopt, [w], override={"lr": [0.25]})
+        >>> result = plan.update([w], [torch.ones(2)])
+        >>> internal.commit(diffopt, plan, result)[0].tolist(), diffopt.param_groups[0]["lr"]
+        ([0.75, 0.75], 0.25)
+    """
+    param_list = current_params(diffopt, params)
+    check_step_params(diffopt, param_list)
+    return checked_plan(diffopt, param_list, stepped, override, kwargs)
+
+
+def checked_plan(
+    opt: DifferentiableOptimizer,
+    param_list: list[torch.Tensor],
+    stepped: Sequence[bool] | None,
+    override: Mapping[str, Sequence[Any]] | None,
+    kwargs: dict[str, Any],
+) -> StepPlan:
+    """`plan` for parameters already checked."""
+    options = opt.param_groups if override is None else validated_options(opt, override)
+    if stepped is None:
+        stepped = [p.requires_grad for p in param_list]
+    elif len(stepped) != len(param_list):
+        raise OptimError(
+            f"stepped has {len(stepped)} entries; expected {len(param_list)} (one per parameter)"
+        )
+    live = [[bool(stepped[i]) for i in mapping] for mapping in opt._group_to_param_list]
+    made = opt._make_plan(param_list, live, options, kwargs)
+    return made._replace(owner=opt._identity, version=opt._version)
+
+
+def hand_written_plan(
+    opt: DifferentiableOptimizer,
+    params: list[torch.Tensor],
+    live: list[list[bool]],
+    options: list[dict[str, Any]],
+    kwargs: dict[str, Any],
+) -> StepPlan:
+    """A plan that runs a hand-written `_update` (one bucket per group) on copies."""
+    buckets = []
+    for g, (flags, mapping) in enumerate(zip(live, opt._group_to_param_list, strict=True)):
+        slots = tuple(j for j, flag in enumerate(flags) if flag)
+        if slots:
+            states = [dict(opt.state[g].get(j, ())) for j in slots]
+            indices = tuple(mapping[j] for j in slots)
+            buckets.append(Bucket(g, slots, indices, states, options[g]))
+    requires_grad = [p.requires_grad for p in params]
+    return StepPlan(
+        buckets, options, requires_grad, None, _HandWritten(opt, kwargs), type(opt).__name__
+    )
+
+
+class _HandWritten:
+    """Runs `opt._update` on a scratch view of `opt` (its own param groups and state): the
+    optimizer itself is not touched, so the update is pure."""
+
+    def __init__(self, opt: DifferentiableOptimizer, kwargs: dict[str, Any]) -> None:
+        self.opt, self.kwargs = opt, kwargs
+
+    def __call__(
+        self,
+        plan: StepPlan,
+        params: Sequence[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        states: list[Any],
+    ) -> StepResult:
+        opt, mappings = self.opt, self.opt._group_to_param_list
+        groups = [
+            {**options, "params": [params[i] for i in mapping]}
+            for options, mapping in zip(plan.options, mappings, strict=True)
+        ]
+        state = [defaultdict(dict, {j: dict(s) for j, s in gs.items()}) for gs in opt.state]
+        for bucket, bucket_states in zip(plan.buckets, states, strict=True):
+            for j, slot in zip(bucket.slots, bucket_states, strict=True):
+                state[bucket.group][j] = dict(slot)
+        stepped = {i for bucket in plan.buckets for i in bucket.indices}
+        grouped = [[grads[i] if i in stepped else None for i in mapping] for mapping in mappings]
+        scratch = type(opt).__new__(type(opt))
+        scratch.__dict__.update(opt.__dict__, param_groups=groups, state=state)
+        scratch._update(grouped, **self.kwargs)
+        new_params = list(params)
+        for group, mapping in zip(groups, mappings, strict=True):
+            for j, i in enumerate(mapping):
+                new_params[i] = group["params"][j]
+        new_states = [[state[b.group][j] for j in b.slots] for b in plan.buckets]
+        return StepResult(new_params, new_states)
+
+
+# -- commit -----------------------------------------------------------------------------------
+
+
+def commit(
+    diffopt: DifferentiableOptimizer,
+    plan: StepPlan,
+    result: StepResult,
+    *,
+    first_order: bool | None = None,
+) -> list[torch.Tensor]:
+    """Store a step's outcome: the new parameters (into the functional model, when there is
+    one), the new state, and the step's override. Returns the new parameters.
+
+    `plan` must come from `plan(diffopt, ...)` with no step, commit or `load_state_dict` of
+    `diffopt` since: a plan of another optimizer, a stale one or one committed already is
+    refused (`OptimError`), and `diffopt` stays as it was.
+
+    Args:
+        diffopt: the optimizer that made `plan`.
+        plan: the plan `result` came from.
+        result: what `plan.update` returned.
+        first_order: detach the new parameters and the state, each keeping its
+            `requires_grad` (default: when `diffopt` does not track higher-order gradients,
+            or grad mode is disabled).
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> plan = internal.plan(diffopt, [w])
+        >>> internal.commit(diffopt, plan, plan.update([w], [torch.ones(1)]))[0].item()
+        0.5
+    """
+    _check_bound(diffopt, plan)
+    if first_order is None:  # no graph is kept without tracking, or with grad disabled
+        first_order = not (diffopt.track_higher_grads and torch.is_grad_enabled())
+    new_params = result.params
+    if first_order:
+        new_params = [
+            q.detach().requires_grad_(r)
+            for q, r in zip(new_params, plan.requires_grad, strict=True)
+        ]
+    if diffopt.fmodel is not None:  # the one write that checks: first, so a refusal changes nothing
+        diffopt.fmodel.update_params(new_params)
+    diffopt._version += 1
+    for group, options in zip(diffopt.param_groups, plan.options, strict=True):
+        if options is not group:
+            group.update((k, v) for k, v in options.items() if k != "params")
+    for bucket, new_state in zip(plan.buckets, result.states, strict=True):
+        diffopt._store_state(bucket, new_state)
+    if first_order:
+        for group_state in diffopt.state:
+            for slot in group_state.values():
+                for key, value in slot.items():
+                    if isinstance(value, torch.Tensor):
+                        slot[key] = value.detach()
+    load_params(diffopt, new_params)
+    return new_params
+
+
+def _check_bound(opt: DifferentiableOptimizer, plan: StepPlan) -> None:
+    """Refuse a plan that `opt` did not make, or made from a state it has moved on from."""
+    me = f"this {type(opt).__name__}"
+    if plan.owner is not opt._identity:
+        made_by = "no optimizer's plan()" if plan.owner is None else "another optimizer"
+        raise OptimError(
+            f"commit got a plan made by {made_by} (a {plan.name} step), not by {me}: commit "
+            "a plan into the optimizer whose plan() made it, then make a new plan for the next "
+            "step"
+        )
+    if plan.version != opt._version:
+        raise OptimError(
+            f"commit got a stale plan: {me} has changed since the plan was made (a step, a "
+            f"commit or load_state_dict; {opt._version - plan.version} since), so committing it "
+            "would store a step from an old state or store one step twice; make a new plan "
+            "from the current state and commit each plan once"
+        )
+
+
+def load_params(opt: DifferentiableOptimizer, params: list[torch.Tensor]) -> None:
+    """Put `params` (in the order of `reference_params`) into the groups' slots."""
+    for group, mapping in zip(opt.param_groups, opt._group_to_param_list, strict=True):
+        group["params"] = [params[i] for i in mapping]
