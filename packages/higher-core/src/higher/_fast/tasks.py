@@ -94,7 +94,11 @@ class BatchedModule:
             return torch.func.functional_call(module, tensors, xs, kwargs)
 
         run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
-        return run(self._history[-1], self._buffers, *args)
+        # the forward updates new buffers in place, never those an earlier step saved
+        buffers = [b.clone() for b in self._buffers]
+        out = run(self._history[-1], buffers, *args)
+        self._buffers = buffers
+        return out
 
     # ---- fast weights ------------------------------------------------------------------------
 

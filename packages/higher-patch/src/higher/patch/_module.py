@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _buffers
 from ._errors import PatchError
 from ._store import FastWeights, Params
 
@@ -58,6 +59,8 @@ class _FunctionalNode(torch.nn.Module):
             store.replace_one(index[name], value)
             return
         super().__setattr__(name, value)
+        if name in self._buffers:
+            _buffers.hold(self, name, value)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Self:
         raise PatchError(
@@ -329,6 +332,7 @@ class FunctionalModule(_FunctionalNode):
         kwargs: dict[str, Any],
     ) -> Any:
         store = self._higher_store
+        _buffers.renew(self)
         if params is None:
             self._higher_require_weights()
             return run(*args, **kwargs)
@@ -746,6 +750,7 @@ def _adopt(
     store = FastWeights(names, unique, source, device, history, track, anchor)
     _convert(tree, pairs, store)
     assert isinstance(tree, FunctionalModule)
+    _buffers.hold_all(tree)
     # No weights yet (make_functional): empty slots, even where a class's own copy protocol
     # built parameters of its own.
     store.place(history[-1] if history else [None] * len(unique))

@@ -1,0 +1,242 @@
+"""Running statistics are state of each step: an inner loop that interleaves eval-mode steps
+(they read the running statistics) with training-mode steps (they update them) gets, in every
+mode and path, the meta-gradient of a hand-written unroll that carries the statistics out of
+place, one tensor per step (float64, rtol 1e-8); the original model's buffers never change, and
+the functional model's statistics at the end are the reference's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import higher
+
+STEPS = 10
+EVAL_STEPS = frozenset({3, 6, 9})
+MOMENTUM = 0.3  # BatchNorm's
+TASKS = 2
+Tensors = list[torch.Tensor]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.BatchNorm1d(8, momentum=MOMENTUM), nn.Tanh(), nn.Linear(8, 1)
+    ).double()
+    with torch.no_grad():  # statistics that are not the defaults
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def make_data(seed: int) -> tuple[Tensors, Tensors, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(16, 3, generator=g, dtype=torch.float64) * 2 + 1 for _ in range(STEPS)]
+    ys = [torch.randn(16, 1, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    x_meta = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y_meta = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    return xs, ys, x_meta, y_meta
+
+
+def learnable_lr() -> torch.Tensor:
+    return torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+
+# ---- the reference: statistics out of place by hand -------------------------------------------
+
+
+def _forward(
+    p: Tensors, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, training: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean, var = mean.clone(), var.clone()  # this step's statistics: a tensor of its own
+    h = F.batch_norm(F.linear(x, p[0], p[1]), mean, var, p[2], p[3], training, MOMENTUM, 1e-5)
+    return F.linear(torch.tanh(h), p[4], p[5]), mean, var
+
+
+class Reference:
+    """Meta-loss, meta-gradient and final statistics of the interleaved unroll, by hand."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: torch.Tensor,
+        data: tuple[Tensors, Tensors, torch.Tensor, torch.Tensor],
+        window: int | None = None,
+        copy_initial_weights: bool = False,
+    ) -> None:
+        xs, ys, x_meta, y_meta = data
+        initial = list(model.parameters())
+        p = [q.detach().requires_grad_() for q in initial] if copy_initial_weights else initial
+        mean = model[1].running_mean.detach().clone()
+        var = model[1].running_var.detach().clone()
+        count = int(model[1].num_batches_tracked)
+        velocity: list[torch.Tensor | None] = [None] * len(p)
+        for t in range(STEPS):
+            if window is not None and t == STEPS - window:  # earlier steps are constants
+                p = [q.detach().requires_grad_() for q in p]
+                velocity = [v.detach() if v is not None else None for v in velocity]
+            training = t not in EVAL_STEPS
+            out, mean, var = _forward(p, mean, var, xs[t], training)
+            count += training
+            grads = torch.autograd.grad(F.mse_loss(out, ys[t]), p, create_graph=True)
+            velocity = [g if v is None else 0.9 * v + g for v, g in zip(velocity, grads)]
+            p = [q - lr * v for q, v in zip(p, velocity) if v is not None]
+        out, mean, var = _forward(p, mean, var, x_meta, True)
+        self.meta_loss = F.mse_loss(out, y_meta)
+        self.mean, self.var, self.count = mean, var, count + 1
+        self.wrt = [*initial, lr]
+
+    def gradients(self) -> list[torch.Tensor]:
+        found = torch.autograd.grad(self.meta_loss, self.wrt, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(found, self.wrt)]
+
+
+# ---- the paths under test -----------------------------------------------------------------------
+
+
+class Outcome:
+    """What a path gives: the meta-loss (differentiable), the final statistics."""
+
+    def __init__(self, meta_loss: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+        self.meta_loss = meta_loss
+        self.mean = buffers["1.running_mean"].detach().clone()
+        self.var = buffers["1.running_var"].detach().clone()
+        self.count = buffers["1.num_batches_tracked"].clone()
+
+
+def _mse(fmodel: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(fmodel(x), y)
+
+
+def unrolled(unroll: Any, copy_initial_weights: bool = False, closure: bool = True) -> Runner:
+    def run(model: nn.Module, lr: torch.Tensor, data: Any) -> Outcome:
+        xs, ys, x_meta, y_meta = data
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=copy_initial_weights, override={"lr": [lr]},
+            unroll=unroll,
+        ) as (fmodel, diffopt):  # fmt: skip
+            for t in range(STEPS):
+                fmodel.train(t not in EVAL_STEPS)
+                if closure:
+                    diffopt.step(closure=lambda x=xs[t], y=ys[t]: _mse(fmodel, x, y))
+                else:
+                    diffopt.step(_mse(fmodel, xs[t], ys[t]))
+            fmodel.train()
+            return Outcome(_mse(fmodel, x_meta, y_meta), dict(fmodel.named_buffers()))
+
+    return run
+
+
+def compiled_steps(compile: bool) -> Runner:
+    """compile_step for the steps it runs: every step with compile=False; with compile=True the
+    eval-mode steps (batch statistics in training mode are refused by compile_step)."""
+    kwargs: dict[str, Any] = {"backend": "eager"} if compile else {}
+    step = higher.compile_step(_mse, compile=compile, **kwargs)
+
+    def run(model: nn.Module, lr: torch.Tensor, data: Any) -> Outcome:
+        xs, ys, x_meta, y_meta = data
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=False, override={"lr": [lr]}
+        ) as (fmodel, diffopt):
+            for t in range(STEPS):
+                training = t not in EVAL_STEPS
+                fmodel.train(training)
+                if training and compile:
+                    diffopt.step(_mse(fmodel, xs[t], ys[t]))
+                else:
+                    step(fmodel, diffopt, xs[t], ys[t])
+            fmodel.train()
+            return Outcome(_mse(fmodel, x_meta, y_meta), dict(fmodel.named_buffers()))
+
+    return run
+
+
+Runner = Callable[[nn.Module, torch.Tensor, Any], Outcome]
+
+PATHS: dict[str, tuple[Runner, dict[str, Any]]] = {
+    "full": (unrolled("full", closure=False), {}),
+    "full-closure": (unrolled("full"), {}),
+    "recompute": (unrolled("recompute"), {}),
+    "recompute-unchecked": (unrolled(higher.Recompute(check=False)), {}),
+    "recompute-every-3": (unrolled(higher.Recompute(every=3)), {}),
+    "truncated-4": (unrolled(higher.Truncated(window=4)), {"window": 4}),
+    "forward": (
+        unrolled("forward", copy_initial_weights=True, closure=False),
+        {"copy_initial_weights": True},
+    ),
+    "forward-closure": (unrolled("forward", copy_initial_weights=True), {"copy_initial_weights": True}),
+    "compile-step-eager": (compiled_steps(False), {}),
+    "compile-step-compiled": (compiled_steps(True), {}),
+}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_interleaved_eval_and_training_steps_are_exact(path: str) -> None:
+    run, options = PATHS[path]
+    data = make_data(1)
+    model = make_model()
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    reference = Reference(model, learnable_lr(), data, **options)
+    want = reference.gradients()
+
+    lr = learnable_lr()
+    got = run(model, lr, data)
+    wrt = [*model.parameters(), lr]
+    if options.get("copy_initial_weights"):
+        wrt = [lr]
+        want = want[-1:]
+    found = torch.autograd.grad(got.meta_loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(found, wrt)]
+    _close(got.meta_loss.detach(), reference.meta_loss.detach())
+    for g, w in zip(grads, want):
+        _close(g, w)
+    _close(got.mean, reference.mean)
+    _close(got.var, reference.var)
+    assert int(got.count) == reference.count
+    for k, b in model.named_buffers():  # the original model's buffers are never written
+        assert torch.equal(b, before[k]), k
+
+
+def test_batched_tasks_each_get_their_own_reference() -> None:
+    datas = [make_data(1 + t) for t in range(TASKS)]
+    model = make_model()
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    references = [Reference(model, learnable_lr(), data) for data in datas]
+    want = [sum(parts) for parts in zip(*(r.gradients() for r in references))]
+
+    xs = [torch.stack([d[0][t] for d in datas]) for t in range(STEPS)]
+    ys = [torch.stack([d[1][t] for d in datas]) for t in range(STEPS)]
+    x_meta, y_meta = torch.stack([d[2] for d in datas]), torch.stack([d[3] for d in datas])
+    mse = torch.vmap(F.mse_loss)
+    lr = learnable_lr()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with higher.batched_innerloop_ctx(
+        model, opt, tasks=TASKS, copy_initial_weights=False, override={"lr": [lr]}
+    ) as (fmodel, diffopt):
+        for t in range(STEPS):
+            fmodel.train(t not in EVAL_STEPS)
+            diffopt.step(mse(fmodel(xs[t]), ys[t]))
+        fmodel.train()
+        meta = mse(fmodel(x_meta), y_meta)
+        buffers = fmodel.named_buffers()
+    got = torch.autograd.grad(meta.sum(), [*model.parameters(), lr])
+    for g, w in zip(got, want):
+        _close(g, w)
+    for t, reference in enumerate(references):
+        _close(meta[t].detach(), reference.meta_loss.detach())
+        _close(buffers["1.running_mean"][t], reference.mean)
+        _close(buffers["1.running_var"][t], reference.var)
+        assert int(buffers["1.num_batches_tracked"][t]) == reference.count
+    for k, b in model.named_buffers():
+        assert torch.equal(b, before[k]), k
