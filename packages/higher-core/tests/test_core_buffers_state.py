@@ -28,9 +28,12 @@ def make_model() -> nn.Module:
     model = nn.Sequential(
         nn.Linear(3, 8), nn.BatchNorm1d(8, momentum=MOMENTUM), nn.Tanh(), nn.Linear(8, 1)
     ).double()
+    bn = model[1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.running_mean is not None
+    assert bn.running_var is not None
     with torch.no_grad():  # statistics that are not the defaults
-        model[1].running_mean.uniform_(-0.5, 0.5)
-        model[1].running_var.uniform_(0.5, 2.0)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
     return model
 
 
@@ -68,27 +71,30 @@ class Reference:
         data: tuple[Tensors, Tensors, torch.Tensor, torch.Tensor],
         window: int | None = None,
         copy_initial_weights: bool = False,
+        eval_steps: frozenset[int] = EVAL_STEPS,
+        meta_training: bool = True,
     ) -> None:
         xs, ys, x_meta, y_meta = data
-        initial = list(model.parameters())
+        initial: Tensors = list(model.parameters())
         p = [q.detach().requires_grad_() for q in initial] if copy_initial_weights else initial
-        mean = model[1].running_mean.detach().clone()
-        var = model[1].running_var.detach().clone()
-        count = int(model[1].num_batches_tracked)
+        buffers = {k.rsplit(".", 1)[-1]: b for k, b in model.named_buffers()}
+        mean = buffers["running_mean"].detach().clone()
+        var = buffers["running_var"].detach().clone()
+        count = int(buffers["num_batches_tracked"])
         velocity: list[torch.Tensor | None] = [None] * len(p)
         for t in range(STEPS):
             if window is not None and t == STEPS - window:  # earlier steps are constants
                 p = [q.detach().requires_grad_() for q in p]
                 velocity = [v.detach() if v is not None else None for v in velocity]
-            training = t not in EVAL_STEPS
+            training = t not in eval_steps
             out, mean, var = _forward(p, mean, var, xs[t], training)
             count += training
             grads = torch.autograd.grad(F.mse_loss(out, ys[t]), p, create_graph=True)
             velocity = [g if v is None else 0.9 * v + g for v, g in zip(velocity, grads)]
             p = [q - lr * v for q, v in zip(p, velocity) if v is not None]
-        out, mean, var = _forward(p, mean, var, x_meta, True)
+        out, mean, var = _forward(p, mean, var, x_meta, meta_training)
         self.meta_loss = F.mse_loss(out, y_meta)
-        self.mean, self.var, self.count = mean, var, count + 1
+        self.mean, self.var, self.count = mean, var, count + meta_training
         self.wrt = [*initial, lr]
 
     def gradients(self) -> list[torch.Tensor]:
@@ -113,6 +119,10 @@ def _mse(fmodel: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(fmodel(x), y)
 
 
+def _bound(fmodel: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: _mse(fmodel, x, y)
+
+
 def unrolled(unroll: Any, copy_initial_weights: bool = False, closure: bool = True) -> Runner:
     def run(model: nn.Module, lr: torch.Tensor, data: Any) -> Outcome:
         xs, ys, x_meta, y_meta = data
@@ -124,7 +134,7 @@ def unrolled(unroll: Any, copy_initial_weights: bool = False, closure: bool = Tr
             for t in range(STEPS):
                 fmodel.train(t not in EVAL_STEPS)
                 if closure:
-                    diffopt.step(closure=lambda x=xs[t], y=ys[t]: _mse(fmodel, x, y))
+                    diffopt.step(closure=_bound(fmodel, xs[t], ys[t]))
                 else:
                     diffopt.step(_mse(fmodel, xs[t], ys[t]))
             fmodel.train()
@@ -160,6 +170,8 @@ def compiled_steps(compile: bool) -> Runner:
 
 Runner = Callable[[nn.Module, torch.Tensor, Any], Outcome]
 
+# forward mode differentiates with respect to a few hyperparameters only (here the lr)
+HYPER_ONLY: dict[str, Any] = {"copy_initial_weights": True}
 PATHS: dict[str, tuple[Runner, dict[str, Any]]] = {
     "full": (unrolled("full", closure=False), {}),
     "full-closure": (unrolled("full"), {}),
@@ -167,11 +179,8 @@ PATHS: dict[str, tuple[Runner, dict[str, Any]]] = {
     "recompute-unchecked": (unrolled(higher.Recompute(check=False)), {}),
     "recompute-every-3": (unrolled(higher.Recompute(every=3)), {}),
     "truncated-4": (unrolled(higher.Truncated(window=4)), {"window": 4}),
-    "forward": (
-        unrolled("forward", copy_initial_weights=True, closure=False),
-        {"copy_initial_weights": True},
-    ),
-    "forward-closure": (unrolled("forward", copy_initial_weights=True), {"copy_initial_weights": True}),
+    "forward": (unrolled("forward", copy_initial_weights=True, closure=False), HYPER_ONLY),
+    "forward-closure": (unrolled("forward", copy_initial_weights=True), HYPER_ONLY),
     "compile-step-eager": (compiled_steps(False), {}),
     "compile-step-compiled": (compiled_steps(True), {}),
 }
@@ -240,3 +249,118 @@ def test_batched_tasks_each_get_their_own_reference() -> None:
         assert int(buffers["1.num_batches_tracked"][t]) == reference.count
     for k, b in model.named_buffers():
         assert torch.equal(b, before[k]), k
+
+
+# ---- compile_meta_step: the statistics flow from step to step --------------------------------
+
+
+class StatsNet(nn.Module):
+    """The MLP, whose forward reads the running statistics when asked (`frozen=True`, as in
+    eval mode): how a loss function of compile_meta_step, which gets no module to switch,
+    evaluates at the statistics of its time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        seq = make_model()
+        self.lin1 = seq.get_submodule("0")
+        bn = seq.get_submodule("1")
+        assert isinstance(bn, nn.BatchNorm1d)
+        self.bn = bn
+        self.lin2 = seq.get_submodule("3")
+
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        h = self.lin1(x)
+        if frozen:
+            bn = self.bn
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                             bn.eps)  # fmt: skip
+        else:
+            h = self.bn(h)
+        out: torch.Tensor = self.lin2(torch.tanh(h))
+        return out
+
+
+def _frozen_mse(fmodel: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(fmodel(x, frozen=True), y)
+
+
+@pytest.mark.parametrize("tasks", [None, TASKS])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_meta_step_outer_loss_reads_the_statistics_after_the_steps(
+    compiled: bool, tasks: int | None
+) -> None:
+    """Inner steps in training mode move the statistics; the outer loss reads them."""
+    n = 1 if tasks is None else tasks
+    datas = []
+    for t in range(n):
+        xs, ys, _, _ = make_data(1 + t)  # one batch for every step and the outer loss
+        datas.append(([xs[0]] * STEPS, [ys[0]] * STEPS, xs[0], ys[0]))
+    model = StatsNet()
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    references = [
+        Reference(model, learnable_lr(), d, eval_steps=frozenset(), meta_training=False)
+        for d in datas
+    ]
+    want = [sum(parts) for parts in zip(*(r.gradients() for r in references))]
+
+    meta = higher.compile_meta_step(
+        _mse, _frozen_mse, steps=STEPS, tasks=tasks, compile=compiled, backend="aot_eager"
+    )
+    lr = learnable_lr()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    if tasks is None:
+        batch = (datas[0][0][0], datas[0][1][0])
+    else:
+        batch = (torch.stack([d[0][0] for d in datas]), torch.stack([d[1][0] for d in datas]))
+    losses = meta(model, opt, *batch, override={"lr": [lr]})
+    got = torch.autograd.grad(losses.sum(), [*model.parameters(), lr])
+    for g, w in zip(got, want):
+        _close(g, w)
+    for k, b in model.named_buffers():
+        assert torch.equal(b, before[k]), k
+
+
+# ---- a buffer updated in place outside training mode --------------------------------------------
+
+
+class Decay(nn.Module):
+    """Scales its input by a buffer that it halves, in place, at every call (in any mode); the
+    forward reads a copy, so no step's graph sees the later values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale: torch.Tensor
+        self.register_buffer("scale", torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.clone()
+        self.scale.mul_(0.5)
+        return x * scale
+
+
+def _squared(fmodel: Any, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: fmodel(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("unroll", ["recompute", higher.Recompute(check=False)])
+def test_recompute_restores_a_buffer_changed_in_place_as_its_step_found_it(unroll: Any) -> None:
+    """Each rebuilt step runs with the buffer as it was when the step was first taken (a copy
+    is kept: the live tensor, changed in place, always equals itself)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), Decay(), nn.Linear(2, 1)).double().eval()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 2, generator=g, dtype=torch.float64) for _ in range(4)]
+
+    def meta_gradient(mode: Any) -> tuple[torch.Tensor, ...]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, unroll=mode) as (
+            fmodel, diffopt,
+        ):  # fmt: skip
+            for x in xs:
+                diffopt.step(closure=_squared(fmodel, x))
+            meta = fmodel(xs[0]).pow(2).mean()
+            return torch.autograd.grad(meta, list(model.parameters()))
+
+    for got, want in zip(meta_gradient(unroll), meta_gradient("full")):
+        _close(got, want)
+    assert float(model.get_buffer("1.scale")) == 1.0

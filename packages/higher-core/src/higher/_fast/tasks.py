@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from higher._context import check_model_and_opt
+from higher._engine import fresh_buffers
 from higher._errors import FastPathError
 from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import Bucket, DifferentiableOptimizer, StepPlan, StepResult, get_diff_optim
@@ -95,7 +96,7 @@ class BatchedModule:
 
         run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
         # the forward updates new buffers in place, never those an earlier step saved
-        buffers = [b.clone() for b in self._buffers]
+        buffers = list(fresh_buffers(self.named_buffers()).values())
         out = run(self._history[-1], buffers, *args)
         self._buffers = buffers
         return out

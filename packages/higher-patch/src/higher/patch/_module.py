@@ -322,6 +322,7 @@ class FunctionalModule(_FunctionalNode):
 
     def forward(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
         """Run the original forward with the current fast weights, or with `params` first set."""
+        _buffers.renew(self)  # what the forward updates in place is new (via __call__ too)
         return self._higher_run(super().forward, params, args, kwargs)
 
     def _higher_run(
@@ -332,7 +333,6 @@ class FunctionalModule(_FunctionalNode):
         kwargs: dict[str, Any],
     ) -> Any:
         store = self._higher_store
-        _buffers.renew(self)
         if params is None:
             self._higher_require_weights()
             return run(*args, **kwargs)
