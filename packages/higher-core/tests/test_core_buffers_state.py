@@ -364,3 +364,37 @@ def test_recompute_restores_a_buffer_changed_in_place_as_its_step_found_it(unrol
     for got, want in zip(meta_gradient(unroll), meta_gradient("full")):
         _close(got, want)
     assert float(model.get_buffer("1.scale")) == 1.0
+
+
+# ---- the engine's pure step ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gradient", ["func", "autograd"])
+def test_pure_step_takes_buffers_in_and_gives_new_ones_out(gradient: str) -> None:
+    """One step of the engine: the buffers given are not written; the new ones, the weights
+    and the state are those of `diffopt.step` on the functional model."""
+    from higher._engine import Batch, Program, autograd_gradient, func_gradient, pure_step
+
+    model = make_model()
+    xs, ys, _, _ = make_data(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        names = tuple(fmodel.named_fast_params())
+        params = fmodel.fast_params
+        plan = diffopt.plan(params)
+        buffers = {k: b.clone() for k, b in fmodel.named_buffers()}
+        given = {k: b.clone() for k, b in buffers.items()}
+        out = pure_step(
+            params, None, plan, buffers, Batch((xs[0], ys[0]), {}),
+            program=Program(fmodel, names, _mse), wrt=range(len(params)),
+            gradient=func_gradient if gradient == "func" else autograd_gradient,
+        )  # fmt: skip
+        diffopt.step(_mse(fmodel, xs[0], ys[0]))  # the same step in the loop form
+        for k, b in buffers.items():
+            assert torch.equal(b, given[k]), k  # the inputs are not written
+        for k, b in fmodel.named_buffers():
+            _close(out.buffers[k].double(), b.double())
+        assert not torch.equal(out.buffers["1.running_mean"], given["1.running_mean"])
+        for a, b in zip(out.params, fmodel.fast_params):
+            _close(a, b)
+        _close(out.opt_state[0].momentum_buffer[0], diffopt.state[0][0]["momentum_buffer"])
