@@ -30,7 +30,7 @@ def renew(root: torch.nn.Module) -> None:
     if torch._C._functorch.peek_interpreter_stack() is not None or _compiling():
         return
     for module in root.modules():
-        held = module.__dict__.get(_HELD)
+        held: dict[str, torch.Tensor] | None = module.__dict__.get(_HELD)
         if not held or not module.training:
             continue
         slots = module._buffers
