@@ -15,6 +15,7 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 from torch.torch_version import TorchVersion
 
+from higher._engine import Batch, Program, bind, pure_step
 from higher._errors import UsageError
 from higher._strategies import refuse
 from higher._torch_warnings import ignore_torch_self_deprecation
@@ -187,14 +188,10 @@ class CompiledStep:
             if found != unused:  # what the step ran with was wrong: nothing is committed yet
                 result, loss, moved, _ = run(fmodel, diffopt, ctx, params, found, batch, kwargs)
         plan, new = result
-        if moved:
-            with torch.no_grad():
-                for name, module, key_ in ctx.buffers:
-                    owner = module()
-                    if owner is not None and name in moved:
-                        buffer = owner._buffers[key_]
-                        assert buffer is not None
-                        buffer.copy_(moved[name])
+        for name, module, key_ in ctx.buffers:
+            owner = module()
+            if owner is not None and name in moved:  # the step's new buffers, not written in
+                setattr(owner, key_, moved[name])  # place: an earlier step may have saved them
         internal.commit(
             diffopt, plan, new
         )  # first order without tracking or under no_grad, as step
@@ -316,32 +313,23 @@ class CompiledStep:
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> frozenset[int]:
-        """The parameters the loss does not depend on (one eager forward and gradient, with
-        the buffers restored afterwards, so running statistics move only once per step)."""
-        saved = {k: b.detach().clone() for k, b in fmodel.named_buffers()}
+        """The parameters the loss does not depend on (one eager forward and gradient, on
+        copies of the buffers, so running statistics move only once per step)."""
         probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
-
-        def model(*args: Any, **kw: Any) -> Any:
-            return torch.func.functional_call(fmodel, dict(zip(ctx.names, probe)), args, kw)
-
-        try:
-            loss = self._loss_fn(model, *batch, **kwargs)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
-                raise UsageError(f"loss_fn must return a scalar tensor, got {shape}")
-            wanted = [probe[i] for i in ctx.requires]
-            if not wanted:
-                return frozenset()
-            if not loss.requires_grad:
-                raise UsageError(
-                    "the loss does not depend on the model's parameters: loss_fn must compute "
-                    "it from what model(...) returns"
-                )
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-        finally:
-            with torch.no_grad():
-                for k, b in fmodel.named_buffers():
-                    b.copy_(saved[k])
+        model, _ = bind(fmodel, ctx.names, probe, dict(fmodel.named_buffers()))
+        loss = self._loss_fn(model, *batch, **kwargs)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+            raise UsageError(f"loss_fn must return a scalar tensor, got {shape}")
+        wanted = [probe[i] for i in ctx.requires]
+        if not wanted:
+            return frozenset()
+        if not loss.requires_grad:
+            raise UsageError(
+                "the loss does not depend on the model's parameters: loss_fn must compute "
+                "it from what model(...) returns"
+            )
+        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
         return frozenset(i for i, g in zip(ctx.requires, grads, strict=True) if g is None)
 
     def _pure(
@@ -356,38 +344,14 @@ class CompiledStep:
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> tuple[StepResult, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-        """The step as a pure function of its inputs (what `torch.compile` traces)."""
-
-        # A module may update its buffers in place (running averages); torch.func.grad refuses
-        # in-place updates of tensors captured from outside the function it transforms. The
-        # forward updates copies made inside it, which are copied into the buffers afterwards.
-        def loss_of(
-            live: list[torch.Tensor],
-        ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-            current = list(params)
-            for k, i in enumerate(requires):
-                current[i] = live[k]
-            moved = {k: b.clone() for k, b in buffers.items()}
-            tensors = {**moved, **dict(zip(names, current))}
-
-            def model(*args: Any, **kw: Any) -> Any:
-                return torch.func.functional_call(module, tensors, args, kw)
-
-            loss = self._loss_fn(model, *batch, **kwargs)
-            return loss, (loss, moved)
-
-        live = [params[i] for i in requires]
-        grads, (loss, moved) = torch.func.grad(loss_of, has_aux=True)(live)
+        """The step as a pure function of its inputs (what `torch.compile` traces): the
+        engine's pure step, with torch.func's gradient (one graph)."""
+        program = Program(module, names, self._loss_fn)
+        out = pure_step(params, None, plan, buffers, Batch(batch, kwargs), program=program,
+                        wrt=requires, callback=callback)  # fmt: skip
         # whether each gradient is nonzero: the check of which parameters the loss uses
-        nonzero = torch.stack([g.ne(0).any() for g in grads]) if grads else None
-        stepped = {i for bucket in plan.buckets for i in bucket.indices}
-        full: list[torch.Tensor | None] = [None] * len(params)
-        for k, i in enumerate(requires):
-            if i in stepped:
-                full[i] = grads[k]
-        if callback is not None:
-            full = list(callback(full))
-        return plan.update(params, full), loss, moved, nonzero
+        nonzero = torch.stack([g.ne(0).any() for g in out.grads]) if out.grads else None
+        return StepResult(out.params, out.opt_state), out.loss, out.buffers, nonzero
 
 
 # Attribute values that describe a module's configuration (what a forward may branch on).

@@ -19,6 +19,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from higher._context import check_model_and_opt, innerloop_ctx
+from higher._engine import Batch, Program, autograd_gradient, bind, func_gradient, pure_step
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, traced_call
 from higher._fast.tasks import refuse_nested
@@ -30,6 +31,9 @@ from higher.optim.internal import StepPlan, StepResult
 from higher.patch import FunctionalModule, monkeypatch
 
 LossFn = Callable[..., torch.Tensor]
+#: what the loop carries from step to step: the stepped weights, the optimizer's state (one
+#: per bucket) and the model's buffers
+Carry = tuple[list[torch.Tensor], list[Any], dict[str, torch.Tensor]]
 
 # The oldest torch the compiled meta-step is verified on: scan with autograd under
 # torch.compile, vmap of scan, and torch.func.grad inside the scanned body.
@@ -60,8 +64,12 @@ class MetaStep:
 
     The loss functions get `fmodel`: a callable that runs the model's forward with the current
     weights (call it as `fmodel(x)`; it has no attributes). The model and the optimizer are not
-    changed: buffers (running statistics) are read, and updated on copies, one per task, that
-    are dropped. BatchNorm in training mode is exact (tested in float64, with tasks): each
+    changed: buffers (running statistics) are carried from step to step on copies (each step
+    updates its own, so the outer loss reads the statistics after the steps), one per task,
+    and dropped at the end. Compiled, a model whose buffers move (a module with buffers in
+    training mode) has its steps traced one after another instead of as a loop (torch's loop
+    operator cannot carry them): its compile time grows with `steps`. BatchNorm in training
+    mode is exact (tested in float64, with tasks): each
     task's gradient is taken as the gradient of the vmapped losses' sum, never as a vmapped
     gradient (whose second-order term through batch statistics torch gets wrong).
 
@@ -206,7 +214,12 @@ class MetaStep:
         if not self._compiled:
             return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
         start = None
-        if self._probe(plan, params) or self._tasks is not None:
+        # Running statistics that move (a module with buffers in training mode) are carried
+        # from step to step out of place; torch's scan cannot carry them (its backward treats
+        # every carry as differentiable, and batch_norm refuses statistics that require
+        # grad), so these steps are traced one after another (compile time grows with steps).
+        mode = "loop" if _moving_buffers(fmodule) else "scan"
+        if mode == "scan" and (self._probe(plan, params) or self._tasks is not None):
             # eagerly, before the graph: inductor's meta-gradient through a scan that starts
             # from a step traced in the same graph was wrong, and with tasks through a scan
             # that starts from the expanded initial weights and state (Adam; torch 2.13,
@@ -221,7 +234,7 @@ class MetaStep:
         try:
             with traced_call(fmodule, FastPathError, refusal):
                 return self._fn(  # type: ignore[no-any-return]
-                    fmodule, names, params, buffers, traced, "scan", batch, kwargs, start
+                    fmodule, names, params, buffers, traced, mode, batch, kwargs, start
                 )
         except torch._dynamo.exc.TorchDynamoException as err:  # what is not Unsupported
             raise FastPathError(refusal.format(reason=str(err).splitlines()[0])) from err
@@ -333,84 +346,71 @@ class MetaStep:
         mode: str,
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
-        start: tuple[list[torch.Tensor], list[Any]] | None = None,
+        start: Carry | None = None,
     ) -> Any:
-        """The meta-step as a pure function of its inputs (what torch.compile traces).
+        """The meta-step as a pure function of its inputs (what torch.compile traces): the
+        engine's pure step, looped or scanned, with the weights, the optimizer's state and the
+        buffers (running statistics, updated out of place) carried from step to step.
 
         `mode` "loop": the steps as a Python loop; "scan": in a scan, from `start` (the
-        weights and state after the first step) when given; "first": only the first step,
-        returning the weights and state after it."""
+        weights, state and buffers after the first step) when given; "first": only the first
+        step, returning the weights, state and buffers after it."""
         inner_fn, outer_fn, steps = self._inner, self._outer, self._steps
         stepped = sorted(i for bucket in plan.buckets for i in bucket.indices)
-
-        def with_weights(
-            live: list[torch.Tensor], bufs: dict[str, torch.Tensor] | None = None
-        ) -> Callable[..., Any]:
-            current = list(params)
-            for k, i in enumerate(stepped):
-                current[i] = live[k]
-            # modules update buffers in place (running averages): on copies made here
-            copies = {k: b.clone() for k, b in (buffers if bufs is None else bufs).items()}
-            tensors = {**copies, **dict(zip(names, current))}
-
-            def model(*args: Any, **kw: Any) -> Any:
-                return torch.func.functional_call(module, tensors, args, kw)
-
-            return model
-
+        # the step before the graph runs eagerly: plain autograd, which (unlike torch.func)
+        # also runs under saved-tensor hooks (activation offloading, memory probes)
+        gradient = autograd_gradient if mode == "first" else func_gradient
         tasks = self._tasks
         assert plan.rule is not None  # checked by __call__
         # one value for all tasks: the step count and the rule's scalar state
         shared = frozenset(("step", *plan.rule.scalar_state))
         dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in batch)
 
-        def update(
-            live: list[torch.Tensor], grads: list[torch.Tensor], states: list[Any]
-        ) -> tuple[list[torch.Tensor], list[Any]]:
-            full_p: list[torch.Tensor] = list(params)
-            full_g: list[torch.Tensor | None] = [None] * len(params)
+        def full(live: list[torch.Tensor]) -> list[torch.Tensor]:
+            current = list(params)
             for k, i in enumerate(stepped):
-                full_p[i], full_g[i] = live[k], grads[k]
-            result = plan.run(full_p, full_g, states)
-            return [result.params[i] for i in stepped], result.states
+                current[i] = live[k]
+            return current
 
         def task_loss(
             fn: LossFn, live: list[torch.Tensor], bufs: dict[str, torch.Tensor], *data: Any
-        ) -> torch.Tensor:
-            return fn(with_weights(live, bufs), *data, **kwargs)
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            model, new = bind(module, names, full(live), bufs)
+            return fn(model, *data, **kwargs), new
 
-        def all_losses(fn: LossFn, live: list[torch.Tensor]) -> torch.Tensor:
-            """Every task's loss (live stacked per task), one vmapped forward; buffers one
-            per task, as each task's own copy of the model would hold them."""
-            assert tasks is not None
-            bufs = {k: b.expand(tasks, *b.shape).clone() for k, b in buffers.items()}
+        def all_losses(
+            fn: LossFn, live: list[torch.Tensor], bufs: dict[str, torch.Tensor]
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """Every task's loss (live stacked per task), one vmapped forward, and every
+            task's new buffers (one per task, as each task's own copy of the model holds)."""
             run = torch.func.vmap(
                 functools.partial(task_loss, fn), in_dims=(0, 0, *dims), randomness="error"
             )
-            return run(live, bufs, *batch)
+            out: tuple[torch.Tensor, dict[str, torch.Tensor]] = run(live, bufs, *batch)
+            return out
 
-        def gradient(
-            fn: Callable[[list[torch.Tensor]], torch.Tensor], live: list[torch.Tensor]
-        ) -> Any:
-            if mode != "first":  # traced: torch.func's transform, one graph
-                return torch.func.grad(fn)(live)
-            # the step before the graph runs eagerly: plain autograd, which (unlike torch.func)
-            # also runs under saved-tensor hooks (activation offloading, memory probes)
-            with torch.enable_grad():
-                return torch.autograd.grad(fn(live), live, create_graph=True)
-
-        def step(
-            live: list[torch.Tensor], states: list[Any], batched: bool = True
-        ) -> tuple[list[torch.Tensor], list[Any]]:
+        def step(carry: Carry, batched: bool = True) -> Carry:
+            live, states, bufs = carry
             if tasks is None:
-                grads = gradient(lambda live: inner_fn(with_weights(live), *batch, **kwargs), live)
-                return update(live, list(grads), states)
+                done = pure_step(
+                    full(live), states, plan, bufs, Batch(batch, kwargs),
+                    program=Program(module, names, inner_fn), wrt=stepped, gradient=gradient,
+                )  # fmt: skip
+                return [done.params[i] for i in stepped], done.opt_state, done.buffers
             # The gradient of the sum of the tasks' losses w.r.t. the stacked weights is each
             # task's gradient (task t's loss reads slice t only): grad of vmap, exact to any
             # order with batch statistics too (vmap of grad is not). The rule runs per task.
             if not batched:
                 live = [p.expand(tasks, *p.shape) for p in live]
-            grads = gradient(lambda live: all_losses(inner_fn, live).sum(), live)
+                bufs = {k: b.expand(tasks, *b.shape) for k, b in bufs.items()}
+
+            def summed(
+                live: list[torch.Tensor],
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                losses, new = all_losses(inner_fn, live, bufs)
+                return losses.sum(), new
+
+            grads, new_bufs = gradient(summed, live)
             # vmap takes and returns tensors only. The step count and the rule's scalar state
             # (NAdam's mu_product, ASGD's eta and mu) are one value for all tasks, unbatched
             task_part, shared_part = split_fields(states, shared)
@@ -425,42 +425,54 @@ class MetaStep:
                 shared_leaves: list[torch.Tensor],
             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
                 parts = unflatten(task_spec, task_leaves), unflatten(shared_spec, shared_leaves)
-                new_live, new_states = update(live, grads, merge_fields(*parts, shared))
-                new_task, new_shared = split_fields(new_states, shared)
+                full_g: list[torch.Tensor | None] = [None] * len(params)
+                for k, i in enumerate(stepped):
+                    full_g[i] = grads[k]
+                result = plan.run(full(live), full_g, merge_fields(*parts, shared))
+                new_task, new_shared = split_fields(result.states, shared)
                 new_task_leaves, out["task"] = flatten(new_task)
                 new_shared_leaves, out["shared"] = flatten(new_shared)
-                return new_live, new_task_leaves, new_shared_leaves
+                return [result.params[i] for i in stepped], new_task_leaves, new_shared_leaves
 
             in_dims = (0, 0, 0 if batched else None, None)
             out_dims: Any = (0, 0, None)  # the shared leaves stay unbatched
             run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=out_dims)
             new_live, new_task_leaves, new_shared_leaves = run(
-                live, grads, task_leaves, shared_leaves
+                live, list(grads), task_leaves, shared_leaves
             )
             parts = (
                 unflatten(out["task"], new_task_leaves),
                 unflatten(out["shared"], new_shared_leaves),
             )
-            return new_live, merge_fields(*parts, shared)
+            return new_live, merge_fields(*parts, shared), new_bufs
 
-        live = [params[i] for i in stepped]
-        states = [bucket.state for bucket in plan.buckets]
+        carry: Carry = ([params[i] for i in stepped], [b.state for b in plan.buckets], buffers)
         device = params[0].device if params else None
         if mode == "first":
-            return step(live, states, batched=False)
+            return step(carry, batched=False)
         if mode == "loop":  # step counts stay Python numbers, as in diffopt.step
             for k in range(steps):
-                live, states = step(live, states, batched=k > 0)
+                carry = step(carry, batched=k > 0)
         elif start is not None:
-            live, states = start
+            live, states, bufs = start
+            carry = (live, _tensor_counts(states, device), bufs)
             if steps > 1:
-                live = _loop(step, live, _tensor_counts(states, device), steps - 1)
+                carry = _loop(step, carry, steps - 1)
         else:  # with tasks, the first step always runs apart (see __call__)
             assert tasks is None
-            live = _loop(step, live, _tensor_counts(states, device), steps)
+            carry = _loop(step, (carry[0], _tensor_counts(carry[1], device), buffers), steps)
+        live, _, bufs = carry
         if tasks is None:
-            return outer_fn(with_weights(live), *batch, **kwargs)
-        return all_losses(outer_fn, live)
+            model, _ = bind(module, names, full(live), bufs)
+            return outer_fn(model, *batch, **kwargs)
+        return all_losses(outer_fn, live, bufs)[0]
+
+
+def _moving_buffers(module: torch.nn.Module) -> bool:
+    """Whether a forward may update buffers: a submodule with buffers is in training mode."""
+    return any(
+        m.training and any(b is not None for b in m._buffers.values()) for m in module.modules()
+    )
 
 
 def _form(state: Any) -> Any:
@@ -496,19 +508,16 @@ def _probe_step(plan: StepPlan, params: list[torch.Tensor], states: Any = None) 
         return plan.run(copies, grads, states)
 
 
-def _loop(
-    step: Callable[[list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]],
-    live: list[torch.Tensor],
-    states: list[Any],
-    n: int,
-) -> list[torch.Tensor]:
-    """`n` more steps in one `scan`. The carry is one flat buffer per dtype and device (the
-    weights and the state's tensors concatenated): a few loop variables instead of dozens
+def _loop(step: Callable[[Carry], Carry], carry: Carry, n: int) -> Carry:
+    """`n` more steps in one `scan`, for a model whose buffers do not move (they are the same
+    for every step: constants of the loop). The carry is one flat buffer per dtype and device
+    (the weights and the state's tensors concatenated): a few loop variables instead of dozens
     (each costs the compiled loop checks and copies per iteration), and no size-one
     dimension, whose strides torch's scan backward compares literally (a (40, 1) weight
     failed there, as its gradient's strides differed)."""
     from torch._higher_order_ops.scan import scan
 
+    live, states, bufs = carry
     state_leaves, spec = flatten(states)
     tensors = [*live, *state_leaves]
     shapes = [t.shape for t in tensors]
@@ -522,23 +531,24 @@ def _loop(
     def pack(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat([ts[i].reshape(-1) for i in idx]) for idx in members]
 
-    def unpack(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    def unpack(packed: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
         out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
-        for buffer, idx in zip(buffers, members):
-            parts = torch.split(buffer, [sizes[i] for i in idx])
+        for flat, idx in zip(packed, members):
+            parts = torch.split(flat, [sizes[i] for i in idx])
             for i, part in zip(idx, parts):
                 out[i] = part.view(shapes[i])
-        return out
+        return out[:n_live], unflatten(spec, out[n_live:])
 
-    def body(carry: list[torch.Tensor], _: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        ts = unpack(carry)
-        new_live, new_states = step(ts[:n_live], unflatten(spec, ts[n_live:]))
+    def body(
+        packed: list[torch.Tensor], _: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        new_live, new_states, _bufs = step((*unpack(packed), bufs))
         leaves, _spec = flatten(new_states)
-        return pack([*new_live, *leaves]), torch.zeros((), device=carry[0].device)
+        return pack([*new_live, *leaves]), torch.zeros((), device=packed[0].device)
 
     xs = torch.zeros(n, device=tensors[0].device)
     final, _ = scan(body, pack(tensors), xs)
-    return unpack(final)[:n_live]
+    return (*unpack(final), bufs)
 
 
 def meta_step(

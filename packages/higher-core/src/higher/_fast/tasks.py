@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from higher._engine import fresh_buffers
 from higher._errors import FastPathError
 from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import DifferentiableOptimizer, get_diff_optim, internal
@@ -94,7 +95,11 @@ class BatchedModule:
             return torch.func.functional_call(module, tensors, xs, kwargs)
 
         run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
-        return run(self._history[-1], self._buffers, *args)
+        # the forward updates new buffers in place, never those an earlier step saved
+        buffers = list(fresh_buffers(self.named_buffers()).values())
+        out = run(self._history[-1], buffers, *args)
+        self._buffers = buffers
+        return out
 
     # ---- fast weights ------------------------------------------------------------------------
 

@@ -175,7 +175,9 @@ class Environment:
                     self.places.append((module, name))
         devices = {p.device for p in fmodel.fast_params}
         self.devices = sorted(d.index or 0 for d in devices if d.type == "cuda")
-        self.values = tuple(self._live())  # the buffers as the next step finds them
+        # the buffers as the next step finds them: copies, never the live tensors (a tensor
+        # updated in place always equals itself, so a change would go unseen)
+        self.values = tuple(b.detach().clone() for b in self._live())
         self.training = tuple(m.training for m in self.modules)
 
     def _live(self) -> Iterator[torch.Tensor]:
@@ -190,10 +192,10 @@ class Environment:
     def before(self) -> StepEnv:
         """What the step about to run finds (cheap: values are shared until they change)."""
         live = list(self._live())
-        if any(not torch.equal(a, b) for a, b in zip(live, self.values)):
+        changed = [not torch.equal(a, b) for a, b in zip(live, self.values)]
+        if any(changed):
             self.values = tuple(
-                a.detach().clone() if not torch.equal(a, b) else b
-                for a, b in zip(live, self.values)
+                a.detach().clone() if c else b for a, b, c in zip(live, self.values, changed)
             )
         training = tuple(m.training for m in self.modules)
         if training != self.training:

@@ -105,7 +105,7 @@ def buffer_sync(
         if name not in owner._buffers:
             raise PatchError(f"the functional module has no buffer {qualname!r} to sync into")
         copied = buf.detach().to(dev, copy=True) if dev is not None else buf.detach().clone()
-        owner._buffers[name] = copied
+        setattr(owner, name, copied)  # held as the functional module's own
 
 
 def write_back_buffers(fmodule: FunctionalModule, module: torch.nn.Module | None = None) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _buffers
 from ._copying import _deepcopy_module, _original_class, _reconstruct, _tensors_of, slot_pairs
 from ._errors import PatchError
 from ._store import FastWeights, Params
@@ -55,6 +56,8 @@ class _FunctionalNode(torch.nn.Module):
             store.replace_one(index[name], value)
             return
         super().__setattr__(name, value)
+        if name in self._buffers:
+            _buffers.hold(self, name, value)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Self:
         raise PatchError(
@@ -311,6 +314,7 @@ class FunctionalModule(_FunctionalNode):
 
     def forward(self, *args: Any, params: Params | None = None, **kwargs: Any) -> Any:
         """Run the original forward with the current fast weights, or with `params` first set."""
+        _buffers.renew(self)  # what the forward updates in place is new (via __call__ too)
         return self._higher_run(super().forward, params, args, kwargs)
 
     def _higher_run(
@@ -537,6 +541,7 @@ def _adopt(
     store = FastWeights(names, unique, source, device, history, track, anchor)
     _convert(tree, pairs, store)
     assert isinstance(tree, FunctionalModule)
+    _buffers.hold_all(tree)
     # No weights yet (make_functional): empty slots, even where a class's own copy protocol
     # built parameters of its own.
     store.place(history[-1] if history else [None] * len(unique))
