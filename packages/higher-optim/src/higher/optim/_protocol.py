@@ -90,7 +90,8 @@ def step_driver(diffopt: DifferentiableOptimizer) -> StepDriver | None:
         >>> import torch, higher.optim
         >>> from higher.optim import internal
         >>> w = torch.nn.Parameter(torch.ones(1))
-        >>> print(internal.step_driver(higher.optim.get_diff_optim(torch.optim.SGD([w]), [w])))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w])
+        >>> print(internal.step_driver(diffopt))
         None
     """
     return diffopt._step_driver
