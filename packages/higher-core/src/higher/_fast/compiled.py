@@ -15,9 +15,9 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 from torch.torch_version import TorchVersion
 
-from higher._engine import Batch, Program, bind, pure_step
+from higher._engine import Batch, Program, find_unused, pure_step
 from higher._errors import UsageError
-from higher._strategies import refuse
+from higher._strategies import refuse, refuse_hand_written
 from higher._torch_warnings import ignore_torch_self_deprecation
 from higher._unroll.routing import routed
 from higher.errors import HigherError
@@ -277,12 +277,8 @@ class CompiledStep:
                 "gave (or the fmodel the optimizer was built with)"
             )
         named = fmodel.named_fast_params()  # raises for a module without fast weights
-        if internal.plan(diffopt, list(named.values())).rule is None:
-            raise UsageError(
-                "compile_step runs rule-based differentiable optimizers (every built-in twin, "
-                f"and plugins written as a Rule); {type(diffopt).__name__} implements _update "
-                "by hand: use diffopt.step for it"
-            )
+        plan = internal.plan(diffopt, list(named.values()))
+        refuse_hand_written(plan, diffopt, "the compiled step", UsageError)
         places, norms, shape = [], [], []
         for prefix, module in fmodel.named_modules():
             if isinstance(module, _NormBase):
@@ -313,24 +309,10 @@ class CompiledStep:
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> frozenset[int]:
-        """The parameters the loss does not depend on (one eager forward and gradient, on
-        copies of the buffers, so running statistics move only once per step)."""
-        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
-        model, _ = bind(fmodel, ctx.names, probe, dict(fmodel.named_buffers()))
-        loss = self._loss_fn(model, *batch, **kwargs)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
-            raise UsageError(f"loss_fn must return a scalar tensor, got {shape}")
-        wanted = [probe[i] for i in ctx.requires]
-        if not wanted:
-            return frozenset()
-        if not loss.requires_grad:
-            raise UsageError(
-                "the loss does not depend on the model's parameters: loss_fn must compute "
-                "it from what model(...) returns"
-            )
-        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-        return frozenset(i for i, g in zip(ctx.requires, grads, strict=True) if g is None)
+        """The parameters the loss does not depend on (the engine's `find_unused`)."""
+        program = Program(fmodel, ctx.names, self._loss_fn)
+        return find_unused(program, params, dict(fmodel.named_buffers()), Batch(batch, kwargs),
+                           wrt=ctx.requires, error=UsageError, loss_name="loss_fn")  # fmt: skip
 
     def _pure(
         self,

@@ -19,11 +19,19 @@ import torch
 from torch.torch_version import TorchVersion
 
 from higher._context import check_model_and_opt, innerloop_ctx
-from higher._engine import Batch, Program, autograd_gradient, bind, func_gradient, pure_step
+from higher._engine import (
+    Batch,
+    Program,
+    autograd_gradient,
+    bind,
+    find_unused,
+    func_gradient,
+    pure_step,
+)
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, traced_call
 from higher._fast.tasks import refuse_nested
-from higher._strategies import RunName, refuse
+from higher._strategies import RunName, refuse, refuse_hand_written
 from higher._trees import flatten, map_leaves, merge_fields, split_fields, unflatten
 from higher._unroll.modes import Full, Mode, resolve
 from higher.optim import get_diff_optim, internal
@@ -204,12 +212,7 @@ class MetaStep:
             )
         stepped = [p.requires_grad and i not in unused for i, p in enumerate(params)]
         plan = internal.plan(twin, params, stepped=stepped)
-        if plan.rule is None:
-            raise FastPathError(
-                "compile_meta_step runs rule-based differentiable optimizers (every built-in "
-                f"twin, and plugins written as a Rule); {type(twin).__name__} implements "
-                "_update by hand: use innerloop_ctx for it"
-            )
+        refuse_hand_written(plan, twin, "meta_step", FastPathError)
         traced = plan._replace(options=[], requires_grad=[])
         if not self._compiled:
             return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
@@ -310,31 +313,15 @@ class MetaStep:
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> frozenset[int]:
-        """The parameters the inner loss does not use (one eager forward and gradient on the
-        first task, buffers on copies): they are not stepped, as with `diffopt.step`."""
-        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        """The parameters the inner loss does not use (the engine's `find_unused`, on the first
+        task): they are not stepped, as with `diffopt.step`."""
         first = batch
         if self._tasks is not None:
             first = tuple(a[0] if isinstance(a, torch.Tensor) else a for a in batch)
-        tensors = {**{k: b.clone() for k, b in buffers.items()}, **dict(zip(names, probe))}
-
-        def model(*args: Any, **kw: Any) -> Any:
-            return torch.func.functional_call(fmodule, tensors, args, kw)
-
-        loss = self._inner(model, *first, **kwargs)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise FastPathError(f"inner_loss_fn must return a scalar tensor, got {shape}")
-        wanted = [i for i, p in enumerate(probe) if p.requires_grad]
-        if not wanted:
-            return frozenset()
-        if not loss.requires_grad:
-            raise FastPathError(
-                "the inner loss does not depend on the model's parameters: inner_loss_fn must "
-                "compute it from what fmodel(...) returns"
-            )
-        grads = torch.autograd.grad(loss, [probe[i] for i in wanted], allow_unused=True)
-        return frozenset(i for i, g in zip(wanted, grads) if g is None)
+        wrt = [i for i, p in enumerate(params) if p.requires_grad]
+        return find_unused(Program(fmodule, names, self._inner), params, buffers,
+                           Batch(first, kwargs), wrt=wrt, error=FastPathError,
+                           loss_name="inner_loss_fn")  # fmt: skip
 
     def _pure(
         self,

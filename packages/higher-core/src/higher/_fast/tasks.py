@@ -23,6 +23,7 @@ import torch
 
 from higher._engine import fresh_buffers
 from higher._errors import FastPathError
+from higher._strategies import refuse_hand_written
 from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import DifferentiableOptimizer, get_diff_optim, internal
 from higher.optim import FunctionalModel as FunctionalModel
@@ -238,12 +239,7 @@ class BatchedOptimizer:
         # whether a step saw losses that do not couple the tasks (checked on the first step:
         # the check syncs with the device)
         self._uncoupled = False
-        if internal.plan(twin, templates).rule is None:
-            raise FastPathError(
-                "batched tasks run rule-based differentiable optimizers (every built-in twin, "
-                f"and plugins written as a Rule); {type(twin).__name__} implements _update by "
-                "hand: use innerloop_ctx per task for it"
-            )
+        refuse_hand_written(internal.plan(twin, templates), twin, "batched tasks", FastPathError)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
