@@ -30,9 +30,9 @@ from higher._engine import (
 )
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, traced_call
-from higher._fast.tasks import refuse_nested
+from higher._fast.tasks import per_task_update, refuse_nested
 from higher._strategies import RunName, refuse, refuse_hand_written
-from higher._trees import flatten, map_leaves, merge_fields, split_fields, unflatten
+from higher._trees import flatten, map_leaves, unflatten
 from higher._unroll.modes import Full, Mode, resolve
 from higher.optim import get_diff_optim, internal
 from higher.optim.internal import StepPlan, StepResult
@@ -398,40 +398,22 @@ class MetaStep:
                 return losses.sum(), new
 
             grads, new_bufs = gradient(summed, live)
-            # vmap takes and returns tensors only. The step count and the rule's scalar state
-            # (NAdam's mu_product, ASGD's eta and mu) are one value for all tasks, unbatched
-            task_part, shared_part = split_fields(states, shared)
-            task_leaves, task_spec = flatten(task_part)
-            shared_leaves, shared_spec = flatten(shared_part)
-            out: dict[str, Any] = {}
+            # The step count and the rule's scalar state (NAdam's mu_product, ASGD's eta and
+            # mu) are one value for all tasks, unbatched
 
-            def flat_update(
-                live: list[torch.Tensor],
-                grads: list[torch.Tensor],
-                task_leaves: list[torch.Tensor],
-                shared_leaves: list[torch.Tensor],
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-                parts = unflatten(task_spec, task_leaves), unflatten(shared_spec, shared_leaves)
+            def task_update(
+                live: list[torch.Tensor], grads: list[torch.Tensor], task_states: list[Any]
+            ) -> tuple[list[torch.Tensor], list[Any]]:
                 full_g: list[torch.Tensor | None] = [None] * len(params)
                 for k, i in enumerate(stepped):
                     full_g[i] = grads[k]
-                result = plan.run(full(live), full_g, merge_fields(*parts, shared))
-                new_task, new_shared = split_fields(result.states, shared)
-                new_task_leaves, out["task"] = flatten(new_task)
-                new_shared_leaves, out["shared"] = flatten(new_shared)
-                return [result.params[i] for i in stepped], new_task_leaves, new_shared_leaves
+                result = plan.run(full(live), full_g, task_states)
+                return [result.params[i] for i in stepped], result.states
 
-            in_dims = (0, 0, 0 if batched else None, None)
-            out_dims: Any = (0, 0, None)  # the shared leaves stay unbatched
-            run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=out_dims)
-            new_live, new_task_leaves, new_shared_leaves = run(
-                live, list(grads), task_leaves, shared_leaves
+            new_live, new_states = per_task_update(
+                task_update, live, list(grads), states, shared, 0 if batched else None
             )
-            parts = (
-                unflatten(out["task"], new_task_leaves),
-                unflatten(out["shared"], new_shared_leaves),
-            )
-            return new_live, merge_fields(*parts, shared), new_bufs
+            return new_live, new_states, new_bufs
 
         carry: Carry = ([params[i] for i in stepped], [b.state for b in plan.buckets], buffers)
         device = params[0].device if params else None
