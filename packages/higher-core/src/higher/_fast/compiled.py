@@ -9,7 +9,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -50,6 +50,22 @@ def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str
                 yield
             except torch._dynamo.exc.Unsupported as err:
                 raise error(refusal.format(reason=str(err).splitlines()[0])) from err
+
+
+def compiled_own(
+    function: Callable[..., Any], owner: object, prefix: str, compile_kwargs: dict[str, Any]
+) -> Callable[..., Any]:
+    """`torch.compile(fullgraph=True, **compile_kwargs)` of the method `function` bound to
+    `owner`, run from a copy of its code under a name of its own (`prefix` and a unique
+    suffix). torch.compile keeps its graphs (at most 8) on the code object, and what it learnt
+    of input shapes under the code's file, line and name: with a code object per owner, other
+    steps (other models or optimizers) neither evict its graphs nor turn its static shapes
+    dynamic."""
+    plain = cast(types.FunctionType, function)
+    name = f"{prefix}_{uuid.uuid4().hex}"
+    code = plain.__code__.replace(co_name=name)
+    own = types.FunctionType(code, plain.__globals__, name, plain.__defaults__)
+    return torch.compile(types.MethodType(own, owner), fullgraph=True, **compile_kwargs)
 
 
 def check_compile_flag(function: str, compile: object) -> None:
@@ -143,15 +159,7 @@ class CompiledStep:
         self._contexts = weakref.WeakKeyDictionary()
         self._fn: Callable[..., Any] = self._pure
         if compile:
-            # torch.compile keeps its graphs (at most 8) on the code object, and what it learnt
-            # of input shapes under the code's file, line and name: each step gets a copy of
-            # `_pure`'s code under a name of its own, so steps for other models or optimizers
-            # neither evict its graphs nor turn its static shapes dynamic.
-            pure = CompiledStep._pure
-            name = f"_pure_{uuid.uuid4().hex}"
-            code = pure.__code__.replace(co_name=name)
-            own = types.FunctionType(code, pure.__globals__, name, pure.__defaults__)
-            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+            self._fn = compiled_own(CompiledStep._pure, self, "_pure", compile_kwargs)
 
     def __call__(
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any

@@ -10,7 +10,6 @@ the meta-gradient. With `tasks=T` the loop runs for every task at once under `to
 from __future__ import annotations
 
 import functools
-import types
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -29,7 +28,7 @@ from higher._engine import (
     pure_step,
 )
 from higher._errors import FastPathError, UsageError
-from higher._fast.compiled import _signature, check_compile_flag, traced_call
+from higher._fast.compiled import _signature, check_compile_flag, compiled_own, traced_call
 from higher._fast.tasks import per_task_update, refuse_nested
 from higher._strategies import RunName, refuse, refuse_hand_written
 from higher._trees import flatten, map_leaves, unflatten
@@ -143,17 +142,14 @@ class MetaStep:
         self._peel: dict[Hashable, bool] = {}
         self._fn: Callable[..., Any] = self._pure
         if compile:
-            # a code object of its own, as compile_step does: other meta-steps neither evict
-            # its graphs nor make its shapes dynamic
-            pure = MetaStep._pure
-            code = pure.__code__.replace(co_name=f"_meta_step_{id(self)}")
-            own = types.FunctionType(code, pure.__globals__, code.co_name, pure.__defaults__)
             inductor = compile_kwargs.get("backend", "inductor") == "inductor"
             if inductor and not {"mode", "options"} & set(compile_kwargs):
                 # the loop body's generated wrapper checks every tensor's size and stride at
                 # every iteration; dynamo's guards check the inputs once per call
                 compile_kwargs["options"] = {"size_asserts": False}
-            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+            # a code object of its own: other meta-steps neither evict its graphs nor make its
+            # shapes dynamic
+            self._fn = compiled_own(MetaStep._pure, self, "_meta_step", compile_kwargs)
 
     @property
     def steps(self) -> int:
