@@ -9,7 +9,8 @@ place on copies made for this step), so no tensor an earlier step saved for its 
 ever written, and a step in eval mode reads the statistics of its own time.
 
 What it owns: binding a step's weights and buffers to the model (`bind`), the buffers' copy per
-step (`fresh_buffers`), and the step itself. The strategies wrap it: a compiled step traces it
+step (`fresh_buffers`), which parameters a loss leaves unused (`find_unused`, so they are not
+stepped), and the step itself. The strategies wrap it: a compiled step traces it
 (`compile_step`), a compiled meta-step scans it (`compile_meta_step`); `gradient=` chooses how
 the gradient is taken (`torch.func.grad` inside traces, plain autograd with its graph outside).
 """

@@ -4,7 +4,8 @@
 `BatchedModule` (fast weights with a leading task dimension, a forward vmapped over tasks) and a
 `BatchedOptimizer` (the twin of `opt`, whose update rule runs per task under vmap through the
 step protocol). One step of the batched loop computes what `T` separate inner loops compute,
-task for task.
+task for task. `per_task_update` runs a rule once per task under vmap (the compiled meta-step's
+task steps use it too).
 
 Why the gradients are exact: the per-task losses come out of one vmapped forward, and task
 `t`'s loss depends on task `t`'s slice of the stacked weights only, so the gradient of their
