@@ -9,7 +9,8 @@ place on copies made for this step), so no tensor an earlier step saved for its 
 ever written, and a step in eval mode reads the statistics of its own time.
 
 What it owns: binding a step's weights and buffers to the model (`bind`), the buffers' copy per
-step (`fresh_buffers`), and the step itself. The strategies wrap it: a compiled step traces it
+step (`fresh_buffers`), which parameters a loss leaves unused (`find_unused`, so they are not
+stepped), and the step itself. The strategies wrap it: a compiled step traces it
 (`compile_step`), a compiled meta-step scans it (`compile_meta_step`); `gradient=` chooses how
 the gradient is taken (`torch.func.grad` inside traces, plain autograd with its graph outside).
 """
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from higher.errors import HigherError
 from higher.optim.internal import StepPlan
 
 LossFn = Callable[..., torch.Tensor]
@@ -80,6 +82,46 @@ def bind(
         return torch.func.functional_call(module, tensors, args, kwargs)
 
     return model, new
+
+
+def find_unused(
+    program: Program,
+    params: Sequence[torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    batch: Batch,
+    *,
+    wrt: Sequence[int],
+    error: type[HigherError],
+    loss_name: str,
+) -> frozenset[int]:
+    """The indices among `wrt` of the parameters the loss does not use: they get no update, as
+    with `diffopt.step`. One eager forward and gradient on detached copies of `params` (and on
+    copies of the buffers, so running statistics move only once per step); a loss that is not a
+    scalar, or that does not depend on the parameters, is refused as `error` naming
+    `loss_name` (the argument the loss function was given as).
+
+    Examples:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> program = Program(net, ("weight", "bias"), lambda m, x: m(x).sum())
+        >>> find_unused(program, list(net.parameters()), {}, Batch((torch.ones(3, 2),), {}),
+        ...             wrt=[0, 1], error=ValueError, loss_name="loss_fn")
+        frozenset()
+    """
+    probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
+    model, _ = bind(program.module, program.names, probe, buffers)
+    loss = program.loss_fn(model, *batch.args, **batch.kwargs)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise error(f"{loss_name} must return a scalar tensor, got {shape}")
+    if not wrt:
+        return frozenset()
+    if not loss.requires_grad:
+        raise error(
+            f"the loss does not depend on the model's parameters: {loss_name} must compute it "
+            "from what the model it is given returns (model(x))"
+        )
+    grads = torch.autograd.grad(loss, [probe[i] for i in wrt], allow_unused=True)
+    return frozenset(i for i, g in zip(wrt, grads, strict=True) if g is None)
 
 
 def func_gradient(

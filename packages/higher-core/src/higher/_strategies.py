@@ -8,7 +8,9 @@ processes (`higher.distributed`: sharded tasks with `all_reduce_grads`, or a
 cell is exact: float64 equal to the plain per-task full unroll, tested cell by cell in
 `tests/test_core_composition.py`) or the message of its refusal, which names the cell and
 what to use instead. `refuse` raises that message as `higher.CompositionError`.
-`markdown_table` renders the table of docs/composition.md.
+`markdown_table` renders the table of docs/composition.md. `refuse_hand_written` is the one
+refusal of an optimizer with a hand-written `_update` by the paths that run the step's rule
+themselves (batched tasks, the compiled step, the meta-step).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Literal, NamedTuple
 
 from higher._errors import CompositionError
 from higher._unroll.modes import ForwardMode, Full, Mode, Recompute, Truncated
+from higher.errors import HigherError
+from higher.optim.internal import StepPlan
 
 UnrollName = Literal["full", "recompute", "truncated", "forward"]
 TasksName = Literal["one task", "T tasks"]
@@ -135,6 +139,29 @@ def refuse(
     entry = TABLE[cell]
     if entry != SUPPORTED:
         raise CompositionError(entry)
+
+
+def refuse_hand_written(
+    plan: StepPlan, optimizer: object, path: str, error: type[HigherError]
+) -> None:
+    """Raise `error` if `plan` runs a hand-written `_update` (no rule): `path` (the strategy
+    that refuses it) runs the optimizer's rule itself, per task or traced.
+
+    Examples:
+        >>> import torch, higher
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.1), [w])
+        >>> refuse_hand_written(internal.plan(diffopt, [w]), diffopt, "batched tasks",
+        ...                     higher.FastPathError)  # SGD's twin is rule-based: no error
+    """
+    if plan.rule is None:
+        raise error(
+            f"{path} runs rule-based differentiable optimizers (every built-in twin, and "
+            f"plugins written as a Rule); {type(optimizer).__name__} implements _update by "
+            "hand: run it with innerloop_ctx(model, opt) and diffopt.step (tasks=None, "
+            "compile=False; one inner loop per task)"
+        )
 
 
 def markdown_table(tested: set[Cell]) -> str:

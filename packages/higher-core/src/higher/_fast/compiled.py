@@ -9,15 +9,15 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 from torch.torch_version import TorchVersion
 
-from higher._engine import Batch, Program, bind, pure_step
+from higher._engine import Batch, Program, find_unused, pure_step
 from higher._errors import UsageError
-from higher._strategies import refuse
+from higher._strategies import refuse, refuse_hand_written
 from higher._torch_warnings import ignore_torch_self_deprecation
 from higher._unroll.routing import routed
 from higher.errors import HigherError
@@ -50,6 +50,22 @@ def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str
                 yield
             except torch._dynamo.exc.Unsupported as err:
                 raise error(refusal.format(reason=str(err).splitlines()[0])) from err
+
+
+def compiled_own(
+    function: Callable[..., Any], owner: object, prefix: str, compile_kwargs: dict[str, Any]
+) -> Callable[..., Any]:
+    """`torch.compile(fullgraph=True, **compile_kwargs)` of the method `function` bound to
+    `owner`, run from a copy of its code under a name of its own (`prefix` and a unique
+    suffix). torch.compile keeps its graphs (at most 8) on the code object, and what it learnt
+    of input shapes under the code's file, line and name: with a code object per owner, other
+    steps (other models or optimizers) neither evict its graphs nor turn its static shapes
+    dynamic."""
+    plain = cast(types.FunctionType, function)
+    name = f"{prefix}_{uuid.uuid4().hex}"
+    code = plain.__code__.replace(co_name=name)
+    own = types.FunctionType(code, plain.__globals__, name, plain.__defaults__)
+    return torch.compile(types.MethodType(own, owner), fullgraph=True, **compile_kwargs)
 
 
 def check_compile_flag(function: str, compile: object) -> None:
@@ -143,15 +159,7 @@ class CompiledStep:
         self._contexts = weakref.WeakKeyDictionary()
         self._fn: Callable[..., Any] = self._pure
         if compile:
-            # torch.compile keeps its graphs (at most 8) on the code object, and what it learnt
-            # of input shapes under the code's file, line and name: each step gets a copy of
-            # `_pure`'s code under a name of its own, so steps for other models or optimizers
-            # neither evict its graphs nor turn its static shapes dynamic.
-            pure = CompiledStep._pure
-            name = f"_pure_{uuid.uuid4().hex}"
-            code = pure.__code__.replace(co_name=name)
-            own = types.FunctionType(code, pure.__globals__, name, pure.__defaults__)
-            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+            self._fn = compiled_own(CompiledStep._pure, self, "_pure", compile_kwargs)
 
     def __call__(
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any
@@ -277,12 +285,8 @@ class CompiledStep:
                 "gave (or the fmodel the optimizer was built with)"
             )
         named = fmodel.named_fast_params()  # raises for a module without fast weights
-        if internal.plan(diffopt, list(named.values())).rule is None:
-            raise UsageError(
-                "compile_step runs rule-based differentiable optimizers (every built-in twin, "
-                f"and plugins written as a Rule); {type(diffopt).__name__} implements _update "
-                "by hand: use diffopt.step for it"
-            )
+        plan = internal.plan(diffopt, list(named.values()))
+        refuse_hand_written(plan, diffopt, "the compiled step", UsageError)
         places, norms, shape = [], [], []
         for prefix, module in fmodel.named_modules():
             if isinstance(module, _NormBase):
@@ -313,24 +317,10 @@ class CompiledStep:
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> frozenset[int]:
-        """The parameters the loss does not depend on (one eager forward and gradient, on
-        copies of the buffers, so running statistics move only once per step)."""
-        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
-        model, _ = bind(fmodel, ctx.names, probe, dict(fmodel.named_buffers()))
-        loss = self._loss_fn(model, *batch, **kwargs)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
-            raise UsageError(f"loss_fn must return a scalar tensor, got {shape}")
-        wanted = [probe[i] for i in ctx.requires]
-        if not wanted:
-            return frozenset()
-        if not loss.requires_grad:
-            raise UsageError(
-                "the loss does not depend on the model's parameters: loss_fn must compute "
-                "it from what model(...) returns"
-            )
-        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-        return frozenset(i for i, g in zip(ctx.requires, grads, strict=True) if g is None)
+        """The parameters the loss does not depend on (the engine's `find_unused`)."""
+        program = Program(fmodel, ctx.names, self._loss_fn)
+        return find_unused(program, params, dict(fmodel.named_buffers()), Batch(batch, kwargs),
+                           wrt=ctx.requires, error=UsageError, loss_name="loss_fn")  # fmt: skip
 
     def _pure(
         self,

@@ -10,7 +10,6 @@ the meta-gradient. With `tasks=T` the loop runs for every task at once under `to
 from __future__ import annotations
 
 import functools
-import types
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -19,12 +18,20 @@ import torch
 from torch.torch_version import TorchVersion
 
 from higher._context import check_model_and_opt, innerloop_ctx
-from higher._engine import Batch, Program, autograd_gradient, bind, func_gradient, pure_step
+from higher._engine import (
+    Batch,
+    Program,
+    autograd_gradient,
+    bind,
+    find_unused,
+    func_gradient,
+    pure_step,
+)
 from higher._errors import FastPathError, UsageError
-from higher._fast.compiled import _signature, check_compile_flag, traced_call
-from higher._fast.tasks import refuse_nested
-from higher._strategies import RunName, refuse
-from higher._trees import flatten, map_leaves, merge_fields, split_fields, unflatten
+from higher._fast.compiled import _signature, check_compile_flag, compiled_own, traced_call
+from higher._fast.tasks import per_task_update, refuse_nested
+from higher._strategies import RunName, refuse, refuse_hand_written
+from higher._trees import flatten, map_leaves, unflatten
 from higher._unroll.modes import Full, Mode, resolve
 from higher.optim import get_diff_optim, internal
 from higher.optim.internal import StepPlan, StepResult
@@ -135,17 +142,14 @@ class MetaStep:
         self._peel: dict[Hashable, bool] = {}
         self._fn: Callable[..., Any] = self._pure
         if compile:
-            # a code object of its own, as compile_step does: other meta-steps neither evict
-            # its graphs nor make its shapes dynamic
-            pure = MetaStep._pure
-            code = pure.__code__.replace(co_name=f"_meta_step_{id(self)}")
-            own = types.FunctionType(code, pure.__globals__, code.co_name, pure.__defaults__)
             inductor = compile_kwargs.get("backend", "inductor") == "inductor"
             if inductor and not {"mode", "options"} & set(compile_kwargs):
                 # the loop body's generated wrapper checks every tensor's size and stride at
                 # every iteration; dynamo's guards check the inputs once per call
                 compile_kwargs["options"] = {"size_asserts": False}
-            self._fn = torch.compile(types.MethodType(own, self), fullgraph=True, **compile_kwargs)
+            # a code object of its own: other meta-steps neither evict its graphs nor make its
+            # shapes dynamic
+            self._fn = compiled_own(MetaStep._pure, self, "_meta_step", compile_kwargs)
 
     @property
     def steps(self) -> int:
@@ -204,12 +208,7 @@ class MetaStep:
             )
         stepped = [p.requires_grad and i not in unused for i, p in enumerate(params)]
         plan = internal.plan(twin, params, stepped=stepped)
-        if plan.rule is None:
-            raise FastPathError(
-                "compile_meta_step runs rule-based differentiable optimizers (every built-in "
-                f"twin, and plugins written as a Rule); {type(twin).__name__} implements "
-                "_update by hand: use innerloop_ctx for it"
-            )
+        refuse_hand_written(plan, twin, "meta_step", FastPathError)
         traced = plan._replace(options=[], requires_grad=[])
         if not self._compiled:
             return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
@@ -310,31 +309,15 @@ class MetaStep:
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> frozenset[int]:
-        """The parameters the inner loss does not use (one eager forward and gradient on the
-        first task, buffers on copies): they are not stepped, as with `diffopt.step`."""
-        probe = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        """The parameters the inner loss does not use (the engine's `find_unused`, on the first
+        task): they are not stepped, as with `diffopt.step`."""
         first = batch
         if self._tasks is not None:
             first = tuple(a[0] if isinstance(a, torch.Tensor) else a for a in batch)
-        tensors = {**{k: b.clone() for k, b in buffers.items()}, **dict(zip(names, probe))}
-
-        def model(*args: Any, **kw: Any) -> Any:
-            return torch.func.functional_call(fmodule, tensors, args, kw)
-
-        loss = self._inner(model, *first, **kwargs)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise FastPathError(f"inner_loss_fn must return a scalar tensor, got {shape}")
-        wanted = [i for i, p in enumerate(probe) if p.requires_grad]
-        if not wanted:
-            return frozenset()
-        if not loss.requires_grad:
-            raise FastPathError(
-                "the inner loss does not depend on the model's parameters: inner_loss_fn must "
-                "compute it from what fmodel(...) returns"
-            )
-        grads = torch.autograd.grad(loss, [probe[i] for i in wanted], allow_unused=True)
-        return frozenset(i for i, g in zip(wanted, grads) if g is None)
+        wrt = [i for i, p in enumerate(params) if p.requires_grad]
+        return find_unused(Program(fmodule, names, self._inner), params, buffers,
+                           Batch(first, kwargs), wrt=wrt, error=FastPathError,
+                           loss_name="inner_loss_fn")  # fmt: skip
 
     def _pure(
         self,
@@ -411,40 +394,22 @@ class MetaStep:
                 return losses.sum(), new
 
             grads, new_bufs = gradient(summed, live)
-            # vmap takes and returns tensors only. The step count and the rule's scalar state
-            # (NAdam's mu_product, ASGD's eta and mu) are one value for all tasks, unbatched
-            task_part, shared_part = split_fields(states, shared)
-            task_leaves, task_spec = flatten(task_part)
-            shared_leaves, shared_spec = flatten(shared_part)
-            out: dict[str, Any] = {}
+            # The step count and the rule's scalar state (NAdam's mu_product, ASGD's eta and
+            # mu) are one value for all tasks, unbatched
 
-            def flat_update(
-                live: list[torch.Tensor],
-                grads: list[torch.Tensor],
-                task_leaves: list[torch.Tensor],
-                shared_leaves: list[torch.Tensor],
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-                parts = unflatten(task_spec, task_leaves), unflatten(shared_spec, shared_leaves)
+            def task_update(
+                live: list[torch.Tensor], grads: list[torch.Tensor], task_states: list[Any]
+            ) -> tuple[list[torch.Tensor], list[Any]]:
                 full_g: list[torch.Tensor | None] = [None] * len(params)
                 for k, i in enumerate(stepped):
                     full_g[i] = grads[k]
-                result = plan.run(full(live), full_g, merge_fields(*parts, shared))
-                new_task, new_shared = split_fields(result.states, shared)
-                new_task_leaves, out["task"] = flatten(new_task)
-                new_shared_leaves, out["shared"] = flatten(new_shared)
-                return [result.params[i] for i in stepped], new_task_leaves, new_shared_leaves
+                result = plan.run(full(live), full_g, task_states)
+                return [result.params[i] for i in stepped], result.states
 
-            in_dims = (0, 0, 0 if batched else None, None)
-            out_dims: Any = (0, 0, None)  # the shared leaves stay unbatched
-            run = torch.func.vmap(flat_update, in_dims=in_dims, out_dims=out_dims)
-            new_live, new_task_leaves, new_shared_leaves = run(
-                live, list(grads), task_leaves, shared_leaves
+            new_live, new_states = per_task_update(
+                task_update, live, list(grads), states, shared, 0 if batched else None
             )
-            parts = (
-                unflatten(out["task"], new_task_leaves),
-                unflatten(out["shared"], new_shared_leaves),
-            )
-            return new_live, merge_fields(*parts, shared), new_bufs
+            return new_live, new_states, new_bufs
 
         carry: Carry = ([params[i] for i in stepped], [b.state for b in plan.buckets], buffers)
         device = params[0].device if params else None

@@ -4,7 +4,8 @@
 `BatchedModule` (fast weights with a leading task dimension, a forward vmapped over tasks) and a
 `BatchedOptimizer` (the twin of `opt`, whose update rule runs per task under vmap through the
 step protocol). One step of the batched loop computes what `T` separate inner loops compute,
-task for task.
+task for task. `per_task_update` runs a rule once per task under vmap (the compiled meta-step's
+task steps use it too).
 
 Why the gradients are exact: the per-task losses come out of one vmapped forward, and task
 `t`'s loss depends on task `t`'s slice of the stacked weights only, so the gradient of their
@@ -16,13 +17,14 @@ was measured wrong on torch 2.13.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from higher._engine import fresh_buffers
 from higher._errors import FastPathError
+from higher._strategies import refuse_hand_written
 from higher._trees import flatten, merge_fields, split_fields, unflatten
 from higher.optim import DifferentiableOptimizer, get_diff_optim, internal
 from higher.optim import FunctionalModel as FunctionalModel
@@ -238,12 +240,7 @@ class BatchedOptimizer:
         # whether a step saw losses that do not couple the tasks (checked on the first step:
         # the check syncs with the device)
         self._uncoupled = False
-        if internal.plan(twin, templates).rule is None:
-            raise FastPathError(
-                "batched tasks run rule-based differentiable optimizers (every built-in twin, "
-                f"and plugins written as a Rule); {type(twin).__name__} implements _update by "
-                "hand: use innerloop_ctx per task for it"
-            )
+        refuse_hand_written(internal.plan(twin, templates), twin, "batched tasks", FastPathError)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -342,20 +339,12 @@ class BatchedOptimizer:
         """`plan.update` once per task under vmap; nothing is changed yet."""
         assert plan.rule is not None
         shared = frozenset(plan.rule.scalar_state)  # one value for a bucket: kept unstacked
-        states = [b.state for b in plan.buckets]
-        task_part, shared_part = split_fields(states, shared)
-        task_leaves, task_spec = flatten(task_part)
-        shared_leaves, shared_spec = flatten(shared_part)
         stepped = [i for b in plan.buckets for i in b.indices]
         n = len(params)
-        specs: dict[str, Any] = {}
 
         def one(
-            ps: list[torch.Tensor],
-            gs: list[torch.Tensor],
-            tl: list[torch.Tensor],
-            sl: list[torch.Tensor],
-        ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+            ps: list[torch.Tensor], gs: list[torch.Tensor], states: list[Any]
+        ) -> tuple[list[torch.Tensor], list[Any]]:
             full: list[torch.Tensor | None] = [None] * n
             for k, i in enumerate(stepped):
                 full[i] = gs[k]
@@ -367,19 +356,17 @@ class BatchedOptimizer:
                         f"is none), got {type(returned).__name__}"
                     )
                 full = list(returned)
-            merged = merge_fields(unflatten(task_spec, tl), unflatten(shared_spec, sl), shared)
-            result = (plan.update if callback is not None else plan.run)(ps, full, merged)
-            new_task, new_shared = split_fields(result.states, shared)
-            new_tl, specs["task"] = flatten(new_task)
-            new_sl, specs["shared"] = flatten(new_shared)
-            return [result.params[i] for i in stepped], new_tl, new_sl
+            result = (plan.update if callback is not None else plan.run)(ps, full, states)
+            return [result.params[i] for i in stepped], result.states
 
-        task_dims = [d for b, t in zip(plan.buckets, task_part) for d in self._dims(b, t)]
-        out_dims: Any = (0, 0, None)  # the shared state fields stay unbatched
-        run = torch.func.vmap(one, in_dims=(0, 0, task_dims, None), out_dims=out_dims)
+        def dims(task_part: list[Any]) -> list[int | None]:
+            return [d for b, t in zip(plan.buckets, task_part) for d in self._dims(b, t)]
+
         try:
-            out_params, new_tl, new_sl = run(params, _present(grads, stepped), task_leaves,
-                                             shared_leaves)  # fmt: skip
+            out_params, new_states = per_task_update(
+                one, params, _present(grads, stepped), [b.state for b in plan.buckets], shared,
+                dims,
+            )  # fmt: skip
         except ValueError as err:
             if "out_dims" not in str(err) and "BatchedTensor" not in str(err):
                 raise
@@ -390,10 +377,66 @@ class BatchedOptimizer:
         new_params = list(params)
         for k, i in enumerate(stepped):
             new_params[i] = out_params[k]
-        new_states = merge_fields(
-            unflatten(specs["task"], new_tl), unflatten(specs["shared"], new_sl), shared
-        )
         return StepResult(new_params, new_states)
+
+
+#: one task's update: `(params, grads, states) -> (new params, new states)`
+TaskUpdate = Callable[
+    [list[torch.Tensor], list[torch.Tensor], list[Any]], tuple[list[torch.Tensor], list[Any]]
+]
+
+
+def per_task_update(
+    update: TaskUpdate,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[Any],
+    shared: frozenset[str],
+    state_dims: int | Callable[[list[Any]], list[int | None]] | None,
+) -> tuple[list[torch.Tensor], list[Any]]:
+    """`update` once per task under `torch.func.vmap`: `params` and `grads` carry the task
+    dimension first; the state fields named in `shared` (the step count, a rule's scalar state
+    such as NAdam's mu_product) are one value for every task, unbatched in and out, and the
+    other state tensors are batched along `state_dims` (vmap's in_dims, or a function of the
+    task part of the states that gives them leaf by leaf). vmap takes and returns tensors only,
+    so the states go through it as flat leaves.
+
+    Examples:
+        >>> import collections
+        >>> State = collections.namedtuple("State", "step buf")
+        >>> def momentum(ps, gs, states):  # one task's step: buf = 0.5 buf + g, p -= buf
+        ...     s = states[0]
+        ...     buf = 0.5 * s.buf + gs[0]
+        ...     return [ps[0] - buf], [State(s.step + 1, buf)]
+        >>> new, states = per_task_update(momentum, [torch.ones(3, 2)], [torch.ones(3, 2)],
+        ...                               [State(1, torch.ones(3, 2))], frozenset({"step"}), 0)
+        >>> new[0][0].tolist(), states[0].step, states[0].buf.shape
+        ([-0.5, -0.5], 2, torch.Size([3, 2]))
+    """
+    task_part, shared_part = split_fields(states, shared)
+    task_leaves, task_spec = flatten(task_part)
+    shared_leaves, shared_spec = flatten(shared_part)
+    specs: dict[str, Any] = {}
+
+    def one(
+        ps: list[torch.Tensor],
+        gs: list[torch.Tensor],
+        tl: list[torch.Tensor],
+        sl: list[torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        merged = merge_fields(unflatten(task_spec, tl), unflatten(shared_spec, sl), shared)
+        new_ps, new_states = update(ps, gs, merged)
+        new_task, new_shared = split_fields(new_states, shared)
+        new_tl, specs["task"] = flatten(new_task)
+        new_sl, specs["shared"] = flatten(new_shared)
+        return new_ps, new_tl, new_sl
+
+    dims = state_dims(task_part) if callable(state_dims) else state_dims
+    out_dims: Any = (0, 0, None)  # the shared state fields stay unbatched
+    run = torch.func.vmap(one, in_dims=(0, 0, dims, None), out_dims=out_dims)
+    new_ps, new_tl, new_sl = run(params, grads, task_leaves, shared_leaves)
+    parts = unflatten(specs["task"], new_tl), unflatten(specs["shared"], new_sl)
+    return new_ps, merge_fields(*parts, shared)
 
 
 def refuse_coupled(loss: torch.Tensor, weights: list[torch.Tensor]) -> None:
