@@ -331,7 +331,8 @@ class DifferentiableOptimizer(abc.ABC):
         self._version += 1
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DifferentiableOptimizer:
-        return _copying.deep_copy(self, memo)
+        copied: DifferentiableOptimizer = _copying.deep_copy(self, memo)
+        return copied
 
     def __getstate__(self) -> dict[str, Any]:
         return _copying.pickled_state(self)

@@ -5,15 +5,17 @@ slots' dicts, and a step's new typed state stored back into them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ._rule import Rule, unfusable_options
 from ._step import Bucket, StepPlan
 
-if TYPE_CHECKING:
-    from ._twins import RuleOptimizer
+# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
+# module): typed as Any here, since importing the class back would be an import cycle.
+RuleOptimizer = Any
+
 
 #: (group, slots, positions of the slots among the step's parameters): one run of the rule
 Run = tuple[int, tuple[int, ...], tuple[int, ...]]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-if TYPE_CHECKING:
-    from ._base import DifferentiableOptimizer
+# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
+# module): typed as Any here, since importing the class back would be an import cycle.
+DifferentiableOptimizer = Any
+
 
 #: attributes a copy does not take: caches worked out again on the next step
 _NOT_COPIED = frozenset({"_bucket_cache"})
@@ -36,7 +38,7 @@ def deep_copy(opt: DifferentiableOptimizer, memo: dict[int, Any]) -> Differentia
     for t in held_tensors(opt):
         if id(t) not in memo and not t.is_leaf:
             memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
-    new = type(opt).__new__(type(opt))
+    new = object.__new__(type(opt))
     memo[id(opt)] = new
     new.__dict__.update(copy.deepcopy(opt.__dict__, memo))
     return new

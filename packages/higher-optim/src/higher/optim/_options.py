@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._errors import HyperparameterTypeError, OptimError
 
-if TYPE_CHECKING:
-    from ._base import DifferentiableOptimizer
+# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
+# module): typed as Any here, since importing the class back would be an import cycle.
+DifferentiableOptimizer = Any
 
 
 def validated_options(

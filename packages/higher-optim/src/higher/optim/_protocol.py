@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -16,8 +16,9 @@ from ._options import validated_options
 from ._protocols import GradCallback
 from ._step import Bucket, StepPlan, StepResult
 
-if TYPE_CHECKING:
-    from ._base import DifferentiableOptimizer
+# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
+# module): typed as Any here, since importing the class back would be an import cycle.
+DifferentiableOptimizer = Any
 
 
 class StepDriver(Protocol):
@@ -94,7 +95,8 @@ def step_driver(diffopt: DifferentiableOptimizer) -> StepDriver | None:
         >>> print(internal.step_driver(diffopt))
         None
     """
-    return diffopt._step_driver
+    driver: StepDriver | None = diffopt._step_driver
+    return driver
 
 
 # -- the parameters and gradients of a step ---------------------------------------------------
@@ -294,7 +296,7 @@ def checked_plan(
             f"stepped has {len(stepped)} entries; expected {len(param_list)} (one per parameter)"
         )
     live = [[bool(stepped[i]) for i in mapping] for mapping in opt._group_to_param_list]
-    made = opt._make_plan(param_list, live, options, kwargs)
+    made: StepPlan = opt._make_plan(param_list, live, options, kwargs)
     return made._replace(owner=opt._identity, version=opt._version)
 
 
@@ -344,7 +346,7 @@ class _HandWritten:
                 state[bucket.group][j] = dict(slot)
         stepped = {i for bucket in plan.buckets for i in bucket.indices}
         grouped = [[grads[i] if i in stepped else None for i in mapping] for mapping in mappings]
-        scratch = type(opt).__new__(type(opt))
+        scratch = object.__new__(type(opt))
         scratch.__dict__.update(opt.__dict__, param_groups=groups, state=state)
         scratch._update(grouped, **self.kwargs)
         new_params = list(params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -13,8 +13,10 @@ from ._errors import OptimError
 from ._options import apply_override, validated_options
 from ._rules_adam_variants import scalar_dtype
 
-if TYPE_CHECKING:
-    from ._base import DifferentiableOptimizer, GroupState
+# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
+# module): typed as Any here, since importing the class back would be an import cycle.
+DifferentiableOptimizer = Any
+GroupState = Any
 
 
 def copy_state_value(value: Any, device: torch.device | str | None) -> Any:
