@@ -77,8 +77,9 @@ def main(combo: str) -> None:
         ]
         own = "higher/" if dist == "higher-core" else MODULE_OF[dist].replace(".", "/") + "/"
         foreign = [f for f in files if not f.startswith(own)]
-        if dist == "higher-core":
-            foreign = [f for f in files if f.count("/") > 1]  # core owns only top-level files
+        if dist == "higher-core":  # core owns higher/ but for its siblings' folders
+            siblings = {MODULE_OF[d].replace(".", "/") + "/" for d in MODULE_OF if d != dist}
+            foreign = [f for f in files if any(f.startswith(s) for s in siblings)]
         assert not foreign, f"{dist} ships files outside {own}: {foreign}"
         assert any(f.endswith("py.typed") for f in files), f"{dist} ships no py.typed"
     # Each package works, and loads nothing it must not (with higher-core installed, importing
