@@ -11,16 +11,28 @@ import torch
 _HELD = "_higher_held"
 
 
+_TREE = "_higher_holders"  # the modules of a tree that hold buffers, shared by its modules
+
+
 def hold(module: torch.nn.Module, name: str, value: object) -> None:
     """Record `value`, just set as buffer `name` of `module`, as the module's own."""
     if isinstance(value, torch.Tensor):
         module.__dict__.setdefault(_HELD, {})[name] = value
+        holders: list[torch.nn.Module] | None = module.__dict__.get(_TREE)
+        if holders is not None and not any(m is module for m in holders):
+            holders.append(module)
 
 
 def hold_all(root: torch.nn.Module) -> None:
-    """Record every buffer of the tree under `root` as its own (when it is made)."""
+    """Record every buffer of the tree under `root` as its own (when it is made), and which
+    modules hold some, so that `renew` visits those only, not the whole tree each forward."""
+    holders: list[torch.nn.Module] = []
     for module in root.modules():
-        module.__dict__[_HELD] = {k: b for k, b in module._buffers.items() if b is not None}
+        held = {k: b for k, b in module._buffers.items() if b is not None}
+        module.__dict__[_HELD] = held
+        module.__dict__[_TREE] = holders
+        if held:
+            holders.append(module)
 
 
 def renew(root: torch.nn.Module) -> None:
@@ -29,7 +41,8 @@ def renew(root: torch.nn.Module) -> None:
     a compiled trace: there the buffers are the transform's inputs."""
     if torch._C._functorch.peek_interpreter_stack() is not None or _compiling():
         return
-    for module in root.modules():
+    holders: list[torch.nn.Module] | None = root.__dict__.get(_TREE)
+    for module in root.modules() if holders is None else holders:
         held: dict[str, torch.Tensor] | None = module.__dict__.get(_HELD)
         if not held or not module.training:
             continue
