@@ -10,22 +10,12 @@ from typing import Any
 import torch
 
 from ._rule import Rule, unfusable_options
+from ._shell import RuleShell, Run
 from ._step import Bucket, StepPlan
-
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-RuleOptimizer = Any
-
-
-#: (group, slots, positions of the slots among the step's parameters): one run of the rule
-Run = tuple[int, tuple[int, ...], tuple[int, ...]]
-#: the last `runs` call of an optimizer: its `live` key, its runs, and whether their state was
-#: empty
-Cache = tuple[tuple[list[list[bool]], list[bool]], list[Run], bool]
 
 
 def rule_plan(
-    opt: RuleOptimizer,
+    opt: RuleShell,
     params: list[torch.Tensor],
     live: list[list[bool]],
     options: list[dict[str, Any]],
@@ -42,7 +32,7 @@ def rule_plan(
 
 
 def runs(
-    opt: RuleOptimizer,
+    opt: RuleShell,
     live: list[list[bool]],
     params: list[torch.Tensor],
     options: list[dict[str, Any]],
@@ -96,7 +86,7 @@ def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any
     return (state.get("step"), p.dtype, p.device, present, scalars)
 
 
-def _buckets_hold(opt: RuleOptimizer, found: list[Run], stateless: bool) -> bool:
+def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
     """Whether each run's slots still share one step count and the same state fields."""
     for g, slots, _ in found:
         states = opt.state[g]
@@ -130,7 +120,7 @@ def fresh_states(
 
 
 def gather(
-    opt: RuleOptimizer,
+    opt: RuleShell,
     g: int,
     slots: tuple[int, ...],
     fresh: dict[tuple[int, int], dict[str, Any]],
@@ -149,7 +139,7 @@ def gather(
     return rule.state_type(**values)
 
 
-def store(opt: RuleOptimizer, bucket: Bucket, new_state: Any) -> None:
+def store(opt: RuleShell, bucket: Bucket, new_state: Any) -> None:
     """Store what `rule.update` returned for a bucket into the slots' state dicts."""
     if not any(value is not None for value in new_state):  # a rule without state (SGD)
         return

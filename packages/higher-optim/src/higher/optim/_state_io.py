@@ -12,11 +12,7 @@ import torch
 from ._errors import OptimError
 from ._options import apply_override, validated_options
 from ._rules_adam_variants import scalar_dtype
-
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-DifferentiableOptimizer = Any
-GroupState = Any
+from ._shell import GroupState, StateShell
 
 
 def copy_state_value(value: Any, device: torch.device | str | None) -> Any:
@@ -28,7 +24,7 @@ def copy_state_value(value: Any, device: torch.device | str | None) -> Any:
 
 
 def import_groups(
-    opt: DifferentiableOptimizer,
+    opt: StateShell,
     other: torch.optim.Optimizer,
     reference: list[torch.Tensor],
     device: torch.device | str | None,
@@ -66,7 +62,7 @@ def import_groups(
         opt.state.append(group_state)
 
 
-def state_dict(opt: DifferentiableOptimizer) -> dict[str, Any]:
+def state_dict(opt: StateShell) -> dict[str, Any]:
     """`opt.state_dict()`: torch's format, parameters numbered across the groups."""
     states: dict[int, dict[str, Any]] = {}
     groups = []
@@ -89,7 +85,7 @@ def state_dict(opt: DifferentiableOptimizer) -> dict[str, Any]:
     return {"state": states, "param_groups": groups}
 
 
-def load_state_dict(opt: DifferentiableOptimizer, saved_dict: Mapping[str, Any]) -> None:
+def load_state_dict(opt: StateShell, saved_dict: Mapping[str, Any]) -> None:
     """`opt.load_state_dict(saved_dict)`: everything checked before anything is set."""
     groups = saved_dict.get("param_groups")
     sizes = [len(g["params"]) for g in opt.param_groups]
@@ -115,7 +111,7 @@ def load_state_dict(opt: DifferentiableOptimizer, saved_dict: Mapping[str, Any])
 
 
 def _torch_pairs(
-    opt: DifferentiableOptimizer, other: torch.optim.Optimizer
+    opt: StateShell, other: torch.optim.Optimizer
 ) -> list[tuple[int, int, torch.Tensor]]:
     if len(other.param_groups) != len(opt.param_groups) or any(
         len(a["params"]) != len(b["params"])
@@ -133,9 +129,7 @@ def _torch_pairs(
     ]
 
 
-def copy_state_to(
-    opt: DifferentiableOptimizer, other: torch.optim.Optimizer, copy_params: bool
-) -> None:
+def copy_state_to(opt: StateShell, other: torch.optim.Optimizer, copy_params: bool) -> None:
     """`opt.copy_state_to(other, copy_params)`: each value in the type torch keeps it in."""
     templates: dict[tuple[Any, ...], dict[str, Any]] = {}
     for g, j, p in _torch_pairs(opt, other):
@@ -155,7 +149,7 @@ def copy_state_to(
 
 
 def sync_hyperparameters(
-    opt: DifferentiableOptimizer, other: torch.optim.Optimizer, names: Sequence[str]
+    opt: StateShell, other: torch.optim.Optimizer, names: Sequence[str]
 ) -> None:
     """`opt.sync_hyperparameters(other, names)`: as an override of `other`'s values."""
     _torch_pairs(opt, other)
