@@ -14,7 +14,7 @@ from . import _copying, _protocol, _state_io
 from ._errors import ArgumentTypeError
 from ._options import apply_override
 from ._protocols import FunctionalModel, GradCallback
-from ._shell import GroupState
+from ._state import GroupState
 from ._step import Bucket, StepPlan
 
 if TYPE_CHECKING:

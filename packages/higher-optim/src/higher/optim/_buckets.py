@@ -1,16 +1,18 @@
-"""The one adapter between torch's per-slot state dicts (`diffopt.state[g][i]`) and a rule's
-typed state: which slots a step runs together (buckets), their typed state gathered from the
-slots' dicts, and a step's new typed state stored back into them."""
+"""The one adapter between torch's per-slot state (`diffopt.state[g][i]`) and a rule's typed
+state: which slots a step runs together (buckets), their typed state (as the last step left it
+where the bucket is the same, else gathered from the slots' dicts), and a step's new typed
+state kept for the next (`_state.GroupState`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 from ._rule import Rule, unfusable_options
 from ._shell import RuleShell, Run
+from ._state import GroupState
 from ._step import Bucket, StepPlan
 
 
@@ -90,6 +92,11 @@ def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
     """Whether each run's slots still share one step count and the same state fields."""
     for g, slots, _ in found:
         states = opt.state[g]
+        if isinstance(states, GroupState) and states.typed(slots) is not None:
+            sizes = {len(states._dicts[j]) for j in slots}  # one step count: the bucket's
+            if len(sizes) == 1:
+                continue
+            return False
         first = states.get(slots[0])
         if not first:  # fresh, or a rule that keeps no state
             if stateless and not any(states.get(j) for j in slots):
@@ -127,6 +134,10 @@ def gather(
 ) -> Any:
     """The rule's state of `slots` of group `g` (the initial state where `fresh` has it)."""
     rule, states = opt.rule, opt.state[g]
+    if isinstance(states, GroupState) and not any((g, j) in fresh for j in slots):
+        kept = states.typed(slots)  # the bucket's state as the last step left it
+        if kept is not None:
+            return kept
     empty: dict[str, Any] = {}
     slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
     values: dict[str, Any] = {}
@@ -140,10 +151,16 @@ def gather(
 
 
 def store(opt: RuleShell, bucket: Bucket, new_state: Any) -> None:
-    """Store what `rule.update` returned for a bucket into the slots' state dicts."""
+    """Keep what `rule.update` returned for a bucket (typed, in a `GroupState`; into the slots'
+    dicts where the state was set to plain dicts by hand)."""
     if not any(value is not None for value in new_state):  # a rule without state (SGD)
         return
-    rule, states = opt.rule, opt.state[bucket.group]
+    rule = opt.rule
+    states: MutableMapping[int, Any] = opt.state[bucket.group]  # a plain dict if set by hand
+    if isinstance(states, GroupState):
+        shared = frozenset(n for n in new_state._fields if n == "step" or n in rule.scalar_state)
+        states.store(bucket.slots, new_state, shared, rule.state_type)
+        return
     for k, j in enumerate(bucket.slots):
         slot = states[j]
         for name, value in zip(new_state._fields, new_state, strict=True):

@@ -11,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ._shell import CopyShell
+from ._state import GroupState
 
 #: the optimizer type a copy keeps
 _Copied = TypeVar("_Copied", bound=CopyShell)
@@ -60,6 +61,8 @@ def _replaced(value: Any, memo: dict[int, Any]) -> Any:
     def swap(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return memo.get(id(x), x)
+        if isinstance(x, GroupState):
+            return x.map_tensors(lambda t: memo.get(id(t), t))
         if isinstance(x, defaultdict):  # a leaf to torch's pytree before torch 2.2
             return defaultdict(x.default_factory, {k: _replaced(v, memo) for k, v in x.items()})
         return x

@@ -15,6 +15,7 @@ from ._errors import ArgumentTypeError, OptimError
 from ._options import validated_options
 from ._protocols import GradCallback
 from ._shell import OptimizerShell, StepDriver
+from ._state import detach_state
 from ._step import Bucket, StepPlan, StepResult
 
 #: the optimizer `set_step_driver` hands to its driver
@@ -377,10 +378,7 @@ def commit(
         diffopt._store_state(bucket, new_state)
     if first_order:
         for group_state in diffopt.state:
-            for slot in group_state.values():
-                for key, value in slot.items():
-                    if isinstance(value, torch.Tensor):
-                        slot[key] = value.detach()
+            detach_state(group_state)
     load_params(diffopt, new_params)
     return new_params
 

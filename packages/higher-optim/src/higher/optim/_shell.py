@@ -5,7 +5,6 @@ its class back (an import cycle)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -13,10 +12,9 @@ import torch
 
 from ._protocols import FunctionalModel, GradCallback
 from ._rule import Rule
+from ._state import GroupState
 from ._step import Bucket, StepPlan
 
-#: a param group's state: slot -> that slot's state dict (torch's per-parameter format)
-GroupState = defaultdict[int, dict[str, Any]]
 #: (group, slots, positions of the slots among the step's parameters): one run of the rule
 Run = tuple[int, tuple[int, ...], tuple[int, ...]]
 #: the last bucketing of an optimizer: its `live` key, its runs, and whether their state was

@@ -3,7 +3,6 @@ a torch optimizer, `state_dict`/`load_state_dict`, `copy_state_to` and `sync_hyp
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +11,8 @@ import torch
 from ._errors import OptimError
 from ._options import apply_override, validated_options
 from ._rules_adam_variants import scalar_dtype
-from ._shell import GroupState, StateShell
+from ._shell import StateShell
+from ._state import GroupState
 
 
 def copy_state_value(value: Any, device: torch.device | str | None) -> Any:
@@ -54,7 +54,7 @@ def import_groups(
         copied["params"] = [reference[i] for i in mapping]
         opt.param_groups.append(copied)
         opt._group_to_param_list.append(mapping)
-        group_state: GroupState = defaultdict(dict)
+        group_state = GroupState()
         for j, p in enumerate(group["params"]):
             torch_state = other.state.get(p)
             if torch_state:
@@ -100,7 +100,7 @@ def load_state_dict(opt: StateShell, saved_dict: Mapping[str, Any]) -> None:
     new_options = validated_options(opt, {k: v for k, v in options.items() if k in known})
     new_state = []
     for group in groups:
-        group_state: GroupState = defaultdict(dict)
+        group_state = GroupState()
         for j, number in enumerate(group["params"]):
             if saved.get(number):
                 group_state[j] = opt._import_state(saved[number], opt._device)
