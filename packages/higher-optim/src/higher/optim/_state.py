@@ -35,10 +35,19 @@ TYPED = _Typed()
 class _Record:
     """One bucket's state as the rule returned it: its slots and the rule's typed state."""
 
-    __slots__ = ("shared", "slots", "state")
+    __slots__ = ("shared", "slots", "state", "uniform")
 
-    def __init__(self, slots: tuple[int, ...], state: NamedTuple, shared: frozenset[str]):
+    def __init__(
+        self,
+        slots: tuple[int, ...],
+        state: NamedTuple,
+        shared: frozenset[str],
+        uniform: frozenset[str] | None,
+    ) -> None:
         self.slots, self.state, self.shared = slots, state, shared
+        #: the fields every slot shows, where each shows the same ones and its dict holds no
+        #: other of the state's fields (None: the slots differ)
+        self.uniform = uniform
 
     def read(self, k: int, name: str) -> Any:
         """The value of field `name` for the bucket's `k`-th slot."""
@@ -191,6 +200,23 @@ class GroupState(MutableMapping[int, SlotState]):
         if held is not None and held[0].slots != slots:
             held = None
         fields = new_state._fields
+        names = frozenset(n for n, v in zip(fields, new_state) if n in shared or v is not None)
+        if (
+            held is not None
+            and held[0].uniform == names
+            and all(
+                all(x is not None for x in new_state[i])
+                for i, n in enumerate(fields)
+                if n in names and n not in shared
+            )
+        ):  # the same fields as the last step: nothing of the dicts is read
+            kept = {
+                n: v if n in shared or v is None else list(v) for n, v in zip(fields, new_state)
+            }
+            record = _Record(slots, state_type(**kept), shared, names)
+            for k, j in enumerate(slots):
+                self._typed[j] = (record, k)
+            return
         present = [
             {
                 name
@@ -214,7 +240,12 @@ class GroupState(MutableMapping[int, SlotState]):
                 for k, j in enumerate(slots)
             ]
             values[name] = None if all(v is None for v in column) else column
-        record = _Record(slots, state_type(**values), shared)
+        same = all(p == present[0] for p in present) and not any(
+            n in self._dicts.get(j, ()) for j in slots for n in fields if n not in present[0]
+        )
+        record = _Record(
+            slots, state_type(**values), shared, frozenset(present[0]) if same else None
+        )
         for k, j in enumerate(slots):
             slot = self._dicts.setdefault(j, {})
             for name in fields:
@@ -234,16 +265,32 @@ class GroupState(MutableMapping[int, SlotState]):
         for j, (record, k) in self._typed.items():
             if id(record) not in records:
                 state = pytree.tree_map(swap, record.state)
-                records[id(record)] = _Record(record.slots, state, record.shared)
+                records[id(record)] = _Record(record.slots, state, record.shared, record.uniform)
             out._typed[j] = (records[id(record)], k)
         return out
 
     def detach_(self) -> None:
         """Detach every tensor held, in place (a first-order step's state)."""
-        detached = self.map_tensors(torch.Tensor.detach)
-        for j, slot in detached._dicts.items():
-            self._dicts[j].update(slot)
-        self._typed = detached._typed
+        for slot in self._dicts.values():
+            for key, value in slot.items():
+                if isinstance(value, torch.Tensor):
+                    slot[key] = value.detach()
+        done: dict[int, _Record] = {}
+        for j, (record, k) in self._typed.items():
+            new = done.get(id(record))
+            if new is None:
+                state = type(record.state)(*map(_detached, record.state))
+                new = done[id(record)] = _Record(record.slots, state, record.shared, record.uniform)
+            self._typed[j] = (new, k)
+
+
+def _detached(value: Any) -> Any:
+    """A typed state's field detached: a tensor, or a list of them (None kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, list):
+        return [v.detach() if isinstance(v, torch.Tensor) else v for v in value]
+    return value
 
 
 def detach_state(group_state: MutableMapping[int, Any]) -> None:
