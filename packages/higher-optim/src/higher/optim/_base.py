@@ -5,7 +5,6 @@ shell over the step protocol (`_protocol`), its options (`_options`), its state 
 from __future__ import annotations
 
 import abc
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,12 +14,11 @@ from . import _copying, _protocol, _state_io
 from ._errors import ArgumentTypeError
 from ._options import apply_override
 from ._protocols import FunctionalModel, GradCallback
+from ._state import GroupState
 from ._step import Bucket, StepPlan
 
 if TYPE_CHECKING:
-    from ._protocol import StepDriver
-
-GroupState = defaultdict[int, dict[str, Any]]
+    from ._shell import StepDriver
 
 
 class DifferentiableOptimizer(abc.ABC):
@@ -61,7 +59,7 @@ class DifferentiableOptimizer(abc.ABC):
     param_groups: list[dict[str, Any]]
     state: list[GroupState]
     #: what `step` hands over to (`higher.optim.internal.set_step_driver`); None: its own step
-    _step_driver: StepDriver | None = None
+    _step_driver: StepDriver[DifferentiableOptimizer] | None = None
 
     def __init__(
         self,

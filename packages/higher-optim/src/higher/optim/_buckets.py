@@ -1,31 +1,23 @@
-"""The one adapter between torch's per-slot state dicts (`diffopt.state[g][i]`) and a rule's
-typed state: which slots a step runs together (buckets), their typed state gathered from the
-slots' dicts, and a step's new typed state stored back into them."""
+"""The one adapter between torch's per-slot state (`diffopt.state[g][i]`) and a rule's typed
+state: which slots a step runs together (buckets), their typed state (as the last step left it
+where the bucket is the same, else gathered from the slots' dicts), and a step's new typed
+state kept for the next (`_state.GroupState`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 from ._rule import Rule, unfusable_options
+from ._shell import RuleShell, Run
+from ._state import GroupState
 from ._step import Bucket, StepPlan
-
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-RuleOptimizer = Any
-
-
-#: (group, slots, positions of the slots among the step's parameters): one run of the rule
-Run = tuple[int, tuple[int, ...], tuple[int, ...]]
-#: the last `runs` call of an optimizer: its `live` key, its runs, and whether their state was
-#: empty
-Cache = tuple[tuple[list[list[bool]], list[bool]], list[Run], bool]
 
 
 def rule_plan(
-    opt: RuleOptimizer,
+    opt: RuleShell,
     params: list[torch.Tensor],
     live: list[list[bool]],
     options: list[dict[str, Any]],
@@ -42,7 +34,7 @@ def rule_plan(
 
 
 def runs(
-    opt: RuleOptimizer,
+    opt: RuleShell,
     live: list[list[bool]],
     params: list[torch.Tensor],
     options: list[dict[str, Any]],
@@ -96,10 +88,15 @@ def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any
     return (state.get("step"), p.dtype, p.device, present, scalars)
 
 
-def _buckets_hold(opt: RuleOptimizer, found: list[Run], stateless: bool) -> bool:
+def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
     """Whether each run's slots still share one step count and the same state fields."""
     for g, slots, _ in found:
         states = opt.state[g]
+        if isinstance(states, GroupState) and states.typed(slots) is not None:
+            sizes = {len(states._dicts[j]) for j in slots}  # one step count: the bucket's
+            if len(sizes) == 1:
+                continue
+            return False
         first = states.get(slots[0])
         if not first:  # fresh, or a rule that keeps no state
             if stateless and not any(states.get(j) for j in slots):
@@ -130,13 +127,17 @@ def fresh_states(
 
 
 def gather(
-    opt: RuleOptimizer,
+    opt: RuleShell,
     g: int,
     slots: tuple[int, ...],
     fresh: dict[tuple[int, int], dict[str, Any]],
 ) -> Any:
     """The rule's state of `slots` of group `g` (the initial state where `fresh` has it)."""
     rule, states = opt.rule, opt.state[g]
+    if isinstance(states, GroupState) and not any((g, j) in fresh for j in slots):
+        kept = states.typed(slots)  # the bucket's state as the last step left it
+        if kept is not None:
+            return kept
     empty: dict[str, Any] = {}
     slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
     values: dict[str, Any] = {}
@@ -149,11 +150,17 @@ def gather(
     return rule.state_type(**values)
 
 
-def store(opt: RuleOptimizer, bucket: Bucket, new_state: Any) -> None:
-    """Store what `rule.update` returned for a bucket into the slots' state dicts."""
+def store(opt: RuleShell, bucket: Bucket, new_state: Any) -> None:
+    """Keep what `rule.update` returned for a bucket (typed, in a `GroupState`; into the slots'
+    dicts where the state was set to plain dicts by hand)."""
     if not any(value is not None for value in new_state):  # a rule without state (SGD)
         return
-    rule, states = opt.rule, opt.state[bucket.group]
+    rule = opt.rule
+    states: MutableMapping[int, Any] = opt.state[bucket.group]  # a plain dict if set by hand
+    if isinstance(states, GroupState):
+        shared = frozenset(n for n in new_state._fields if n == "step" or n in rule.scalar_state)
+        states.store(bucket.slots, new_state, shared, rule.state_type)
+        return
     for k, j in enumerate(bucket.slots):
         slot = states[j]
         for name, value in zip(new_state._fields, new_state, strict=True):

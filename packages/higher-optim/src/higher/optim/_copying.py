@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
 
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-DifferentiableOptimizer = Any
+from ._shell import CopyShell
+from ._state import GroupState
 
+#: the optimizer type a copy keeps
+_Copied = TypeVar("_Copied", bound=CopyShell)
 
 #: attributes a copy does not take: caches worked out again on the next step
 _NOT_COPIED = frozenset({"_bucket_cache"})
 
 
-def held_tensors(opt: DifferentiableOptimizer) -> list[torch.Tensor]:
+def held_tensors(opt: CopyShell) -> list[torch.Tensor]:
     """Every tensor `opt` holds: slots, options, state, reference parameters."""
     found = list(opt._reference)
     for group in opt.param_groups:
@@ -32,7 +33,7 @@ def held_tensors(opt: DifferentiableOptimizer) -> list[torch.Tensor]:
     return found
 
 
-def deep_copy(opt: DifferentiableOptimizer, memo: dict[int, Any]) -> DifferentiableOptimizer:
+def deep_copy(opt: _Copied, memo: dict[int, Any]) -> _Copied:
     """`copy.deepcopy(opt)`: tensors with history become detached clones, as
     `copy.deepcopy(fmodel)` makes them (the functional model, when there is one, is copied too)."""
     for t in held_tensors(opt):
@@ -44,7 +45,7 @@ def deep_copy(opt: DifferentiableOptimizer, memo: dict[int, Any]) -> Differentia
     return new
 
 
-def pickled_state(opt: DifferentiableOptimizer) -> dict[str, Any]:
+def pickled_state(opt: CopyShell) -> dict[str, Any]:
     """What pickling saves of `opt`: tensors with history detached."""
     memo: dict[int, Any] = {}
     for t in held_tensors(opt):
@@ -60,6 +61,8 @@ def _replaced(value: Any, memo: dict[int, Any]) -> Any:
     def swap(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return memo.get(id(x), x)
+        if isinstance(x, GroupState):
+            return x.map_tensors(lambda t: memo.get(id(t), t))
         if isinstance(x, defaultdict):  # a leaf to torch's pytree before torch 2.2
             return defaultdict(x.default_factory, {k: _replaced(v, memo) for k, v in x.items()})
         return x

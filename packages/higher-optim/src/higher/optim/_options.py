@@ -6,14 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._errors import HyperparameterTypeError, OptimError
-
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-DifferentiableOptimizer = Any
+from ._shell import OptionsShell
 
 
 def validated_options(
-    opt: DifferentiableOptimizer, override: Mapping[str, Sequence[Any]]
+    opt: OptionsShell, override: Mapping[str, Sequence[Any]]
 ) -> list[dict[str, Any]]:
     """The param groups' options with `override` applied, every value checked; nothing is
     changed (a rejected override leaves the optimizer as it was)."""
@@ -43,9 +40,7 @@ def validated_options(
     return options
 
 
-def _count_message(
-    opt: DifferentiableOptimizer, name: str, values: Sequence[Any], n_groups: int
-) -> str:
+def _count_message(opt: OptionsShell, name: str, values: Sequence[Any], n_groups: int) -> str:
     """Why `override[name]`, a list of `len(values)` values, does not fit the groups."""
     if n_groups > 1:
         return (
@@ -68,7 +63,7 @@ def _count_message(
     return message
 
 
-def apply_override(opt: DifferentiableOptimizer, override: Mapping[str, Sequence[Any]]) -> None:
+def apply_override(opt: OptionsShell, override: Mapping[str, Sequence[Any]]) -> None:
     """Check `override`, then set it in the param groups (it persists)."""
     for group, options in zip(opt.param_groups, validated_options(opt, override), strict=True):
         group.update((k, v) for k, v in options.items() if k != "params")

@@ -7,55 +7,25 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import torch
 
 from ._errors import ArgumentTypeError, OptimError
 from ._options import validated_options
 from ._protocols import GradCallback
+from ._shell import OptimizerShell, StepDriver
+from ._state import detach_state
 from ._step import Bucket, StepPlan, StepResult
 
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-DifferentiableOptimizer = Any
-
-
-class StepDriver(Protocol):
-    """What takes over `diffopt.step` for one optimizer (see `set_step_driver`): called with
-    the optimizer and `step`'s arguments as given, it returns the new parameters.
-
-    Examples:
-        >>> import torch, higher.optim
-        >>> from higher.optim import internal
-        >>> def plain(diffopt, loss, params, override, grad_callback, closure, kwargs):
-        ...     internal.set_step_driver(diffopt, None)  # the next steps are plain again
-        ...     return diffopt.step(loss, params, override, grad_callback, closure=closure)
-        >>> w = torch.nn.Parameter(torch.ones(1))
-        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
-        >>> internal.set_step_driver(diffopt, plain)
-        >>> diffopt.step(w.sum(), params=[w])[0].item()
-        0.5
-    """
-
-    def __call__(
-        self,
-        diffopt: DifferentiableOptimizer,
-        loss: torch.Tensor | None,
-        params: Iterable[torch.Tensor] | None,
-        override: Mapping[str, Sequence[Any]] | None,
-        grad_callback: GradCallback | None,
-        closure: Callable[[], torch.Tensor] | None,
-        kwargs: dict[str, Any],
-        /,
-    ) -> list[torch.Tensor]: ...
-
+#: the optimizer `set_step_driver` hands to its driver
+_Shell = TypeVar("_Shell", bound=OptimizerShell)
 
 #: the `step` that consults the driver (a class that overrides it would not)
 _DRIVEN_STEP = ("higher.optim._base", "DifferentiableOptimizer.step")
 
 
-def set_step_driver(diffopt: DifferentiableOptimizer, driver: StepDriver | None) -> None:
+def set_step_driver(diffopt: _Shell, driver: StepDriver[_Shell] | None) -> None:
     """Hand `diffopt.step` to `driver` (None: back to the optimizer's own step).
 
     A driver runs the step protocol its own way (a memory mode of `higher.innerloop_ctx` does);
@@ -84,7 +54,7 @@ def set_step_driver(diffopt: DifferentiableOptimizer, driver: StepDriver | None)
         diffopt._step_driver = driver
 
 
-def step_driver(diffopt: DifferentiableOptimizer) -> StepDriver | None:
+def step_driver(diffopt: _Shell) -> StepDriver[_Shell] | None:
     """The driver `diffopt.step` hands over to (None: its own step).
 
     Examples:
@@ -95,7 +65,7 @@ def step_driver(diffopt: DifferentiableOptimizer) -> StepDriver | None:
         >>> print(internal.step_driver(diffopt))
         None
     """
-    driver: StepDriver | None = diffopt._step_driver
+    driver: StepDriver[_Shell] | None = diffopt._step_driver
     return driver
 
 
@@ -103,7 +73,7 @@ def step_driver(diffopt: DifferentiableOptimizer) -> StepDriver | None:
 
 
 def current_params(
-    opt: DifferentiableOptimizer, params: Iterable[torch.Tensor] | None
+    opt: OptimizerShell, params: Iterable[torch.Tensor] | None
 ) -> list[torch.Tensor]:
     """`params` as a list, or the functional model's fast weights."""
     if params is not None:
@@ -119,7 +89,7 @@ def current_params(
     return list(fast)
 
 
-def check_step_params(opt: DifferentiableOptimizer, params: list[torch.Tensor]) -> None:
+def check_step_params(opt: OptimizerShell, params: list[torch.Tensor]) -> None:
     """Refuse parameters of the wrong count, type, shape or dtype."""
     specs = opt._specs
     if len(params) == len(specs):
@@ -152,7 +122,7 @@ def check_step_params(opt: DifferentiableOptimizer, params: list[torch.Tensor]) 
 
 
 def gradients(
-    opt: DifferentiableOptimizer,
+    opt: OptimizerShell,
     loss: torch.Tensor,
     params: list[torch.Tensor],
     create_graph: bool | None,
@@ -185,9 +155,7 @@ def gradients(
     return grads if callback is None else _called_back(callback, grads)
 
 
-def _unrelated_loss(
-    opt: DifferentiableOptimizer, loss: torch.Tensor, params: list[torch.Tensor]
-) -> str:
+def _unrelated_loss(opt: OptimizerShell, loss: torch.Tensor, params: list[torch.Tensor]) -> str:
     """Why a loss that requires grad depends on none of the step's parameters."""
     what = "the parameters given to step" if opt.fmodel is None else "the fast weights"
     suspects = [("the original model's parameters", opt._reference)]
@@ -243,7 +211,7 @@ def closure_loss(
 
 
 def plan(
-    diffopt: DifferentiableOptimizer,
+    diffopt: OptimizerShell,
     params: Iterable[torch.Tensor] | None = None,
     *,
     stepped: Sequence[bool] | None = None,
@@ -281,7 +249,7 @@ def plan(
 
 
 def checked_plan(
-    opt: DifferentiableOptimizer,
+    opt: OptimizerShell,
     param_list: list[torch.Tensor],
     stepped: Sequence[bool] | None,
     override: Mapping[str, Sequence[Any]] | None,
@@ -301,7 +269,7 @@ def checked_plan(
 
 
 def hand_written_plan(
-    opt: DifferentiableOptimizer,
+    opt: OptimizerShell,
     params: list[torch.Tensor],
     live: list[list[bool]],
     options: list[dict[str, Any]],
@@ -325,7 +293,7 @@ class _HandWritten:
     """Runs `opt._update` on a scratch view of `opt` (its own param groups and state): the
     optimizer itself is not touched, so the update is pure."""
 
-    def __init__(self, opt: DifferentiableOptimizer, kwargs: dict[str, Any]) -> None:
+    def __init__(self, opt: OptimizerShell, kwargs: dict[str, Any]) -> None:
         self.opt, self.kwargs = opt, kwargs
 
     def __call__(
@@ -361,7 +329,7 @@ class _HandWritten:
 
 
 def commit(
-    diffopt: DifferentiableOptimizer,
+    diffopt: OptimizerShell,
     plan: StepPlan,
     result: StepResult,
     *,
@@ -410,15 +378,12 @@ def commit(
         diffopt._store_state(bucket, new_state)
     if first_order:
         for group_state in diffopt.state:
-            for slot in group_state.values():
-                for key, value in slot.items():
-                    if isinstance(value, torch.Tensor):
-                        slot[key] = value.detach()
+            detach_state(group_state)
     load_params(diffopt, new_params)
     return new_params
 
 
-def _check_bound(opt: DifferentiableOptimizer, plan: StepPlan) -> None:
+def _check_bound(opt: OptimizerShell, plan: StepPlan) -> None:
     """Refuse a plan that `opt` did not make, or made from a state it has moved on from."""
     me = f"this {type(opt).__name__}"
     if plan.owner is not opt._identity:
@@ -437,7 +402,7 @@ def _check_bound(opt: DifferentiableOptimizer, plan: StepPlan) -> None:
         )
 
 
-def load_params(opt: DifferentiableOptimizer, params: list[torch.Tensor]) -> None:
+def load_params(opt: OptimizerShell, params: list[torch.Tensor]) -> None:
     """Put `params` (in the order of `reference_params`) into the groups' slots."""
     for group, mapping in zip(opt.param_groups, opt._group_to_param_list, strict=True):
         group["params"] = [params[i] for i in mapping]

@@ -3,7 +3,6 @@ a torch optimizer, `state_dict`/`load_state_dict`, `copy_state_to` and `sync_hyp
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,11 +11,8 @@ import torch
 from ._errors import OptimError
 from ._options import apply_override, validated_options
 from ._rules_adam_variants import scalar_dtype
-
-# The optimizer object this module works on for `_base.py`/`_twins.py` (which import this
-# module): typed as Any here, since importing the class back would be an import cycle.
-DifferentiableOptimizer = Any
-GroupState = Any
+from ._shell import StateShell
+from ._state import GroupState
 
 
 def copy_state_value(value: Any, device: torch.device | str | None) -> Any:
@@ -28,7 +24,7 @@ def copy_state_value(value: Any, device: torch.device | str | None) -> Any:
 
 
 def import_groups(
-    opt: DifferentiableOptimizer,
+    opt: StateShell,
     other: torch.optim.Optimizer,
     reference: list[torch.Tensor],
     device: torch.device | str | None,
@@ -58,7 +54,7 @@ def import_groups(
         copied["params"] = [reference[i] for i in mapping]
         opt.param_groups.append(copied)
         opt._group_to_param_list.append(mapping)
-        group_state: GroupState = defaultdict(dict)
+        group_state = GroupState()
         for j, p in enumerate(group["params"]):
             torch_state = other.state.get(p)
             if torch_state:
@@ -66,7 +62,7 @@ def import_groups(
         opt.state.append(group_state)
 
 
-def state_dict(opt: DifferentiableOptimizer) -> dict[str, Any]:
+def state_dict(opt: StateShell) -> dict[str, Any]:
     """`opt.state_dict()`: torch's format, parameters numbered across the groups."""
     states: dict[int, dict[str, Any]] = {}
     groups = []
@@ -89,7 +85,7 @@ def state_dict(opt: DifferentiableOptimizer) -> dict[str, Any]:
     return {"state": states, "param_groups": groups}
 
 
-def load_state_dict(opt: DifferentiableOptimizer, saved_dict: Mapping[str, Any]) -> None:
+def load_state_dict(opt: StateShell, saved_dict: Mapping[str, Any]) -> None:
     """`opt.load_state_dict(saved_dict)`: everything checked before anything is set."""
     groups = saved_dict.get("param_groups")
     sizes = [len(g["params"]) for g in opt.param_groups]
@@ -104,7 +100,7 @@ def load_state_dict(opt: DifferentiableOptimizer, saved_dict: Mapping[str, Any])
     new_options = validated_options(opt, {k: v for k, v in options.items() if k in known})
     new_state = []
     for group in groups:
-        group_state: GroupState = defaultdict(dict)
+        group_state = GroupState()
         for j, number in enumerate(group["params"]):
             if saved.get(number):
                 group_state[j] = opt._import_state(saved[number], opt._device)
@@ -115,7 +111,7 @@ def load_state_dict(opt: DifferentiableOptimizer, saved_dict: Mapping[str, Any])
 
 
 def _torch_pairs(
-    opt: DifferentiableOptimizer, other: torch.optim.Optimizer
+    opt: StateShell, other: torch.optim.Optimizer
 ) -> list[tuple[int, int, torch.Tensor]]:
     if len(other.param_groups) != len(opt.param_groups) or any(
         len(a["params"]) != len(b["params"])
@@ -133,9 +129,7 @@ def _torch_pairs(
     ]
 
 
-def copy_state_to(
-    opt: DifferentiableOptimizer, other: torch.optim.Optimizer, copy_params: bool
-) -> None:
+def copy_state_to(opt: StateShell, other: torch.optim.Optimizer, copy_params: bool) -> None:
     """`opt.copy_state_to(other, copy_params)`: each value in the type torch keeps it in."""
     templates: dict[tuple[Any, ...], dict[str, Any]] = {}
     for g, j, p in _torch_pairs(opt, other):
@@ -155,7 +149,7 @@ def copy_state_to(
 
 
 def sync_hyperparameters(
-    opt: DifferentiableOptimizer, other: torch.optim.Optimizer, names: Sequence[str]
+    opt: StateShell, other: torch.optim.Optimizer, names: Sequence[str]
 ) -> None:
     """`opt.sync_hyperparameters(other, names)`: as an override of `other`'s values."""
     _torch_pairs(opt, other)

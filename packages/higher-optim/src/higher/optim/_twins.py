@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._base import DifferentiableOptimizer
-from ._buckets import Cache, rule_plan, store
+from ._buckets import rule_plan, store
 from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
 from ._protocol import load_params
 from ._rule import (
@@ -23,6 +23,7 @@ from ._rules_adam_variants import ADAMAX, NADAM, RADAM, scalar_dtype
 from ._rules_adaptive import ADADELTA, ADAGRAD, RMSPROP
 from ._rules_other import ADAFACTOR, ASGD, RPROP
 from ._rules_sgd import SGD
+from ._shell import Cache
 from ._step import Bucket, StepPlan
 
 

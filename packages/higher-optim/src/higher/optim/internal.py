@@ -36,11 +36,11 @@ Examples:
     [0.5, 0.5]
 """
 
-from ._protocol import StepDriver as StepDriver
 from ._protocol import commit as commit
 from ._protocol import plan as plan
 from ._protocol import set_step_driver as set_step_driver
 from ._protocol import step_driver as step_driver
+from ._shell import StepDriver as StepDriver
 from ._step import Bucket as Bucket
 from ._step import StepPlan as StepPlan
 from ._step import StepResult as StepResult
