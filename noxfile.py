@@ -105,9 +105,9 @@ def _pytest(session: nox.Session, *args: str) -> None:
     session.run("python", "-m", "pytest", *args, *session.posargs)
 
 
-# Its two-process launches run alone, after the rest: beside another pytest worker on two
-# cores the launch hung (both ranks silent) on torch 2.1.2 in two of three CI runs; alone, as
-# before the suite ran on two workers, it never did.
+# The two-process launches run alone, after the rest, so their ranks do not wait on a core.
+# (Their hangs on torch 2.1.2 under load were in destroy_process_group after the results were
+# saved; the workers no longer call it.)
 PROCESS_TESTS = (
     "packages/higher-core/tests/test_core_distributed.py",
     "packages/higher-core/tests/test_core_composition.py",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import faulthandler
 import os
 import sys
 import time
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--timeout", type=float, default=3.0, help="a failure's timeout (s)")
     args = parser.parse_args()
+    # a hang shows where each rank waits (in its stderr, which the test prints)
+    faulthandler.dump_traceback_later(240, exit=True)
     torch.set_num_threads(1)
     device = torch.device("cpu")
     if args.backend == "nccl":
@@ -192,17 +195,16 @@ def main() -> None:
         world_size=args.world_size,
         timeout=datetime.timedelta(seconds=120),  # both processes start and connect
     )
-    try:
-        if args.group in ("raise", "hang"):
-            fail_on_rank_1(hang=args.group == "hang", timeout=args.timeout)
-        else:
-            results = {name: train(SCENARIOS[name], device) for name in GROUPS[args.group]}
-            torch.save(results, args.out / f"rank{args.rank}.pt")
-    finally:
-        if args.group == "equality":  # after a failure the group cannot agree to close
-            dist.destroy_process_group()
+    if args.group in ("raise", "hang"):
+        fail_on_rank_1(hang=args.group == "hang", timeout=args.timeout)
+    else:
+        results = {name: train(SCENARIOS[name], device) for name in GROUPS[args.group]}
+        torch.save(results, args.out / f"rank{args.rank}.pt")
+    # No destroy_process_group and no interpreter teardown: after a failure the group cannot
+    # agree to close, and on torch 2.1.2 closing hung about one launch in ten on a busy machine
+    # even after a success (both results saved).
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown: a gloo group left open may block at exit
+    os._exit(0)
 
 
 if __name__ == "__main__":

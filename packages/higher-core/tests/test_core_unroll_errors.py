@@ -234,11 +234,27 @@ def test_a_twin_that_overrides_step_is_refused() -> None:
 
     higher.register_optim(Stepper, OwnStep)
     model, _, _ = setup()
+    # each refusal names the strategy and says what to drop (not the strategy itself)
     with (
-        pytest.raises(higher.UnrollError, match="overrides step"),
+        pytest.raises(
+            higher.UnrollError,
+            match=r"so unroll=Recompute\(every=1, check=True\) cannot .* without unroll=",
+        ),
         higher.innerloop_ctx(model, Stepper(model.parameters(), lr=0.1), unroll="recompute"),
     ):
         pass
+    with (
+        pytest.raises(
+            higher.UnrollError, match=r"so compiled steps cannot .* without compile=True"
+        ),
+        higher.innerloop_ctx(model, Stepper(model.parameters(), lr=0.1), compile=True),
+    ):
+        pass
+    # the plain unroll takes it
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    with higher.innerloop_ctx(model, Stepper(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(x), y))
+        assert isinstance(diffopt, OwnStep)
 
 
 def test_the_user_model_and_optimizer_are_untouched() -> None:
