@@ -158,12 +158,10 @@ class ForwardDriver:
             raise UnrollError("step needs the loss: step(loss) or step(closure=lambda: ...)")
         params = self.fmodel.fast_params
         with torch.enable_grad():
-            grads = diffopt.gradients(
-                scalar_loss(loss), params, create_graph=True, grad_callback=grad_callback
-            )
-            plan = internal.plan(diffopt, params, stepped=[g is not None for g in grads],
-                                override=override, **kwargs)  # fmt: skip
-            result = plan.update(params, grads)
+            plan, grads, result = internal.compute_step(
+                diffopt, scalar_loss(loss), params, create_graph=True,
+                grad_callback=grad_callback, override=override, update_kwargs=kwargs,
+            )  # fmt: skip
         wrt = self._directions(hyper_tensors(plan))
         stepped = [i for i, g in enumerate(grads) if g is not None]
         leaves, spec = flatten(result.states)

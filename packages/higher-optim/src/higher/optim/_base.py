@@ -210,14 +210,10 @@ class DifferentiableOptimizer(abc.ABC):
             return self._step_driver(self, loss, params, override, grad_callback, closure, kwargs)
         if closure is not None or loss is None:
             loss = _protocol.closure_loss(loss, closure)
-        param_list = _protocol.current_params(self, params)
-        grads = _protocol.gradients(self, loss, param_list, None, grad_callback)
-        stepped = [g is not None for g in grads]
-        plan = _protocol.checked_plan(self, param_list, stepped, override, kwargs)
-        called_back = grad_callback is not None or self._grad_callback is not None
-        if not called_back and not any(g is not None and g.is_sparse for g in grads):
-            return _protocol.commit(self, plan, plan.run(param_list, grads))  # autograd's own
-        return _protocol.commit(self, plan, plan.update(param_list, grads))
+        plan, _, result = _protocol.compute_step(
+            self, loss, params, grad_callback=grad_callback, override=override, update_kwargs=kwargs
+        )
+        return _protocol.commit(self, plan, result)
 
     def gradients(
         self,

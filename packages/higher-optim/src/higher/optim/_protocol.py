@@ -325,6 +325,57 @@ class _HandWritten:
         return StepResult(new_params, new_states)
 
 
+# -- one uncommitted step ---------------------------------------------------------------------
+
+
+def compute_step(
+    diffopt: OptimizerShell,
+    loss: torch.Tensor,
+    params: Iterable[torch.Tensor] | None = None,
+    *,
+    create_graph: bool | None = None,
+    grad_callback: GradCallback | None = None,
+    override: Mapping[str, Sequence[Any]] | None = None,
+    update_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[StepPlan, list[torch.Tensor | None], StepResult]:
+    """One step of `diffopt` from a loss computed at `params`, not committed: its gradients
+    (after the grad_callback), the plan of the parameters they step, and the update's result.
+    `diffopt.step(loss)` is this, then `commit`; a memory mode runs it, then commits its own
+    way. Nothing is changed.
+
+    Args:
+        diffopt: the optimizer to step.
+        loss: a scalar tensor computed from `params`.
+        params: the current parameters (default: the functional model's fast weights).
+        create_graph: keep the gradients' graph (default: `track_higher_grads`).
+        grad_callback: `grads -> grads`; wins over the optimizer's.
+        override: hyperparameters for this step and, once committed, the later ones.
+        update_kwargs: passed to a hand-written `_update` (`diffopt.step`'s `**kwargs`).
+
+    Returns:
+        `(plan, grads, result)`: commit `result` with `commit(diffopt, plan, result)`.
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> plan, grads, result = internal.compute_step(diffopt, (w**2).sum(), [w])
+        >>> grads[0].tolist(), result.params[0].tolist()
+        ([2.0, 2.0], [0.0, 0.0])
+        >>> internal.commit(diffopt, plan, result)[0].tolist()
+        [0.0, 0.0]
+    """
+    param_list = current_params(diffopt, params)
+    grads = gradients(diffopt, loss, param_list, create_graph, grad_callback)
+    stepped = [g is not None for g in grads]
+    made = checked_plan(diffopt, param_list, stepped, override, dict(update_kwargs or {}))
+    called_back = grad_callback is not None or diffopt.grad_callback is not None
+    if called_back or any(g is not None and g.is_sparse for g in grads):
+        return made, grads, made.update(param_list, grads)  # checked: not autograd's own
+    return made, grads, made.run(param_list, grads)
+
+
 # -- commit -----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,10 @@ A step is three phases:
     result = plan.update(params, grads)                               # pure
     new_params = internal.commit(diffopt, plan, result)               # the only write
 
+`compute_step(diffopt, loss)` is the first two for a loss computed at the current parameters
+(gradients, the plan of those they step, the update): `diffopt.step(loss)` is it, then
+`commit`; so is each step of a memory mode that takes a loss or runs its closure.
+
 What it guarantees:
 
 - `plan` checks the parameters and the override and changes nothing.
@@ -37,6 +41,7 @@ Examples:
 """
 
 from ._protocol import commit as commit
+from ._protocol import compute_step as compute_step
 from ._protocol import plan as plan
 from ._protocol import set_step_driver as set_step_driver
 from ._protocol import step_driver as step_driver
@@ -49,6 +54,7 @@ from ._step import check_grads as check_grads
 __all__ = [
     "plan",
     "commit",
+    "compute_step",
     "StepPlan",
     "StepResult",
     "Bucket",
