@@ -97,6 +97,10 @@ def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
             if len(sizes) == 1:
                 continue
             return False
+        if isinstance(states, GroupState) and states.empty(slots):
+            if stateless:  # a rule that keeps no state
+                continue
+            return False  # fresh
         first = states.get(slots[0])
         if not first:  # fresh, or a rule that keeps no state
             if stateless and not any(states.get(j) for j in slots):
@@ -138,6 +142,8 @@ def gather(
         kept = states.typed(slots)  # the bucket's state as the last step left it
         if kept is not None:
             return kept
+        if states.empty(slots):  # a rule that keeps no state for these options (SGD)
+            return rule.state_type(*[None] * len(rule.state_type._fields))
     empty: dict[str, Any] = {}
     slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
     values: dict[str, Any] = {}

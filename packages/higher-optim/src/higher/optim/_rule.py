@@ -204,7 +204,12 @@ def unfusable_options(rule: Rule, hyper: Hyper) -> list[str]:
     found = []
     for name in (*rule.hypers, *rule.pairs):
         value = hyper.get(name)
-        items = value if name in rule.pairs and isinstance(value, (list, tuple)) else (value,)
+        if isinstance(value, torch.Tensor):  # numbers, the common case, are passed over
+            items: Sequence[Any] = (value,)
+        elif name in rule.pairs and isinstance(value, (list, tuple)):
+            items = value
+        else:
+            continue
         if any(isinstance(v, torch.Tensor) and (v.numel() != 1 or v.dim() > 1) for v in items):
             found.append(name)
     return found

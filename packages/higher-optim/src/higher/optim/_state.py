@@ -180,6 +180,11 @@ class GroupState(MutableMapping[int, SlotState]):
 
     # -- typed bucket states -------------------------------------------------------------------
 
+    def empty(self, slots: Sequence[int]) -> bool:
+        """Whether none of `slots` has any state (without making a view of each)."""
+        dicts = self._dicts
+        return not any(dicts.get(j) for j in slots)
+
     def typed(self, slots: tuple[int, ...]) -> Any:
         """The typed state kept for exactly the bucket `slots` (None: gather from the dicts)."""
         held = self._typed.get(slots[0])

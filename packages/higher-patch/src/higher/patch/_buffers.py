@@ -39,9 +39,11 @@ def renew(root: torch.nn.Module) -> None:
     """Give each own buffer of a submodule in training mode a tensor of its own (a clone), so
     the forward about to run updates that one in place. Not inside a torch.func transform or
     a compiled trace: there the buffers are the transform's inputs."""
+    holders: list[torch.nn.Module] | None = root.__dict__.get(_TREE)
+    if holders is not None and not holders:  # a tree without buffers (most MLPs)
+        return
     if torch._C._functorch.peek_interpreter_stack() is not None or _compiling():
         return
-    holders: list[torch.nn.Module] | None = root.__dict__.get(_TREE)
     for module in root.modules() if holders is None else holders:
         held: dict[str, torch.Tensor] | None = module.__dict__.get(_HELD)
         if not held or not module.training:
