@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -459,3 +460,38 @@ def contender_env(threads: int) -> dict[str, str]:
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[key] = str(threads)
     return env
+
+
+#: the section of peers.md that benchmarks/step_overhead.py writes (peers.py keeps it)
+STEP_SECTION = "Per-step overhead"
+
+
+def read_section(path: Path, title: str) -> str | None:
+    """The body of section `## title` of the markdown file at `path` (None: no such section)."""
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    heading = f"## {title}"
+    if heading not in lines:
+        return None
+    start = lines.index(heading) + 1
+    end = next((k for k in range(start, len(lines)) if lines[k].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end]).strip("\n")
+
+
+def replace_section(path: Path, title: str, body: str | None) -> None:
+    """Make `body` the section `## title` of the markdown file at `path` (added at its end
+    where it has none; removed where `body` is None)."""
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()
+    heading = f"## {title}"
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")),
+                   len(lines))  # fmt: skip
+        lines = lines[:start] + lines[end:]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if body is not None:
+        lines += ["", heading, "", body]
+    path.write_text("\n".join(lines).lstrip("\n") + "\n")

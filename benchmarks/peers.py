@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _peers_common import WORKLOADS, contender_env
+from _peers_common import (
+    STEP_SECTION,
+    WORKLOADS,
+    contender_env,
+    read_section,
+    replace_section,
+)
 
 HERE = Path(__file__).parent
 OURS, FLOOR, LEGACY, TORCHOPT = "higher (this)", "torch.func", "higher 0.2.1", "TorchOpt 0.7.3"
@@ -371,7 +377,10 @@ def main() -> None:
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(result)
+    # the per-step section is step_overhead.py's: kept as that run wrote it
+    kept = read_section(args.out / "peers.md", STEP_SECTION)
     (args.out / "peers.md").write_text(text)
+    replace_section(args.out / "peers.md", STEP_SECTION, kept)
     (args.out / "peers.json").write_text(json.dumps(result, indent=1))
     chart(result, args.out / "peers.png")
     print(text)

@@ -169,3 +169,46 @@ def test_floor_adam_is_torch_optim_adam() -> None:
         opt.step()
     for a, b in zip(ours, leaves):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_step_overhead_smoke(tmp_path: Path) -> None:
+    """benchmarks/step_overhead.py (this project and torch.func at smoke size) writes its JSON
+    and its section of peers.md: a row per contender and optimizer, with nodes per step."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "step_overhead.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "step-overhead.json").read_text())["rows"]
+    assert set(rows) == {f"{c}/{o}/1" for c in ("this", "torch.func") for o in ("sgd", "adam")}
+    for row in rows.values():
+        assert row["unroll_us"] > 0 and row["meta_us"] > row["unroll_us"]
+    # the same MLP: SGD's step adds the forward's and gradient's nodes, Adam's more (its update)
+    assert 0 < rows["this/sgd/1"]["nodes_per_step"] < rows["this/adam/1"]["nodes_per_step"]
+    text = (tmp_path / "peers.md").read_text()
+    assert text.count("## Per-step overhead") == 1
+    assert "| sgd | 1 | **higher (this)** |" in text and "| adam | 1 | torch.func by hand |" in text
+
+
+def test_peers_md_keeps_the_step_section(tmp_path: Path) -> None:
+    """peers.py rewrites peers.md and puts back the section step_overhead.py wrote."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _peers_common import STEP_SECTION, read_section, replace_section
+    finally:
+        sys.path.remove(str(BENCH))
+    path = tmp_path / "peers.md"
+    path.write_text("# Meta-gradient benchmarks\n\n| table |\n")
+    replace_section(path, STEP_SECTION, "rows of the first run")
+    replace_section(path, STEP_SECTION, "rows of the second run")  # replaced, not added
+    text = path.read_text()
+    assert text.startswith("# Meta-gradient benchmarks\n\n| table |\n")
+    assert text.count(f"## {STEP_SECTION}") == 1 and "first run" not in text
+    kept = read_section(path, STEP_SECTION)
+    assert kept == "rows of the second run"
+    path.write_text("# Meta-gradient benchmarks\n\n| new table |\n")  # what peers.py writes
+    replace_section(path, STEP_SECTION, kept)
+    assert read_section(path, STEP_SECTION) == "rows of the second run"
+    assert "| new table |" in path.read_text()

@@ -52,14 +52,25 @@ def _adam_update(
                 p = p * (1 - step_lr * wd)
             else:
                 g = g + wd * p
-        m = m + (g - m) * (1 - beta1)
-        v = v * beta2 + (1 - beta2) * g * g
+        # torch.optim's own ops (lerp, addcmul, addcdiv) where the coefficients are numbers:
+        # the same values, and fewer autograd nodes per step than the same formula spelled out
+        if isinstance(beta1, torch.Tensor):
+            m = m + (g - m) * (1 - beta1)
+        else:
+            m = torch.lerp(m, g, 1 - beta1)
+        if isinstance(beta2, torch.Tensor):
+            v = v * beta2 + (1 - beta2) * g * g
+        else:
+            v = torch.addcmul(v * beta2, g, g, value=1 - beta2)
         if amsgrad:
             vmax = v if vmax is None else torch.maximum(vmax, v)
             denom = sqrt0(vmax) / bias_correction2_sqrt + eps
         else:
             denom = sqrt0(v) / bias_correction2_sqrt + eps
-        return p - (step_lr / bias_correction1) * (m / denom), m, v, vmax
+        step_size = step_lr / bias_correction1
+        if isinstance(step_size, torch.Tensor):  # a learned learning rate, or betas
+            return p - step_size * (m / denom), m, v, vmax
+        return torch.addcdiv(p, m, denom, value=-step_size), m, v, vmax
 
     lists = elementwise(
         kernel, params, grads, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq, lrs
