@@ -78,6 +78,9 @@ def _measure(inner_loop: Callable[[int], None], loops: int, warmup: int) -> Grow
     with _gc_disabled():
         for i in range(warmup):
             inner_loop(i)
+        # what the warm-up left in cycles (one-off: lazy imports and caches of torch and of
+        # whatever ran before in this process) is not the measured loops' growth
+        gc.collect()
         tensors, rss = _live_tensors(), _rss_bytes()
         half = warmup + loops // 2
         for i in range(warmup, half):
