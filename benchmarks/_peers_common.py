@@ -466,32 +466,36 @@ def contender_env(threads: int) -> dict[str, str]:
 STEP_SECTION = "Per-step overhead"
 
 
+def _section(lines: list[str], title: str) -> tuple[int, int] | None:
+    """Where section `## title` is among `lines`: its heading's index and the end of its body
+    (the next `## ` heading, or the end)."""
+    heading = f"## {title}"
+    if heading not in lines:
+        return None
+    start = lines.index(heading)
+    end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")),
+               len(lines))  # fmt: skip
+    return start, end
+
+
 def read_section(path: Path, title: str) -> str | None:
     """The body of section `## title` of the markdown file at `path` (None: no such section)."""
     if not path.exists():
         return None
     lines = path.read_text().splitlines()
-    heading = f"## {title}"
-    if heading not in lines:
-        return None
-    start = lines.index(heading) + 1
-    end = next((k for k in range(start, len(lines)) if lines[k].startswith("## ")), len(lines))
-    return "\n".join(lines[start:end]).strip("\n")
+    span = _section(lines, title)
+    return None if span is None else "\n".join(lines[span[0] + 1 : span[1]]).strip("\n")
 
 
 def replace_section(path: Path, title: str, body: str | None) -> None:
     """Make `body` the section `## title` of the markdown file at `path` (added at its end
     where it has none; removed where `body` is None)."""
-    text = path.read_text() if path.exists() else ""
-    lines = text.splitlines()
-    heading = f"## {title}"
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")),
-                   len(lines))  # fmt: skip
-        lines = lines[:start] + lines[end:]
+    lines = path.read_text().splitlines() if path.exists() else []
+    span = _section(lines, title)
+    if span is not None:
+        lines = lines[: span[0]] + lines[span[1] :]
     while lines and not lines[-1].strip():
         lines.pop()
     if body is not None:
-        lines += ["", heading, "", body]
+        lines += ["", f"## {title}", "", body]
     path.write_text("\n".join(lines).lstrip("\n") + "\n")

@@ -369,7 +369,7 @@ def _compiled(
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """`innerloop_ctx` with compiled steps: the optimizer's `step` runs a `CompiledStep`."""
     twin = twin_of(type(opt))
-    check_routable(twin, "compiled steps")
+    check_routable(twin, "compiled steps", "compile=True")
     fmodel = monkeypatch(model, device=device, copy_initial_weights=copy_initial_weights,
                          track_higher_grads=track_higher_grads)  # fmt: skip
     diffopt = twin(opt, model.parameters(), fmodel=fmodel, device=device, override=override,
@@ -406,7 +406,7 @@ def _unrolled(
             "drop unroll="
         )
     twin = twin_of(type(opt))
-    check_routable(twin, f"unroll={mode!r}")
+    check_routable(twin, f"unroll={mode!r}", "unroll=")
     fmodel = monkeypatch(
         model, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=True
     )

@@ -43,15 +43,15 @@ class Driver(Protocol):
     def close(self, diffopt: DifferentiableOptimizer) -> None: ...
 
 
-def check_routable(twin: type[DifferentiableOptimizer], strategy: str) -> None:
+def check_routable(twin: type[DifferentiableOptimizer], strategy: str, argument: str) -> None:
     """Refuse a twin whose class overrides `step`: `strategy` (a memory mode, or compiled
-    steps) could not take its steps; the error names it and the plain unroll to use instead."""
+    steps) could not take its steps; the error names it and the `innerloop_ctx` argument to
+    drop for the plain unroll."""
     if twin.step is not DifferentiableOptimizer.step:
         raise UnrollError(
             f"{twin.__name__} overrides step, so {strategy} cannot take its steps: they "
             "drive an optimizer through the step protocol (plan, update, commit) only. Use "
-            "the plain unroll with it: innerloop_ctx(model, opt) without "
-            + ("compile=True" if strategy == "compiled steps" else "unroll=")
+            f"the plain unroll with it: innerloop_ctx(model, opt) without {argument}"
         )
 
 

@@ -97,14 +97,12 @@ def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
             if len(sizes) == 1:
                 continue
             return False
-        if isinstance(states, GroupState) and states.empty(slots):
+        if _empty(states, slots):
             if stateless:  # a rule that keeps no state
                 continue
             return False  # fresh
         first = states.get(slots[0])
-        if not first:  # fresh, or a rule that keeps no state
-            if stateless and not any(states.get(j) for j in slots):
-                continue
+        if not first:  # some slots fresh, others not
             return False
         step, size = first.get("step"), len(first)
         for j in slots:
@@ -112,6 +110,14 @@ def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
             if not state or state.get("step") != step or len(state) != size:
                 return False
     return True
+
+
+def _empty(states: MutableMapping[int, Any], slots: Sequence[int]) -> bool:
+    """Whether none of `slots` has any state (a `GroupState` answers without a view per slot;
+    a plain dict is one set by hand)."""
+    if isinstance(states, GroupState):
+        return states.empty(slots)
+    return not any(states.get(j) for j in slots)
 
 
 def fresh_states(
@@ -142,7 +148,7 @@ def gather(
         kept = states.typed(slots)  # the bucket's state as the last step left it
         if kept is not None:
             return kept
-        if states.empty(slots):  # a rule that keeps no state for these options (SGD)
+        if _empty(states, slots):  # a rule that keeps no state for these options (SGD)
             return rule.state_type(*[None] * len(rule.state_type._fields))
     empty: dict[str, Any] = {}
     slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
