@@ -13,7 +13,9 @@ import pytest
 import higher
 
 
-@pytest.mark.parametrize("module", ["higher", "higher.utils", "higher.distributed"])
+@pytest.mark.parametrize(
+    "module", ["higher", "higher.utils", "higher.distributed", "higher.estimators"]
+)
 def test_every_public_name_imports_and_is_documented(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:
@@ -35,6 +37,10 @@ def test_every_public_name_imports_and_is_documented(module: str) -> None:
         "higher.distributed._shard",
         "higher._fast.tasks",
         "higher._fast.metastep",
+        "higher.estimators",
+        "higher.estimators._particles",
+        "higher.estimators._estimators",
+        "higher.estimators._problem",
     ],
 )
 def test_docstring_examples_run(module: str) -> None:

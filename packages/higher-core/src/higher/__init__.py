@@ -18,6 +18,7 @@ Examples:
 
 from higher import distributed as distributed
 from higher import errors as errors
+from higher import estimators as estimators
 from higher import implicit as implicit
 from higher import optim as optim
 from higher import patch as patch
@@ -73,6 +74,7 @@ __all__ = [
     "FastPathError",
     "CompositionError",
     "errors",
+    "estimators",
     "distributed",
     "implicit",
     "patch",

@@ -119,3 +119,19 @@ class FastPathError(HigherError, ValueError):
     """
 
     __module__ = "higher"  # its public path, for tracebacks, pickle and the docs
+
+
+class EstimatorError(HigherError, ValueError):
+    """A gradient estimator of `higher.estimators` got a bad setting or a malformed unroll: too
+    few particles for a standard error, a loss that is not one number per particle, particles
+    whose states differ in more than their tensors (also a `ValueError`).
+
+    Examples:
+        >>> try:
+        ...     higher.estimators.PES(lambda m, s: (s, m[0].sum()), lambda m: (), particles=3)
+        ... except higher.estimators.EstimatorError as err:
+        ...     print(str(err)[:58])
+        PES: antithetic particles come in pairs, so particles must
+    """
+
+    __module__ = "higher.estimators"  # its public path, for tracebacks, pickle and the docs
