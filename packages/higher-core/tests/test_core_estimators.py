@@ -9,6 +9,12 @@ against the ordinary `innerloop_ctx` loop. Tolerances come from each estimate's 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,6 +23,7 @@ import torch
 import higher
 import higher.estimators as est
 
+WORKER = Path(__file__).with_name("_estimator_worker.py")
 D, N, T, K = 3, 16, 6, 2  # features, samples, inner steps, truncation length
 
 
@@ -359,3 +366,49 @@ def test_inner_problem_refuses_what_it_cannot_run() -> None:
     frozen.requires_grad_(False)
     with pytest.raises(est.EstimatorError, match="no parameter of the model requires grad"):
         est.InnerProblem(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), mse)
+
+
+# ---- over processes --------------------------------------------------------------------------
+
+
+def _load_worker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_estimator_worker", WORKER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ranks_estimate_what_one_process_does(tmp_path: Path) -> None:
+    """Each rank runs its share of the draws (2 and 1 pairs); the reduced estimates equal one
+    process's, and an unseeded estimator draws the same noise on every rank."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    command = [sys.executable, str(WORKER), "--world-size", "2", "--store", str(tmp_path / "s"),
+               "--out", str(tmp_path)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*command, "--rank", str(r)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=180)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _load_worker().run(4)
+    for got in (ranks[0]["seeded"], ranks[1]["seeded"]):
+        for step_got, step_want in zip(got, single, strict=True):
+            for a, b in zip(step_got, step_want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    for a, b in zip(ranks[0]["unseeded"], ranks[1]["unseeded"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
