@@ -412,3 +412,29 @@ def test_two_ranks_estimate_what_one_process_does(tmp_path: Path) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     for a, b in zip(ranks[0]["unseeded"], ranks[1]["unseeded"], strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_running_statistics_are_each_particles_own() -> None:
+    """BatchNorm in training mode: every particle updates its own running statistics (vmapped
+    or looped alike), and the model's stay as they were."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
+    problem = est.InnerProblem(net, torch.optim.Adam(net.parameters(), lr=0.01), mse, hyper="lr")
+    x, y = torch.randn(4, 8, 3).double(), torch.randn(4, 8, 1).double()
+    runs = []
+    for cls in (est.PES, est.TruncatedES):
+        for vectorize in (True, False):
+            estimator = cls(problem.unroll, problem.init, particles=4, sigma=1e-3, seed=0,
+                            vectorize=vectorize)  # fmt: skip
+            runs.append(
+                [estimator.step(problem.meta(), x[k : k + 2], y[k : k + 2]) for k in (0, 2)]
+            )
+    for a, b in (runs[:2], runs[2:]):
+        for ea, eb in zip(a, b):
+            torch.testing.assert_close(ea.grads, eb.grads, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(runs[0][1].grads[0], runs[2][1].grads[0])  # PES is not TES
+    assert torch.equal(
+        dict(net.named_buffers())["1.running_mean"], torch.zeros(4, dtype=torch.float64)
+    )

@@ -135,10 +135,15 @@ def run_particles(
     `unroll(meta, state, *data, **kwargs)`. Returns the particles' new states (batched) and
     their losses (one per particle)."""
     specs: list[Spec] = []
+    n = metas[0].shape[0]
+    if carry is None:  # every particle starts from init of its own meta-parameters
+        carry = _started(init, metas, vectorize=vectorize, name=name)
+    elif not carry.batched:  # one state for all: as many views of it as there are particles
+        carry = Carry(carry.spec, [leaf.expand(n, *leaf.shape) for leaf in carry.leaves], True)
+    spec = carry.spec
 
     def one(meta: list[torch.Tensor], leaves: list[torch.Tensor]) -> Any:
-        state = init(list(meta)) if carry is None else unflatten(carry.spec, list(leaves))
-        out = unroll(list(meta), state, *data, **kwargs)
+        out = unroll(list(meta), unflatten(spec, list(leaves)), *data, **kwargs)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise EstimatorError(
                 f"{name}: unroll must return (new_state, loss), got {type(out).__name__}"
@@ -150,20 +155,52 @@ def run_particles(
                 f"{name}: unroll must return one loss per particle (a tensor of one element), "
                 f"got {shape}"
             )
-        new_leaves, spec = flatten(new_state)
-        specs.append(spec)
+        new_leaves, new_spec = flatten(new_state)
+        specs.append(new_spec)
         return new_leaves, loss.reshape(())
 
-    leaves = [] if carry is None else carry.leaves
-    batched = carry is not None and carry.batched
+    new_leaves, losses = _each(one, metas, carry.leaves, vectorize=vectorize)
+    _same(specs, name)
+    return Carry(specs[0], new_leaves, True), losses
+
+
+def _started(init: Init, metas: list[torch.Tensor], *, vectorize: bool, name: str) -> Carry:
+    """Each particle's `init` of its own meta-parameters, batched (a state that does not depend
+    on them, such as running statistics, is expanded: every particle updates its own)."""
+    specs: list[Spec] = []
+
+    def one(meta: list[torch.Tensor], _: list[torch.Tensor]) -> Any:
+        leaves, spec = flatten(init(list(meta)))
+        specs.append(spec)
+        return leaves, meta[0].new_zeros(())
+
+    leaves, _ = _each(one, metas, [], vectorize=vectorize)
+    _same(specs, name)
+    return Carry(specs[0], leaves, True)
+
+
+def _each(
+    one: Callable[[list[torch.Tensor], list[torch.Tensor]], Any],
+    metas: list[torch.Tensor],
+    leaves: list[torch.Tensor],
+    *,
+    vectorize: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`one(meta, leaves) -> (leaves, loss)` for every particle (the first dimension of `metas`
+    and `leaves`): one vmapped call, or a loop; the outputs stacked."""
     if vectorize:
-        run = torch.func.vmap(one, in_dims=(0, 0 if batched else None), randomness="different")
+        run = torch.func.vmap(one, in_dims=(0, 0), randomness="different")
         new_leaves, losses = run(metas, leaves)
-        return Carry(specs[-1], list(new_leaves), True), losses
-    outs = []
-    for i in range(metas[0].shape[0]):
-        mine = [leaf[i] for leaf in leaves] if batched else leaves
-        outs.append(one([m[i] for m in metas], mine))
+        return list(new_leaves), losses
+    outs = [
+        one([m[i] for m in metas], [leaf[i] for leaf in leaves]) for i in range(metas[0].shape[0])
+    ]
+    stacked = [torch.stack(column) for column in zip(*(new for new, _ in outs))]
+    return stacked, torch.stack([loss for _, loss in outs])
+
+
+def _same(specs: list[Spec], name: str) -> None:
+    """Refuse particles whose states differ beyond their tensors (a loop can tell)."""
     for spec in specs[1:]:
         if spec != specs[0]:
             raise EstimatorError(
@@ -171,8 +208,6 @@ def run_particles(
                 "or Python values such as step counts); every particle's state must have the "
                 "same structure and the same non-tensor values"
             )
-    stacked = [torch.stack(column) for column in zip(*(leaves for leaves, _ in outs))]
-    return Carry(specs[0], stacked, True), torch.stack([loss for _, loss in outs])
 
 
 def detached(tree: Any) -> Any:
