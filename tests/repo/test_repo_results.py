@@ -61,3 +61,35 @@ def test_readme_quotes_the_peers_run() -> None:
     ]
     readme = " ".join((ROOT / "README.md").read_text().split())  # lines joined
     assert [phrase for phrase in quoted if phrase not in readme] == []
+
+
+def _memory_rows() -> list[str]:
+    """docs/memory-modes.md's table of what recompute keeps, from benchmarks/results/memory.json."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "memory.json").read_text())["rows"]
+    names = {"mem-conv": "conv MAML net", "mem-mlp": "MLP 32-256-256-1"}
+    lines = []
+    for workload, name in names.items():
+        runs = rows[workload]
+        full = runs["higher full"]["points"]
+        for k, point in full.items():
+            cells = [name, k, f"{point['peak_mib']:.1f}"]
+            for contender in ("higher recompute", "higher recompute, every 10"):
+                mib = runs[contender]["points"][k]["peak_mib"]
+                cells.append(f"{mib:.1f} ({mib / point['peak_mib']:.2f}×)")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def test_memory_modes_quotes_the_memory_run() -> None:
+    page = (ROOT / "docs" / "memory-modes.md").read_text()
+    for line in _memory_rows():
+        assert line in page, line
+    readme = (ROOT / "README.md").read_text()
+    mlp = json.loads((ROOT / "benchmarks" / "results" / "memory.json").read_text())["rows"][
+        "mem-mlp"
+    ]
+    full = mlp["higher full"]["points"]["1000"]["peak_mib"]
+    recompute = mlp["higher recompute"]["points"]["1000"]["peak_mib"] / full
+    every = mlp["higher recompute, every 10"]["points"]["1000"]["peak_mib"] / full
+    assert f"({recompute:.2f}× at 1000 steps)" in readme
+    assert f"`higher.Recompute(every=10)` {every:.2f}×" in readme
