@@ -438,3 +438,58 @@ def test_running_statistics_are_each_particles_own() -> None:
     assert torch.equal(
         dict(net.named_buffers())["1.running_mean"], torch.zeros(4, dtype=torch.float64)
     )
+
+
+def reference_pes(
+    problem: est.InnerProblem, meta: list[torch.Tensor], pairs: int, sigma: float, seed: int
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """PES written out, pair by pair: per truncation each pair's draw of the gradient, and
+    each pair's sum of them (the noise drawn as the estimator draws it)."""
+    _, _, _, xs, ys = make_problem()
+    gen = torch.Generator().manual_seed(seed)
+    states: dict[tuple[int, int], Any] = {}
+    xi: list[torch.Tensor] | None = None
+    per_step: list[list[torch.Tensor]] = []
+    sums = [[torch.zeros_like(m) for m in meta] for _ in range(pairs)]
+    for x, y in truncations(xs, ys):
+        eps = [torch.randn((pairs, *m.shape), generator=gen, dtype=m.dtype) * sigma for m in meta]
+        xi = eps if xi is None else [a + b for a, b in zip(xi, eps)]
+        draws = []
+        for p in range(pairs):
+            losses = []
+            for sign in (1, -1):
+                mine = [m + sign * e[p] for m, e in zip(meta, eps)]
+                state = states.get((p, sign)) or problem.init(mine)
+                states[p, sign], loss = problem.unroll(mine, state, x, y)
+                losses.append(loss)
+            draw = [x_[p] * (losses[0] - losses[1]) / (2 * sigma**2) for x_ in xi]
+            sums[p] = [a + b for a, b in zip(sums[p], draw)]
+            draws.append(draw)
+        per_step.append([torch.stack([d[i] for d in draws]) for i in range(len(meta))])
+    return per_step, [torch.stack([s_[i] for s_ in sums]) for i in range(len(meta))]
+
+
+def test_pes_and_its_accumulated_estimate_are_pes_written_out() -> None:
+    """Each truncation's estimate is the mean of the pairs' draws and its standard error their
+    spread; `accumulated` is the sum over the truncations with the spread of each pair's own
+    sum (the truncations share their particles, so the steps' errors do not add up)."""
+    _, _, problem, xs, ys = make_problem()
+    meta = problem.meta()
+    pes = est.PES(problem.unroll, problem.init, particles=8, sigma=1e-2, seed=4)
+    steps = [pes.step(meta, x, y) for x, y in truncations(xs, ys)]
+    per_step, sums = reference_pes(problem, meta, pairs=4, sigma=1e-2, seed=4)
+    for e, draws in zip(steps, per_step):
+        for i, d in enumerate(draws):
+            torch.testing.assert_close(e.grads[i], d.mean(0), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(e.stderr[i], d.std(0) / 2, rtol=1e-8, atol=1e-12)
+    total = pes.accumulated()
+    for i, d in enumerate(sums):
+        torch.testing.assert_close(total.grads[i], d.mean(0), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(total.stderr[i], d.std(0) / 2, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(total.loss, sum(e.loss for e in steps))
+    tbptt = est.TruncatedBackprop(problem.unroll, problem.init)
+    exact = [tbptt.step(meta, x, y) for x, y in truncations(xs, ys)]
+    torch.testing.assert_close(tbptt.accumulated().grads[0], sum(e.grads[0] for e in exact))
+    pes.reset()
+    with pytest.raises(est.EstimatorError, match="no truncation has run"):
+        pes.accumulated()

@@ -4,6 +4,7 @@ and refuses what it cannot run, on every torch (older ones: the compiled form is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 import higher
+from higher._torch_warnings import quiet_c_shim_notice
 from higher.optim.rule import Rule
 
 COMPILES = TorchVersion(torch.__version__) >= "2.13"
@@ -242,7 +244,7 @@ def test_the_compiled_form_equals_innerloop_ctx(name: str, tasks: int | None) ->
 
 
 @pytest.mark.parametrize("name", ["adam"])
-def test_inductor_matches(name: str) -> None:
+def test_inductor_matches(name: str, caplog: pytest.LogCaptureFixture) -> None:
     """Inductor itself, once, with tasks: the first step runs apart, then the loop (a scan
     starting from a step traced in the same graph, or with tasks from the expanded initial
     state, came out wrong under inductor)."""
@@ -252,7 +254,34 @@ def test_inductor_matches(name: str) -> None:
             higher.compile_meta_step(mse, mse, steps=STEPS, tasks=TASKS)
         return
     meta = higher.compile_meta_step(mse, mse, steps=STEPS, tasks=TASKS, backend="inductor")
-    assert_close(meta_gradient(meta, name, x, y), reference(name, x, y))
+    with caplog.at_level(logging.WARNING, logger="torch._inductor"):
+        assert_close(meta_gradient(meta, name, x, y), reference(name, x, y))
+    # on a CPU the wrapper is C++ by default, and its per-graph notice is not shown
+    assert meta._by_device["cpu"] is not None
+    assert not [r for r in caplog.records if "c-shim" in r.getMessage()], caplog.text
+
+
+def test_only_the_c_shim_notice_is_filtered() -> None:
+    """The filter the compiled meta-step installs on inductor's logger drops exactly the C++
+    wrapper's proxy-executor notice; every other record of that logger passes."""
+    quiet_c_shim_notice()
+    quiet_c_shim_notice()  # installed once
+    logger = logging.getLogger("torch._inductor.ir")
+    (drop,) = [f for f in logger.filters if type(f).__name__ == "_DropCShimNotice"]
+    assert isinstance(drop, logging.Filter)
+
+    def passes(message: str, *args: object) -> bool:
+        record = logging.LogRecord("torch._inductor.ir", logging.WARNING, "ir.py", 1, message,
+                                   args, None)  # fmt: skip
+        return bool(drop.filter(record))
+
+    notice = "%s is missing a c-shim implementation, using proxy executor as fallback"
+    assert not passes(notice, "aten.slice_copy.Tensor")
+    assert not passes(notice % "aten.index_put.default")
+    assert passes("aten.slice_copy.Tensor is missing a c-shim implementation")
+    assert passes("using proxy executor as fallback")
+    assert passes("an unrelated warning about %s", "aten.mm")
+    assert passes("prefix: " + notice % "aten.slice_copy.Tensor")
 
 
 def test_refusals_are_clear() -> None:

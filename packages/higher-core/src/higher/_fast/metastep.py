@@ -31,6 +31,7 @@ from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import _signature, check_compile_flag, compiled_own, traced_call
 from higher._fast.tasks import per_task_update, refuse_nested
 from higher._strategies import RunName, refuse, refuse_hand_written
+from higher._torch_warnings import quiet_c_shim_notice
 from higher._trees import flatten, map_leaves, unflatten
 from higher._unroll.modes import Full, Mode, resolve
 from higher.optim import get_diff_optim, internal
@@ -140,16 +141,8 @@ class MetaStep:
         self._models = weakref.WeakKeyDictionary()
         self._unused: dict[Hashable, frozenset[int]] = {}
         self._peel: dict[Hashable, bool] = {}
-        self._fn: Callable[..., Any] = self._pure
-        if compile:
-            inductor = compile_kwargs.get("backend", "inductor") == "inductor"
-            if inductor and not {"mode", "options"} & set(compile_kwargs):
-                # the loop body's generated wrapper checks every tensor's size and stride at
-                # every iteration; dynamo's guards check the inputs once per call
-                compile_kwargs["options"] = {"size_asserts": False}
-            # a code object of its own: other meta-steps neither evict its graphs nor make its
-            # shapes dynamic
-            self._fn = compiled_own(MetaStep._pure, self, "_meta_step", compile_kwargs)
+        self._compile_kwargs = compile_kwargs
+        self._by_device: dict[str, Callable[..., Any]] = {}
 
     @property
     def steps(self) -> int:
@@ -211,7 +204,8 @@ class MetaStep:
         refuse_hand_written(plan, twin, "meta_step", FastPathError)
         traced = plan._replace(options=[], requires_grad=[])
         if not self._compiled:
-            return self._fn(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
+            return self._pure(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
+        compiled = self._compiled_for(params[0].device.type if params else "cpu")
         start = None
         # Running statistics that move (a module with buffers in training mode) are carried
         # from step to step out of place; torch's scan cannot carry them (its backward treats
@@ -232,11 +226,32 @@ class MetaStep:
         )
         try:
             with traced_call(fmodule, FastPathError, refusal):
-                return self._fn(  # type: ignore[no-any-return]
+                return compiled(  # type: ignore[no-any-return]
                     fmodule, names, params, buffers, traced, mode, batch, kwargs, start
                 )
         except torch._dynamo.exc.TorchDynamoException as err:  # what is not Unsupported
             raise FastPathError(refusal.format(reason=str(err).splitlines()[0])) from err
+
+    def _compiled_for(self, device: str) -> Callable[..., Any]:
+        """The compiled meta-step for tensors on `device` (a device type), made at its first
+        call. With inductor's default options the loop body's wrapper is C++ on a CPU (the
+        Python wrapper's per-iteration overhead is most of a small step there) and checks no
+        tensor sizes at each iteration (dynamo's guards check the inputs once per call)."""
+        fn = self._by_device.get(device)
+        if fn is None:
+            kwargs = dict(self._compile_kwargs)
+            inductor = kwargs.get("backend", "inductor") == "inductor"
+            if inductor and not {"mode", "options"} & set(kwargs):
+                options: dict[str, Any] = {"size_asserts": False}
+                if device == "cpu":
+                    options["cpp_wrapper"] = True
+                    quiet_c_shim_notice()
+                kwargs["options"] = options
+            # a code object of its own: other meta-steps neither evict its graphs nor make its
+            # shapes dynamic
+            fn = self._by_device[device] = compiled_own(MetaStep._pure, self, "_meta_step",
+                                                        kwargs)  # fmt: skip
+        return fn
 
     def _looped(
         self,

@@ -105,10 +105,29 @@ class TruncatedBackprop:
         self._unroll, self._init = unroll, init
         self._state: Any = None
         self._started = False
+        self._total: Estimate | None = None
 
     def reset(self) -> None:
         """Start a new inner problem: the next `step` starts from `init`."""
-        self._state, self._started = None, False
+        self._state, self._started, self._total = None, False, None
+
+    def accumulated(self) -> Estimate:
+        """The sum of the estimates since the inner problem started (as `PES.accumulated`).
+
+        Examples:
+            >>> import torch, higher.estimators as est
+            >>> unroll = lambda meta, s: (s + meta[0], ((s + meta[0]) ** 2).sum())  # s_t = t θ
+            >>> tbptt = est.TruncatedBackprop(unroll, lambda meta: torch.zeros(()))
+            >>> _ = [tbptt.step([torch.tensor(1.0)]) for _ in range(3)]
+            >>> tbptt.accumulated().grads[0].item()  # 2 + 4 + 6
+            12.0
+        """
+        if self._total is None:
+            raise EstimatorError(
+                "TruncatedBackprop.accumulated: no truncation has run since the inner problem "
+                "started; call step() first"
+            )
+        return self._total
 
     def step(self, meta: Meta, *data: Any, **kwargs: Any) -> Estimate:
         """Run one truncation from the carried state (detached) at `meta`, and return the
@@ -133,7 +152,17 @@ class TruncatedBackprop:
                 found = torch.autograd.grad(loss.reshape(()), live, allow_unused=True)
         grads = [torch.zeros_like(m) if g is None else g for m, g in zip(live, found)]
         self._state, self._started = detached(new_state), True
-        return Estimate(grads, [torch.zeros_like(g) for g in grads], loss.detach().reshape(()), 1)
+        zeros = [torch.zeros_like(g) for g in grads]
+        step = Estimate(grads, zeros, loss.detach().reshape(()), 1)
+        total = self._total
+        self._total = (
+            step
+            if total is None
+            else Estimate(
+                [a + b for a, b in zip(total.grads, grads)], zeros, total.loss + step.loss, 1
+            )
+        )
+        return step
 
 
 def es_gradient(

@@ -317,6 +317,7 @@ class Particles:
         self._generator: torch.Generator | None = None
         self._carry: Carry | None = None
         self._xi: list[torch.Tensor] | None = None
+        self._total: Draws | None = None
 
     @property
     def particles(self) -> int:
@@ -333,6 +334,7 @@ class Particles:
         `init`, and the accumulated perturbations are cleared."""
         self._carry = None
         self._xi = None
+        self._total = None
 
     def step(self, meta: Meta, *data: Any, **kwargs: Any) -> Estimate:
         """Run one truncation of every particle on `data` (shared by all particles) at `meta`,
@@ -370,7 +372,38 @@ class Particles:
         scale = self._sigma**2
         weight = (losses[:n] - losses[n:]) / (2 * scale) if self._antithetic else losses / scale
         rows = [x * weight.reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype) for x in xi]
+        total = self._total
+        if total is None:
+            self._total = Draws(rows, losses)
+        else:  # each draw's sum over the truncations (one particle's, or one pair's)
+            self._total = Draws([a + b for a, b in zip(total.rows, rows)], total.losses + losses)
         grads, stderr, loss = summarize(Draws(rows, losses), self._draws, self._group)
+        return Estimate(grads, stderr, loss, self._particles)
+
+    def accumulated(self) -> Estimate:
+        """The estimate of the gradient of the total loss of every truncation since the inner
+        problem started (the last `reset`): the sum of their estimates, with the standard error
+        of that sum. The truncations of one problem run on the same particles, so their
+        estimates are correlated and their standard errors do not add up; this one is the
+        spread of each draw's own sum. `loss` is the particles' mean total loss.
+
+        Examples:
+            >>> import torch, higher.estimators as est
+            >>> unroll = lambda meta, s: (s + meta[0], ((s + meta[0]) ** 2).sum())  # s_t = t θ
+            >>> pes = est.PES(unroll, lambda meta: torch.zeros(()), particles=1024, sigma=0.1,
+            ...               seed=0)
+            >>> theta = [torch.tensor(1.0, dtype=torch.float64)]
+            >>> _ = [pes.step(theta) for _ in range(3)]
+            >>> total = pes.accumulated()  # d/dθ Σ_t (tθ)^2 = 28θ
+            >>> round(total.grads[0].item(), 1), round(total.stderr[0].item(), 1)
+            (27.2, 1.7)
+        """
+        if self._total is None:
+            raise EstimatorError(
+                f"{type(self).__name__}.accumulated: no truncation has run since the inner "
+                "problem started; call step() first"
+            )
+        grads, stderr, loss = summarize(self._total, self._draws, self._group)
         return Estimate(grads, stderr, loss, self._particles)
 
     def _noise(self, meta: list[torch.Tensor]) -> list[torch.Tensor]:
