@@ -10,9 +10,9 @@ ES over a whole unroll:
   each estimator's estimate of the gradient of the total loss of one episode, the sum of its
   T / K truncations' estimates at a fixed θ, against the closed form. Over `--seeds` seeds:
   bias (mean - truth, and in units of the standard error of that mean), the spread over seeds,
-  and the standard error the estimates report (for a sum of truncations, the root of the sum
-  of their squared stderrs, which assumes the truncations independent), the wall time and the
-  number of unrolled steps of one episode's estimate.
+  and the standard error the estimators report for the episode (`accumulated()`: the spread of
+  each draw's sum over the truncations), the wall time and the number of unrolled steps of one
+  episode's estimate.
 - The chaotic unroll (examples/chaotic_unroll.py: T = 300 SGD steps of an MLP, gradient in
   log(lr)) at a smooth and at a chaotic learning rate: the exact gradient there and at nearby
   learning rates (within ±2 %), and ES over seeds (spread, reported stderr), with their costs.
@@ -75,16 +75,15 @@ def arguments() -> argparse.Namespace:
 
 def episode(estimator: Any, theta: float, k: int, steps: int) -> tuple[float, float, float]:
     """One episode's gradient estimate at a fixed θ (the sum of its truncations' estimates),
-    the root of the sum of their squared stderrs, and the wall time."""
+    its reported standard error (`accumulated()`), and the wall time."""
     meta = [torch.tensor(theta, dtype=DTYPE)]
     estimator.reset()
     start = time.perf_counter()
-    total, variance = 0.0, 0.0
     for _ in range(steps // k):
-        found = estimator.step(meta, steps=k)
-        total += found.grads[0].item()
-        variance += found.stderr[0].item() ** 2
-    return total, math.sqrt(variance), time.perf_counter() - start
+        estimator.step(meta, steps=k)
+    total = estimator.accumulated()
+    seconds = time.perf_counter() - start
+    return total.grads[0].item(), total.stderr[0].item(), seconds
 
 
 def influence(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -170,8 +169,8 @@ def markdown(args: argparse.Namespace, ib: list[dict[str, Any]], ch: list[dict[s
         "",
         f"T = {args.steps}, n = 23, p = 10; true gradient {truth:.2f} (closed form); ES-type "
         f"estimators: {args.particles} particles (antithetic), sigma {args.sigma}, "
-        f"{args.seeds} seeds each. Reported stderr: root of the sum of the truncations' squared "
-        "stderrs. Cost: one episode's estimate.",
+        f"{args.seeds} seeds each. Reported stderr: the episode's, from `accumulated()` (the "
+        "spread of each draw's sum over the truncations). Cost: one episode's estimate.",
         "",
         "| estimator | mean estimate | bias | bias / stderr of mean | std over seeds | "
         "reported stderr | ms per estimate | unrolled steps | backprop steps |",
@@ -187,12 +186,10 @@ def markdown(args: argparse.Namespace, ib: list[dict[str, Any]], ch: list[dict[s
         )
     lines += [
         "",
-        "PES's truncations share their particles, so their estimates are correlated and the "
-        "root of the sum of their squared stderrs is not the episode's stderr (compare the std "
-        "over seeds); truncated ES draws anew each truncation, so for it the combination "
-        "holds. The cost "
-        "excludes memory: backprop keeps K steps' graph, the ES family only the particles' "
-        "states.",
+        "PES's truncations share their particles, so their estimates are correlated: the "
+        "episode's stderr is the spread of each draw's own sum (`accumulated()`), not the root "
+        "of the sum of the truncations' squared stderrs. The cost excludes memory: backprop "
+        "keeps K steps' graph, the ES family only the particles' states.",
         "",
         f"## Chaotic unroll: d meta-loss / d log(lr), T = {args.chaotic_steps} SGD steps",
         "",
