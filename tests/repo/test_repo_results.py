@@ -93,3 +93,35 @@ def test_memory_modes_quotes_the_memory_run() -> None:
     every = mlp["higher recompute, every 10"]["points"]["1000"]["peak_mib"] / full
     assert f"({recompute:.2f}× at 1000 steps)" in readme
     assert f"`higher.Recompute(every=10)` {every:.2f}×" in readme
+
+
+def test_long_unrolls_quotes_the_estimator_runs() -> None:
+    """docs/long-unrolls.md's decision table and text quote the full runs' results files."""
+    page = " ".join((ROOT / "docs" / "long-unrolls.md").read_text().split())
+    results = ROOT / "examples" / "results"
+    tradeoffs = json.loads((results / "estimator_tradeoffs.json").read_text())
+    rows = {(r["method"], r["K"]): r for r in tradeoffs["influence_balancing"]}
+    tbptt = ", ".join(f"{rows['TruncatedBackprop', k]['mean']:.0f}" for k in (1, 10, 100))
+    assert f"wrong sign at `K` = 1, 10 and 100 ({tbptt.replace('-', '−')})" in page
+    assert f"within {abs(rows['ES', 1000]['bias_in_stderrs']):.1f} standard errors" in page
+    pes = [rows["PES", k] for k in (1, 10, 100)]
+    worst = max(abs(r["bias_in_stderrs"]) for r in pes)
+    assert f"within {worst:.1f} standard errors at `K` = 1, 10, 100" in page
+    spread = sorted(r["std_over_seeds"] for r in pes)
+    assert f"{round(spread[0], -1):.0f}–{round(spread[-1], -1):.0f} with 100 particles" in page
+    assert f"about {round(rows['ES', 1000]['std_over_seeds'], -1):.0f} with 100 particles" in page
+    chaos = {r["lr"]: r for r in tradeoffs["chaotic"]}[0.15]
+    assert f"the exact gradient at lr = 0.15 is {chaos['backprop_grad']:+.3f}" in page
+    low, high = chaos["backprop_nearby_min"], chaos["backprop_nearby_max"]
+    assert f"ranges from {low:.2g} to {high:+.3g}".replace("-", "−") in page
+    assert f"ES with 64 particles gives {chaos['es_mean']:.2g}".replace("-", "−") in page
+    assert f"a standard error of {chaos['es_reported_stderr']:.2g}" in page
+    ratio = chaos["es_seconds"] / chaos["backprop_seconds"]
+    assert f"{ratio:.1f}× backprop's time per estimate" in page
+    runs = json.loads((results / "chaotic_unroll.json").read_text())["meta_training"]
+    assert f"reaches a learning rate of {runs['ES'][-1]['lr']:.2f}" in page
+    assert f"stalls at {runs['backprop'][-1]['lr']:.2f}" in page
+    balance = json.loads((results / "influence_balancing.json").read_text())
+    offsets = [abs(balance["runs"][f"PES K={k}"]["tail_mean"] - balance["theta_star"])
+               for k in (1, 10, 100)]  # fmt: skip
+    assert f"({min(offsets):.3f} to {max(offsets):.3f} from the optimum" in page
