@@ -89,7 +89,10 @@ class MetaStep:
     (dropout) raise torch's vmap randomness error with tasks. Tested with tasks: every built-in
     twin with `compile=False`, and compiled SGD, Adam, NAdam, RAdam, Adafactor; learnable
     learning rates.
-    The compiled backward is differentiable once (no gradient of the meta-gradient).
+    The compiled backward is differentiable once (no gradient of the meta-gradient). On a CPU,
+    with inductor's default options (no `mode=` or `options=` given), inductor writes the
+    loop's wrapper in C++ (`cpp_wrapper`), which takes less time per inner step than its
+    Python wrapper.
 
     Examples:
         >>> import torch, higher
