@@ -34,6 +34,7 @@ NUMPY_FOR = {"2.1.2": "numpy<2"}
 # Distributions the tests need installed besides the four (plugin distributions, examples).
 EXTRA_TEST_INSTALLS: list[str] = [
     "examples/lion-plugin",
+    "examples/learned-optimizer",
     "packages/higher-optim/tests/plugin_dist",  # the higher.optimizers plugin the optim tests use
 ]
 TEST_DEPS = [
