@@ -328,7 +328,7 @@ def test_bad_settings_are_refused_with_what_was_expected() -> None:
         est.PES(lambda m, s: (s, m[0]), lambda m: ()).step([torch.ones(2)])
     with pytest.raises(est.EstimatorError, match=r"return \(new_state, loss\)"):
         est.PES(lambda m, s: m[0].sum(), lambda m: ()).step([torch.ones(2)])
-    with pytest.raises(est.EstimatorError, match="a loss of one element"):
+    with pytest.raises(est.EstimatorError, match="one loss per particle"):
         est.TruncatedBackprop(lambda m, s: (s, m[0]), lambda m: ()).step([torch.ones(2)])
     pes.step([torch.ones(2)])
     with pytest.raises(est.EstimatorError, match=r"changed shape.*reset"):

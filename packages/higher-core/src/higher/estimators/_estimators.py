@@ -16,6 +16,7 @@ from higher.estimators._particles import (
     Particles,
     Unroll,
     checked_meta,
+    checked_out,
     detached,
 )
 
@@ -136,24 +137,14 @@ class TruncatedBackprop:
         with torch.enable_grad():
             state = self._init(live) if not self._started else self._state
             out = self._unroll(live, state, *data, **kwargs)
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise EstimatorError(
-                    "TruncatedBackprop: unroll must return (new_state, loss), got "
-                    f"{type(out).__name__}"
-                )
-            new_state, loss = out
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise EstimatorError(
-                    "TruncatedBackprop: unroll must return a loss of one element, got "
-                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}"
-                )
+            new_state, loss = checked_out(out, "TruncatedBackprop")
             found: Sequence[torch.Tensor | None] = [None] * len(live)
             if loss.requires_grad:
-                found = torch.autograd.grad(loss.reshape(()), live, allow_unused=True)
+                found = torch.autograd.grad(loss, live, allow_unused=True)
         grads = [torch.zeros_like(m) if g is None else g for m, g in zip(live, found)]
         self._state, self._started = detached(new_state), True
         zeros = [torch.zeros_like(g) for g in grads]
-        step = Estimate(grads, zeros, loss.detach().reshape(()), 1)
+        step = Estimate(grads, zeros, loss.detach(), 1)
         total = self._total
         self._total = (
             step

@@ -118,6 +118,23 @@ def checked_meta(meta: object, name: str) -> list[torch.Tensor]:
     return [m.detach() for m in meta]
 
 
+def checked_out(out: object, name: str) -> tuple[Any, torch.Tensor]:
+    """What an unroll returned, `(new_state, loss)` with the loss as a 0-d tensor, or an
+    `EstimatorError` saying what was wrong."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise EstimatorError(
+            f"{name}: unroll must return (new_state, loss), got {type(out).__name__}"
+        )
+    new_state, loss = out
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise EstimatorError(
+            f"{name}: unroll must return one loss per particle (a tensor of one element), "
+            f"got {shape}"
+        )
+    return new_state, loss.reshape(())
+
+
 def run_particles(
     unroll: Unroll,
     init: Init,
@@ -144,20 +161,10 @@ def run_particles(
 
     def one(meta: list[torch.Tensor], leaves: list[torch.Tensor]) -> Any:
         out = unroll(list(meta), unflatten(spec, list(leaves)), *data, **kwargs)
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise EstimatorError(
-                f"{name}: unroll must return (new_state, loss), got {type(out).__name__}"
-            )
-        new_state, loss = out
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise EstimatorError(
-                f"{name}: unroll must return one loss per particle (a tensor of one element), "
-                f"got {shape}"
-            )
+        new_state, loss = checked_out(out, name)
         new_leaves, new_spec = flatten(new_state)
         specs.append(new_spec)
-        return new_leaves, loss.reshape(())
+        return new_leaves, loss
 
     new_leaves, losses = _each(one, metas, carry.leaves, vectorize=vectorize)
     _same(specs, name)
