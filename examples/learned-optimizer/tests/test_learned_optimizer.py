@@ -172,3 +172,11 @@ def test_maximize_ascends() -> None:
         (-(w**2).sum()).backward()  # maximize -|w|^2: towards 0
         opt.step()
     assert (w.abs() < 1).all()
+
+
+def test_bad_weights_in_an_override_are_refused_before_any_step() -> None:
+    """The rule's check runs when the twin is made with an override, not at its first step."""
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = LearnedOptimizer([w])
+    with pytest.raises(higher.optim.HyperparameterTypeError, match=r"param group 0: .*\(5,\)"):
+        higher.optim.get_diff_optim(opt, [w], override={"weights": [torch.zeros(5)]})

@@ -499,3 +499,41 @@ def test_state_goes_back_in_torchs_own_types(name: str, default: torch.dtype) ->
         torch.testing.assert_close(w, ref, rtol=1e-12, atol=1e-13)
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_a_rule_checks_its_own_options_when_made_and_at_every_override() -> None:
+    """`Rule.check` sees each param group's options (an `extra` option the generic checks do
+    not cover) when a twin is made and for every override, before any step; a refused
+    override changes nothing."""
+    seen: list[tuple[str, int]] = []
+
+    def check(hyper: Any, params: Any) -> None:
+        seen.append((type(hyper.get("scale")).__name__, len(params)))
+        if not isinstance(hyper.get("scale"), torch.Tensor) or hyper["scale"].shape != (3,):
+            raise higher.optim.HyperparameterTypeError(
+                f"'scale' must be a tensor of shape (3,), got {hyper.get('scale')!r}"
+            )
+
+    base = higher.optim.DifferentiableSGD.rule
+    rule = base._replace(name="ScaledSGD", extra=("scale",), check=check)
+
+    class ScaledSGD(torch.optim.SGD):
+        pass
+
+    class DifferentiableScaledSGD(higher.optim.RuleOptimizer):
+        pass
+
+    DifferentiableScaledSGD.rule = rule
+    higher.optim.register_optim(ScaledSGD, DifferentiableScaledSGD)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = ScaledSGD([w], lr=0.1)
+    opt.param_groups[0]["scale"] = torch.ones(3)
+    diffopt = higher.optim.get_diff_optim(opt, [w])
+    assert seen and seen[0] == ("Tensor", 1)
+    with pytest.raises(higher.optim.HyperparameterTypeError, match=r"param group 0: 'scale' must"):
+        higher.optim.get_diff_optim(opt, [w], override={"scale": [torch.ones(5)]})
+    with pytest.raises(higher.optim.HyperparameterTypeError, match=r"'scale' must be a tensor"):
+        diffopt.step(w.sum(), params=[w], override={"scale": [1.0]})
+    assert diffopt.param_groups[0]["scale"].shape == (3,)  # the refused override changed nothing
+    (new,) = diffopt.step(w.sum(), params=[w])
+    assert new.tolist() == pytest.approx([0.9, 0.9])

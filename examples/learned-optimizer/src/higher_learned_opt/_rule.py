@@ -131,6 +131,23 @@ def init_weights(hidden: int = 16, seed: int = 0) -> T:
     return torch.cat([w1.reshape(-1), b1, w2.reshape(-1), b2])
 
 
+def check_options(hyper: Hyper, params: Sequence[T]) -> None:
+    """The rule's check of a param group's `weights` (the `check` of `LEARNED`): run when a
+    twin is made and for every `override`, so bad weights are refused before any step.
+
+    Examples:
+        >>> import torch
+        >>> from higher_learned_opt._rule import check_options
+        >>> try:
+        ...     check_options({"weights": torch.ones(3)}, [])
+        ... except Exception as err:
+        ...     print(type(err).__name__)
+        HyperparameterTypeError
+    """
+    if "weights" in hyper:
+        check_weights(hyper["weights"])
+
+
 def learned_init(params: Sequence[T], hyper: Hyper) -> LearnedState:
     """Zero momenta at step 0 (and the weights checked)."""
     if "weights" in hyper:
@@ -229,4 +246,5 @@ LEARNED = Rule(
     flags={"maximize": False},
     # one flat tensor of MLP weights, read whole: not a hyperparameter of one value per element
     extra=("weights",),
+    check=check_options,
 )

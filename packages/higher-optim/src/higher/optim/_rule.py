@@ -70,6 +70,12 @@ class Rule(NamedTuple):
     #: group each may be a tensor of many values that broadcasts to every parameter of the group
     #: (per-element hyperparameters, as 0.2.1 ran them); the others take one value each.
     per_element: tuple[str, ...] = ("lr",)
+    #: The rule's own check of a param group's options, beside the checks of `hypers`, `pairs`
+    #: and `flags` (an option of `extra`, such as a learned optimizer's weight tensor):
+    #: `check(hyper, params)` with the group's options and its parameters (none for the
+    #: functional API), raising `HyperparameterTypeError` that says what was wrong. Run when
+    #: a twin is made, and for every `override`, before any step.
+    check: Callable[[Hyper, Sequence[torch.Tensor]], None] | None = None
 
     @property
     def options(self) -> frozenset[str]:
@@ -126,7 +132,8 @@ def check_hyper(rule: Rule, hyper: Hyper, params: Sequence[torch.Tensor] | None 
     """Check every option of `hyper` that `rule` reads has a value of the right type and, for
     tensors, shape: one value, or with `params` (the parameters of a param group) a tensor that
     broadcasts to each of them without changing its shape, for the options of
-    `rule.per_element`; a per-parameter `lr` is a list of tensors shaped like its parameter."""
+    `rule.per_element`; a per-parameter `lr` is a list of tensors shaped like its parameter.
+    Then the rule's own `check`, if it has one."""
     for name in rule.hypers:
         if name not in hyper:
             continue
@@ -154,6 +161,8 @@ def check_hyper(rule: Rule, hyper: Hyper, params: Sequence[torch.Tensor] | None 
     for name in rule.flags:
         if name in hyper:
             check_flag(name, hyper[name])
+    if rule.check is not None:
+        rule.check(hyper, () if params is None else params)
 
 
 def check_values(
