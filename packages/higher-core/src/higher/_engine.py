@@ -8,8 +8,9 @@ buffers go in as tensors and come out as new ones (the forward updates running s
 place on copies made for this step), so no tensor an earlier step saved for its backward is
 ever written, and a step in eval mode reads the statistics of its own time.
 
-What it owns: binding a step's weights and buffers to the model (`bind`), the buffers' copy per
-step (`fresh_buffers`), which parameters a loss leaves unused (`find_unused`, so they are not
+What it owns: binding a step's weights and buffers to the model (`bind`), the functional copy's
+training modes following the model's (`follow_modes`), the buffers' copy per step
+(`fresh_buffers`), which parameters a loss leaves unused (`find_unused`, so they are not
 stepped), and the step itself. The strategies wrap it: a compiled step traces it
 (`compile_step`), a compiled meta-step scans it (`compile_meta_step`); `gradient=` chooses how
 the gradient is taken (`torch.func.grad` inside traces, plain autograd with its graph outside).
@@ -60,6 +61,13 @@ class StepOut(NamedTuple):
     buffers: dict[str, torch.Tensor]
     loss: torch.Tensor
     grads: list[torch.Tensor]
+
+
+def follow_modes(copy: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Set each submodule of `copy` (a functional copy of `model`) to the training or eval mode
+    of its twin in `model`, so that a step runs in the mode the user's model is in now."""
+    for twin, sub in zip(copy.modules(), model.modules()):
+        twin.training = sub.training
 
 
 def fresh_buffers(buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

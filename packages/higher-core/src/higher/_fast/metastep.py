@@ -24,6 +24,7 @@ from higher._engine import (
     autograd_gradient,
     bind,
     find_unused,
+    follow_modes,
     func_gradient,
     pure_step,
 )
@@ -314,8 +315,7 @@ class MetaStep:
         fmodule = self._models.get(model)
         if fmodule is None:
             fmodule = self._models[model] = monkeypatch(model)
-        for sub, copy in zip(model.modules(), fmodule.modules()):
-            copy.training = sub.training
+        follow_modes(fmodule, model)
         return fmodule
 
     def _find_unused(

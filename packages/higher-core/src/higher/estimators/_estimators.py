@@ -105,12 +105,11 @@ class TruncatedBackprop:
             raise EstimatorError("TruncatedBackprop: unroll and init must be callable")
         self._unroll, self._init = unroll, init
         self._state: Any = None
-        self._started = False
         self._total: Estimate | None = None
 
     def reset(self) -> None:
         """Start a new inner problem: the next `step` starts from `init`."""
-        self._state, self._started, self._total = None, False, None
+        self._state, self._total = None, None
 
     def accumulated(self) -> Estimate:
         """The sum of the estimates since the inner problem started (as `PES.accumulated`).
@@ -135,14 +134,15 @@ class TruncatedBackprop:
         gradient of its loss (the first truncation's also through `init`)."""
         live = [m.requires_grad_() for m in checked_meta(meta, "TruncatedBackprop")]
         with torch.enable_grad():
-            state = self._init(live) if not self._started else self._state
+            # the problem has started once a truncation has run (and been summed)
+            state = self._init(live) if self._total is None else self._state
             out = self._unroll(live, state, *data, **kwargs)
             new_state, loss = checked_out(out, "TruncatedBackprop")
             found: Sequence[torch.Tensor | None] = [None] * len(live)
             if loss.requires_grad:
                 found = torch.autograd.grad(loss, live, allow_unused=True)
         grads = [torch.zeros_like(m) if g is None else g for m, g in zip(live, found)]
-        self._state, self._started = detached(new_state), True
+        self._state = detached(new_state)
         zeros = [torch.zeros_like(g) for g in grads]
         step = Estimate(grads, zeros, loss.detach(), 1)
         total = self._total

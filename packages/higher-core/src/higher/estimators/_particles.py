@@ -94,10 +94,6 @@ class Carry(NamedTuple):
         """The carry of one particle, unbatched."""
         return Carry(self.spec, [leaf[index] for leaf in self.leaves], False)
 
-    def tree(self) -> Any:
-        """The state itself (batched leaves stay batched)."""
-        return unflatten(self.spec, list(self.leaves))
-
 
 def checked_meta(meta: object, name: str) -> list[torch.Tensor]:
     """`meta` as a list of detached floating-point tensors, or an `EstimatorError` saying what

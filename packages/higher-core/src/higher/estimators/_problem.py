@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from higher._context import check_model_and_opt
-from higher._engine import Batch, LossFn, Program, bind, func_gradient, pure_step
+from higher._engine import Batch, LossFn, Program, bind, follow_modes, func_gradient, pure_step
 from higher._errors import EstimatorError
 from higher._strategies import refuse_hand_written
 from higher.estimators._particles import detached
@@ -151,8 +151,7 @@ class InnerProblem:
         if values:
             buckets = [b._replace(hyper={**b.hyper, **values}) for b in plan.buckets]
             plan = plan._replace(buckets=buckets)
-        for copy, sub in zip(self._module.modules(), self._model.modules()):
-            copy.training = sub.training
+        follow_modes(self._module, self._model)
         params, opt_state, buffers = state
         total: torch.Tensor | None = None
         for k in range(_steps(data)):
