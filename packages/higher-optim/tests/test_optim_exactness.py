@@ -132,11 +132,13 @@ def follow_torch(
     return fast
 
 
-@pytest.fixture(params=["per-tensor", "fused"])
+@pytest.fixture(params=["per-tensor", "fused", "foreach"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a rule runs: a loop over tensors, or one kernel over their concatenation."""
+    """Every way a rule runs: a loop over tensors, one kernel over their concatenation, or (for
+    the rules that allow it) one kernel over lists of tensors, each op a foreach op."""
     threshold = 2 if request.param == "fused" else 10**9
     monkeypatch.setattr(higher.optim._kernel, "FUSE_MIN_TENSORS", threshold)
+    monkeypatch.setattr(higher.optim._kernel, "FOREACH", request.param == "foreach")
     return str(request.param)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import _foreach
+
 Tensors = Sequence[torch.Tensor]
 MaybeTensors = Sequence[torch.Tensor] | None
 
@@ -22,6 +24,10 @@ def sqrt0(x: torch.Tensor) -> torch.Tensor:
         >>> torch.autograd.grad(sqrt0(x).sum(), x)[0].tolist()
         [0.0, 0.25]
     """
+    many: object = x
+    if isinstance(many, _foreach.Many):  # a kernel run over lists: the same values, foreach ops
+        out: torch.Tensor = _foreach.sqrt0(many)
+        return out
     zero = x == 0
     return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
@@ -41,6 +47,10 @@ def is_zero(value: object) -> bool:
 # Below this many tensors a per-tensor loop beats concatenating and splitting (measured on CPU:
 # 6 tensors of an MLP run 5-10 % faster per tensor, 100 small tensors 2x faster fused).
 FUSE_MIN_TENSORS = 16
+
+
+# Whether kernels that allow it run over lists as foreach ops (`elementwise(..., foreach=True)`).
+FOREACH = True
 
 
 # torch >= 2.3; on older torch `higher.compile_step` refuses to run, so nothing is ever compiled.
@@ -96,6 +106,7 @@ def elementwise(
     kernel: Callable[..., tuple[torch.Tensor | None, ...]],
     params: Tensors,
     *lists: MaybeTensors,
+    foreach: bool = False,
 ) -> list[list[torch.Tensor | None]]:
     """Run an elementwise `kernel(p, *xs) -> outputs` over every parameter; transpose the result.
 
@@ -103,6 +114,14 @@ def elementwise(
     handful of large ops instead of a handful per tensor, and as differentiable), else once per
     tensor; complex tensors run as real pairs, as torch runs them. A list given as None reaches
     the kernel as None. Each output is a list of tensors shaped like `params` (or of None).
+
+    With `foreach=True` the kernel may instead run once with each argument a list of tensors
+    standing in for one tensor: each arithmetic op and torch function it calls is then one
+    `torch._foreach_*` op over every tensor where torch has one (the same values, one autograd
+    node instead of one per tensor), else that op once per tensor. Set it for a kernel that
+    only computes (no branch on a tensor's value) and tells a number from a tensor with
+    `isinstance(x, (int, float))`, never `isinstance(x, torch.Tensor)`. It is used in eager
+    mode (not while compiling, not under `vmap` or another `torch.func` transform).
 
     Examples:
         >>> import torch
@@ -116,8 +135,13 @@ def elementwise(
     if not params:
         return []
     if any(p.is_complex() for p in params):
-        return _as_real_pairs(kernel, params, lists)
-    if _fusable(params):
+        return _as_real_pairs(kernel, params, lists, foreach)
+    if foreach and FOREACH and not compiling() and _foreach.usable(params, lists):
+        try:
+            return _foreach.run(kernel, params, lists)
+        except _foreach.NotForeach:  # the kernel needs each tensor on its own: run it so
+            pass
+    elif _fusable(params):
         return _fused(kernel, params, lists)
     return _per_tensor(kernel, params, lists)
 
@@ -126,6 +150,7 @@ def _as_real_pairs(
     kernel: Callable[..., tuple[torch.Tensor | None, ...]],
     params: Tensors,
     lists: tuple[MaybeTensors, ...],
+    foreach: bool,
 ) -> list[list[torch.Tensor | None]]:
     """`elementwise` over complex tensors viewed as real pairs, the outputs viewed back; a real
     tensor beside a complex parameter (a per-parameter learning rate) serves both halves."""
@@ -139,7 +164,7 @@ def _as_real_pairs(
         ]
         for xs in lists
     ]
-    real_outs = elementwise(kernel, real, *real_lists)
+    real_outs = elementwise(kernel, real, *real_lists, foreach=foreach)
     return [
         [
             None if x is None else torch.view_as_complex(x) if p.is_complex() else x

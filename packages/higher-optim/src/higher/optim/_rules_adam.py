@@ -68,12 +68,19 @@ def _adam_update(
         else:
             denom = sqrt0(v) / bias_correction2_sqrt + eps
         step_size = step_lr / bias_correction1
-        if isinstance(step_size, torch.Tensor):  # a learned learning rate, or betas
+        if not isinstance(step_size, (int, float)):  # a learned learning rate, or betas
             return p - step_size * (m / denom), m, v, vmax
         return torch.addcdiv(p, m, denom, value=-step_size), m, v, vmax
 
     lists = elementwise(
-        kernel, params, grads, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq, lrs
+        kernel,
+        params,
+        grads,
+        state.exp_avg,
+        state.exp_avg_sq,
+        state.max_exp_avg_sq,
+        lrs,
+        foreach=True,
     )
     new_p, m, v, vmax = lists
     return some(new_p), AdamState(step, some(m), some(v), some(vmax) if amsgrad else None)
