@@ -107,8 +107,13 @@ def test_a_step_over_lists_is_one_autograd_node(
 ) -> None:
     as_lists = _sgd_step(True, monkeypatch, **options)
     per_tensor = _sgd_step(False, monkeypatch, **options)
-    assert len({id(p.grad_fn) for p in as_lists}) == 1  # one node updates every parameter
-    assert len({id(p.grad_fn) for p in per_tensor}) == len(SHAPES)
+    # the nodes held alive while counted (an id is unique only among live objects)
+    nodes_as_lists, nodes_per_tensor = (
+        [p.grad_fn for p in as_lists],
+        [p.grad_fn for p in per_tensor],
+    )
+    assert len({id(n) for n in nodes_as_lists}) == 1  # one node updates every parameter
+    assert len({id(n) for n in nodes_per_tensor}) == len(SHAPES)
     assert all(torch.equal(a, b) for a, b in zip(as_lists, per_tensor, strict=True))
 
 
