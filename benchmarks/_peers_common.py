@@ -32,6 +32,7 @@ WORKLOADS: dict[str, str] = {
     "sine-32": "the sine workload with 32 tasks (the tasks axis)",
     "sine-128": "the sine workload with 128 tasks",
     "long": "MLP 8→32→32→1, 1 task, 100 SGD steps",
+    "long-adam": "MLP 8→32→32→1 (tanh), 1 task, 100 Adam steps (lr 0.01, torch.optim-exact Adam)",
     "hpo": "per-parameter learning rates of an MLP 8→32→32→1, 50-step SGD unroll",
 }
 
@@ -112,12 +113,12 @@ def conv_net(channels: int, way: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, way))
 
 
-def mlp(*widths: int) -> nn.Module:
+def mlp(*widths: int, activation: type[nn.Module] = nn.ReLU) -> nn.Module:
     layers: list[nn.Module] = []
     for i in range(len(widths) - 1):
         layers.append(nn.Linear(widths[i], widths[i + 1]))
         if i < len(widths) - 2:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 
@@ -167,13 +168,18 @@ def make_problem(
             a, p = amp.to(device, dtype), phase.to(device, dtype)
             tasks.append((xs, a * torch.sin(xs - p), xq, a * torch.sin(xq - p)))
         problem = Problem(name, model, tasks, F.mse_loss, "sgd", 0.01, sizes.sine_steps)
-    elif name in ("long", "hpo"):
-        model = mlp(8, 32, 32, 1)
+    elif name in ("long", "hpo", "long-adam"):
+        # tanh for Adam: a dead ReLU unit's exact zero gradient gives sqrt(v) at v = 0, whose
+        # infinite slope makes the meta-gradient NaN for torch.optim's Adam and every peer
+        model = mlp(8, 32, 32, 1, activation=nn.Tanh if name == "long-adam" else nn.ReLU)
         w = randn(8, 1)
         xs, xq = randn(64, 8), randn(64, 8)
         tasks = [(xs, torch.tanh(xs @ w), xq, torch.tanh(xq @ w))]
-        steps = sizes.long_steps if name == "long" else sizes.hpo_steps
-        problem = Problem(name, model, tasks, F.mse_loss, "sgd", 0.05, steps)
+        steps = sizes.hpo_steps if name == "hpo" else sizes.long_steps
+        if name == "long-adam":
+            problem = Problem(name, model, tasks, F.mse_loss, "adam", 0.01, steps)
+        else:
+            problem = Problem(name, model, tasks, F.mse_loss, "sgd", 0.05, steps)
         if name == "hpo":
             problem.wrt = "lr"
             problem.lrs = [

@@ -51,10 +51,10 @@ OURS_ALL = (OURS, COMPILED, BATCHED, META)
 PEERS = (LEGACY, TORCHOPT)  # the libraries the targets compare against
 #: the workloads a contender sits out: compile_step refuses BatchNorm with batch statistics;
 #: batching tasks does nothing for a workload of one task
-SKIPS = {COMPILED: ("conv-sgd", "conv-adam"), BATCHED: ("long", "hpo")}
+SKIPS = {COMPILED: ("conv-sgd", "conv-adam"), BATCHED: ("long", "hpo", "long-adam")}
 #: seconds per meta-step are averaged over this many back-to-back steps per round
 REPS = {"conv-sgd": 1, "conv-adam": 1, "sine": 3, "sine-32": 1, "sine-128": 1, "long": 2,
-        "hpo": 3}  # fmt: skip
+        "hpo": 3, "long-adam": 2}  # fmt: skip
 
 
 @dataclass

@@ -209,14 +209,15 @@ class Many:
 
 
 def sqrt0(x: Many) -> Any:
-    """`higher.optim.rule.sqrt0` over a list: `sqrt(x + z) * (1 - z)`, z = 1 where x == 0 else 0.
+    """`higher.optim.rule.sqrt0` over a list: `sqrt(x + z) * (x != 0)`, z = (x == 0).
 
     Where x != 0 that is `sqrt(x) * 1` (the same value and derivatives); where x == 0 it is
-    `sqrt(1) * 0` = 0 with every derivative 0, as `sqrt0` gives.
+    `sqrt(1) * 0` = 0 with every derivative 0, as `sqrt0` gives. What is saved for the backward
+    pass is what `sqrt0` saves: the square root and a mask of bools.
     """
-    zeros = [(t == 0).to(t.dtype) for t in x.ts]  # no graph: a comparison is constant
-    root = torch._foreach_sqrt(torch._foreach_add(x.ts, zeros))
-    return Many(torch._foreach_mul(root, torch._foreach_add(torch._foreach_neg(zeros), 1)))
+    zero = [t == 0 for t in x.ts]  # no graph: a comparison is constant
+    nonzero = [torch.logical_not(z) for z in zero]
+    return Many(torch._foreach_mul(torch._foreach_sqrt(torch._foreach_add(x.ts, zero)), nonzero))
 
 
 def usable(params: Tensors, lists: Sequence[Sequence[torch.Tensor] | None]) -> bool:

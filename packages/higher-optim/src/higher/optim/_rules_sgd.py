@@ -50,7 +50,7 @@ def sgd_update(
             return torch.add(p, g, alpha=-step_lr), new_buf
         return p - step_lr * g, new_buf
 
-    new_p, bufs = elementwise(kernel, params, grads, state.momentum_buffer, lrs, foreach=True)
+    new_p, bufs = elementwise(kernel, params, grads, state.momentum_buffer, lrs)
     return some(new_p), SGDState(momentum_buffer=some(bufs) if use_momentum else None)
 
 
