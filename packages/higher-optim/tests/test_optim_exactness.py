@@ -91,12 +91,12 @@ def make_params() -> list[torch.Tensor]:
     return params
 
 
-def loss_at(params: list[torch.Tensor], k: int) -> torch.Tensor:
+def loss_at(params: list[torch.Tensor], k: int, every: int = 3) -> torch.Tensor:
     a, b, c, d, e = params
     x = torch.linspace(-1, 1, 2, dtype=torch.float64) + 0.1 * k
     loss = ((a @ x).tanh() ** 2).sum() + (b * (k + 1.0)).sin().sum() + (c * a[:2]).sum()
     loss = loss + (e * x).cos().sum() * a[0, 0]
-    if k % 3 == 0:  # `d` has a gradient only every third step, so its step count lags
+    if k % every == 0:  # `d` has a gradient only every third step, so its step count lags
         loss = loss + ((d - 0.5) ** 2).sum()
     return loss
 
@@ -109,9 +109,11 @@ def groups(params: list[torch.Tensor], options: dict[str, Any]) -> list[dict[str
     return [{"params": [params[0], params[2], params[4]]}, second]
 
 
-def torch_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int) -> None:
+def torch_step(
+    opt: torch.optim.Optimizer, params: list[torch.Tensor], k: int, every: int = 3
+) -> None:
     opt.zero_grad(set_to_none=True)
-    torch.autograd.backward(loss_at(params, k))
+    torch.autograd.backward(loss_at(params, k, every))
     opt.step()
 
 
@@ -156,6 +158,41 @@ def test_trajectory_equals_torch(
     fast = follow_torch(opt, diffopt, params, start, range(warm, warm + STEPS))
     assert fast[2] is start[2]  # the frozen parameter is never touched
     assert all(f.grad_fn is not None for i, f in enumerate(fast) if i != 2)
+
+
+class Weights:
+    """A functional model in the least form `higher.optim` takes: the fast weights, updated by
+    each step (so `diffopt.step(loss)` repeats the last step's plan while nothing changes)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.fast_params = list(params)
+
+    def update_params(self, params: list[torch.Tensor]) -> None:
+        self.fast_params = list(params)
+
+
+@pytest.mark.parametrize("every", [1, 3], ids=["all-stepped", "one-lags"])
+@pytest.mark.parametrize(("name", "options"), grid())
+def test_steps_of_a_functional_model_equal_torch(
+    name: str, options: dict[str, Any], every: int
+) -> None:
+    """`step(loss)` with the weights in a functional model (the inner loop's form, whose steps
+    reuse the last step's checks and plan), with the learning rate of a group changed half-way
+    in both optimizers: the weights follow torch's after every step. `every=1`: every weight
+    has a gradient at every step (each step repeats the last one's plan); 3: one weight has a
+    gradient every third step only."""
+    params = make_params()
+    opt = getattr(torch.optim, name)(groups(params, options), **options)
+    fmodel = Weights([p.detach().clone().requires_grad_(p.requires_grad) for p in params])
+    diffopt = higher.optim.get_diff_optim(opt, params, fmodel=fmodel)
+    for k in range(STEPS):
+        if k == STEPS // 2:  # a change of the options: the next step is planned anew
+            for group in (opt.param_groups[1], diffopt.param_groups[1]):
+                group["lr"] = options["lr"] * 0.25
+        torch_step(opt, params, k, every)
+        diffopt.step(loss_at(fmodel.fast_params, k, every))
+        for ours, theirs in zip(fmodel.fast_params, params, strict=True):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("flag", ["foreach", "differentiable"])

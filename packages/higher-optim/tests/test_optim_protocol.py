@@ -527,3 +527,77 @@ def test_a_built_in_twin_with_a_hand_written_update_keeps_its_dict_state() -> No
         current = diffopt.step(current[0].sum(), params=current)
     assert current[0].tolist() == [0.0, 0.0]
     assert dict(diffopt.state[0]) == {0: {"n": 2}}
+
+
+class _Weights:
+    """A functional model: `step(loss)` takes its fast weights and updates them."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.fast_params = list(params)
+
+    def update_params(self, params: list[torch.Tensor]) -> None:
+        self.fast_params = list(params)
+
+
+def _changes() -> dict[str, Callable[[Any, _Weights], None]]:
+    """What a user may do between two steps of an inner loop, each of which the next step
+    must see (it may not reuse the last step's plan as it was)."""
+
+    def lr_item(diffopt: Any, fmodel: _Weights) -> None:
+        diffopt.param_groups[0]["lr"][1] = torch.tensor(0.3, dtype=torch.float64)
+
+    def lr_value(diffopt: Any, fmodel: _Weights) -> None:
+        diffopt.param_groups[0]["momentum"] = 0.5
+
+    def state(diffopt: Any, fmodel: _Weights) -> None:
+        diffopt.state[0][1]["momentum_buffer"] = torch.ones(3, dtype=torch.float64)
+
+    def weights(diffopt: Any, fmodel: _Weights) -> None:
+        fmodel.update_params([p * 0.5 for p in fmodel.fast_params])
+
+    def loaded(diffopt: Any, fmodel: _Weights) -> None:
+        saved = diffopt.state_dict()
+        saved["state"][0]["momentum_buffer"] = torch.full((2,), -1.0, dtype=torch.float64)
+        diffopt.load_state_dict(saved)
+
+    def unused(diffopt: Any, fmodel: _Weights) -> None:
+        pass  # the step after it has no gradient for one parameter (see the loss)
+
+    return {f.__name__: f for f in (lr_item, lr_value, state, weights, loaded, unused)}
+
+
+@pytest.mark.parametrize("change", sorted(_changes()))
+def test_a_step_that_repeats_the_last_one_sees_every_change(change: str) -> None:
+    """Steps of `step(loss)` through a functional model (the last step's checks and plan
+    reused while they hold) and of `step(loss, params=...)` (each planned anew) agree, with one
+    of the user's changes made between steps 3 and 4."""
+
+    def run(through_fmodel: bool) -> list[torch.Tensor]:
+        w = [
+            torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64, requires_grad=True),
+        ]
+        lrs = [torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)]
+        opt = torch.optim.SGD(w, lr=0.1, momentum=0.9)
+        fmodel = _Weights(w)
+        diffopt = higher.optim.get_diff_optim(
+            opt, w, fmodel=fmodel if through_fmodel else None, override={"lr": [lrs]}
+        )
+        current = list(w)
+        for k in range(6):
+            if k == 4:
+                if not through_fmodel:
+                    fmodel.fast_params = current
+                _changes()[change](diffopt, fmodel)
+                current = fmodel.fast_params
+            uses_both = not (change == "unused" and k == 4)
+            loss = (current[0] ** 2).sum() * (k + 1) + ((current[1] ** 3).sum() if uses_both else 0)
+            if through_fmodel:
+                diffopt.step(loss)
+                current = fmodel.fast_params
+            else:
+                current = diffopt.step(loss, params=current)
+        return current
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -60,6 +60,8 @@ class DifferentiableOptimizer(abc.ABC):
     state: list[GroupState]
     #: what `step` hands over to (`higher.optim.internal.set_step_driver`); None: its own step
     _step_driver: StepDriver[DifferentiableOptimizer] | None = None
+    #: what the last `step(loss)` left for the next to reuse (`_protocol.Repeat`)
+    _repeat: Any = None
 
     def __init__(
         self,
@@ -127,6 +129,11 @@ class DifferentiableOptimizer(abc.ABC):
         """Keep what `update` returned for a bucket (here: one dict per slot)."""
         for j, slot in zip(bucket.slots, new_state, strict=True):
             self.state[bucket.group][j] = slot
+
+    def _repeat_plan(self, plan: StepPlan) -> StepPlan | None:
+        """`plan` (the last step's) with the buckets' current state, or None where it cannot
+        be reused (here: never; a hand-written `_update` is planned every step)."""
+        return None
 
     # -- the public API ------------------------------------------------------------------------
 
@@ -210,10 +217,18 @@ class DifferentiableOptimizer(abc.ABC):
             return self._step_driver(self, loss, params, override, grad_callback, closure, kwargs)
         if closure is not None or loss is None:
             loss = _protocol.closure_loss(loss, closure)
-        plan, _, result = _protocol.compute_step(
+        plain = params is None and override is None and grad_callback is None and not kwargs
+        if plain:  # the signature of the last step: its checks and plan hold
+            repeated = _protocol.repeat_step(self, loss)
+            if repeated is not None:
+                return repeated
+        plan, grads, result = _protocol.compute_step(
             self, loss, params, grad_callback=grad_callback, override=override, update_kwargs=kwargs
         )
-        return _protocol.commit(self, plan, result)
+        new_params = _protocol.commit(self, plan, result)
+        if plain and plan.fallback is None and self.fmodel is not None:
+            self._repeat = _protocol.Repeat(self, plan, grads, new_params)
+        return new_params
 
     def gradients(
         self,

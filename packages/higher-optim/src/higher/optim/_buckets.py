@@ -33,6 +33,27 @@ def rule_plan(
     return StepPlan(buckets, options, requires_grad, rule, None, rule.name, rule.sparse)
 
 
+def repeat_plan(opt: RuleShell, plan: StepPlan) -> StepPlan | None:
+    """The last step's `plan` with each bucket's current state, while its buckets still hold
+    (the runs `runs` last found, each keeping one step count and the same state fields);
+    None where they do not (plan the step anew)."""
+    cached = opt._bucket_cache
+    if cached is None:
+        return None
+    found, stateless = cached[1], cached[2]
+    buckets = plan.buckets
+    if len(found) != len(buckets) or not _buckets_hold(opt, found, stateless):
+        return None
+    for bucket, (g, slots, indices) in zip(buckets, found, strict=True):
+        if bucket.group != g or bucket.slots != slots or bucket.indices != indices:
+            return None
+    fresh: dict[tuple[int, int], dict[str, Any]] = {}
+    return plan._replace(
+        buckets=[b._replace(state=gather(opt, b.group, b.slots, fresh)) for b in buckets],
+        version=opt._version,
+    )
+
+
 def runs(
     opt: RuleShell,
     live: list[list[bool]],

@@ -17,7 +17,7 @@ from ._state import GroupState
 _Copied = TypeVar("_Copied", bound=CopyShell)
 
 #: attributes a copy does not take: caches worked out again on the next step
-_NOT_COPIED = frozenset({"_bucket_cache"})
+_NOT_COPIED = frozenset({"_bucket_cache", "_repeat"})
 
 
 def held_tensors(opt: CopyShell) -> list[torch.Tensor]:
@@ -41,7 +41,8 @@ def deep_copy(opt: _Copied, memo: dict[int, Any]) -> _Copied:
             memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
     new = object.__new__(type(opt))
     memo[id(opt)] = new
-    new.__dict__.update(copy.deepcopy(opt.__dict__, memo))
+    kept = {k: v for k, v in opt.__dict__.items() if k not in _NOT_COPIED}
+    new.__dict__.update(copy.deepcopy(kept, memo))
     return new
 
 

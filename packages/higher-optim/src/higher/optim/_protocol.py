@@ -5,6 +5,7 @@ per-instance step driver. Public through `higher.optim.internal`."""
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -357,6 +358,99 @@ class _HandWritten:
 
 
 # -- one uncommitted step ---------------------------------------------------------------------
+
+
+# -- a step that repeats the last one's signature --------------------------------------------
+
+
+class Repeat:
+    """What a step of `diffopt.step(loss)` leaves for the next: the fast weights it committed
+    and the plan it ran, valid while nothing but such steps changes the optimizer, its options
+    or the functional model's weights. The next step then skips the checks and the planning
+    (validation once per signature), and runs and commits the same way."""
+
+    __slots__ = ("options", "params", "plan", "requires_grad", "stepped", "trainable", "version")
+
+    def __init__(
+        self,
+        opt: OptimizerShell,
+        plan: StepPlan,
+        grads: Sequence[torch.Tensor | None],
+        new_params: list[torch.Tensor],
+    ) -> None:
+        self.params = new_params
+        self.requires_grad = [p.requires_grad for p in new_params]
+        self.trainable = tuple(i for i, flag in enumerate(self.requires_grad) if flag)
+        self.stepped = [g is not None for g in grads]
+        self.plan = plan
+        self.options = _options_key(opt.param_groups)
+        self.version = opt._version
+
+
+def _options_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """The param groups as they are: each group's keys and values, and the items of a list
+    value (a per-parameter `lr`). A key whose entries are the very same objects (`is`) means
+    the very same options. The key holds the values, so an identity cannot be reused by another
+    object while it is kept."""
+    key: list[Any] = []
+    for group in groups:
+        values = tuple(group.values())
+        key += (tuple(group), values)
+        key += [item for value in values if type(value) is list for item in value]
+    return tuple(key)
+
+
+def _same(key: tuple[Any, ...], kept: tuple[Any, ...]) -> bool:
+    if len(key) != len(kept):
+        return False
+    for a, b in zip(key, kept, strict=True):
+        if a is not b and not (
+            type(a) is tuple and len(a) == len(b) and all(map(operator.is_, a, b))
+        ):
+            return False
+    return True
+
+
+def repeat_step(diffopt: OptimizerShell, loss: torch.Tensor) -> list[torch.Tensor] | None:
+    """`diffopt.step(loss)` when the last step left a `Repeat` that still holds: the gradients,
+    the last plan with the buckets' current state, the update, `commit`. None (nothing done)
+    when it does not hold: the caller takes the whole step."""
+    last: Repeat | None = diffopt._repeat
+    if last is None or last.version != diffopt._version or diffopt.grad_callback is not None:
+        return None
+    fmodel = diffopt.fmodel
+    if fmodel is None or not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        return None
+    fast = fmodel.fast_params
+    if fast is None or len(fast) != len(last.params) or loss.numel() != 1:
+        return None
+    current = fast if isinstance(fast, list) else list(fast)
+    if any(p is not q for p, q in zip(current, last.params, strict=True)):
+        return None
+    if [p.requires_grad for p in current] != last.requires_grad or not last.trainable:
+        return None
+    if not _same(_options_key(diffopt.param_groups), last.options):
+        return None
+    plan = diffopt._repeat_plan(last.plan)
+    if plan is None:
+        return None
+    found = loss_grads(loss, tuple(current[i] for i in last.trainable), diffopt.track_higher_grads)
+    grads: list[torch.Tensor | None] = [None] * len(current)
+    for i, grad in zip(last.trainable, found, strict=True):
+        grads[i] = grad
+    if [g is not None for g in grads] != last.stepped:  # another set of parameters is stepped
+        if all(g is None for g in found):
+            raise OptimError(_unrelated_loss(diffopt, loss, current))
+        plan = checked_plan(diffopt, current, [g is not None for g in grads], None, {})
+        result = plan.run(current, grads)
+        new_params = commit(diffopt, plan, result)
+        diffopt._repeat = Repeat(diffopt, plan, grads, new_params)
+        return new_params
+    result = plan.run(current, grads)
+    new_params = commit(diffopt, plan, result)
+    last.params, last.plan, last.version = new_params, plan, diffopt._version
+    last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
+    return new_params
 
 
 def compute_step(

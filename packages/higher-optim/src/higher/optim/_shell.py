@@ -58,6 +58,7 @@ class OptimizerShell(StateShell, CopyShell, Protocol):
     _identity: object
     _version: int
     _step_driver: StepDriver[Any] | None
+    _repeat: Any  # a `_protocol.Repeat`, or None
 
     @property
     def fmodel(self) -> FunctionalModel | None: ...
@@ -77,6 +78,8 @@ class OptimizerShell(StateShell, CopyShell, Protocol):
     ) -> StepPlan: ...
 
     def _store_state(self, bucket: Bucket, new_state: Any) -> None: ...
+
+    def _repeat_plan(self, plan: StepPlan) -> StepPlan | None: ...
 
     def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None: ...
 
@@ -98,6 +101,7 @@ class RuleShell(Protocol):
     state: list[GroupState]
     _group_to_param_list: list[list[int]]
     _bucket_cache: Cache | None
+    _version: int
 
     @property
     def rule(self) -> Rule: ...

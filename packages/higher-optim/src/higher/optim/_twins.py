@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._base import DifferentiableOptimizer
-from ._buckets import rule_plan, store
+from ._buckets import repeat_plan, rule_plan, store
 from ._errors import ArgumentTypeError, HyperparameterTypeError, OptimError
 from ._protocol import load_params
 from ._rule import (
@@ -146,6 +146,11 @@ class RuleOptimizer(DifferentiableOptimizer):
             super()._store_state(bucket, new_state)
         else:
             store(self, bucket, new_state)
+
+    def _repeat_plan(self, plan: StepPlan) -> StepPlan | None:
+        if not self._uses_rule():
+            return None
+        return repeat_plan(self, plan)
 
 
 class DifferentiableSGD(RuleOptimizer):
