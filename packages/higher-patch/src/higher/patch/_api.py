@@ -8,6 +8,7 @@ import torch
 
 from ._errors import PatchError
 from ._module import FunctionalModule, buffer_owner, functional_tree
+from ._walk import walk
 
 Encapsulator = Callable[[FunctionalModule, torch.nn.Module], None]
 
@@ -75,15 +76,16 @@ def monkeypatch(
     dev = _device(device)
     if not isinstance(module, torch.nn.Module):
         raise PatchError(f"expected a torch.nn.Module to patch, got {type(module).__name__}")
+    tree = walk(module)
     initial = []
-    for p in module.parameters():
+    for p in tree.params:
         if copy_initial_weights:
             q = p.detach().to(dev, copy=True) if dev is not None else p.detach().clone()
             initial.append(q.requires_grad_(p.requires_grad))
         else:
             initial.append(p.to(dev) if dev is not None else p)
     anchor = None if copy_initial_weights else initial
-    return functional_tree(module, initial, dev, track_higher_grads, anchor)
+    return functional_tree(module, initial, dev, track_higher_grads, anchor, tree)
 
 
 def buffer_sync(

@@ -23,11 +23,12 @@ def hold(module: torch.nn.Module, name: str, value: object) -> None:
             holders.append(module)
 
 
-def hold_all(root: torch.nn.Module) -> None:
+def hold_all(root: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> None:
     """Record every buffer of the tree under `root` as its own (when it is made), and which
-    modules hold some, so that `renew` visits those only, not the whole tree each forward."""
+    modules hold some, so that `renew` visits those only, not the whole tree each forward
+    (`modules`: the tree's `root.modules()`, when known)."""
     holders: list[torch.nn.Module] = []
-    for module in root.modules():
+    for module in root.modules() if modules is None else modules:
         held = {k: b for k, b in module._buffers.items() if b is not None}
         module.__dict__[_HELD] = held
         module.__dict__[_TREE] = holders

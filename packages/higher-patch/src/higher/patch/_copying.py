@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ._errors import PatchError
+from ._walk import Tree, walk
 
 
 def _original_class(module: torch.nn.Module) -> type[torch.nn.Module]:
@@ -27,10 +28,16 @@ def _original_class(module: torch.nn.Module) -> type[torch.nn.Module]:
     return original
 
 
-def _tensors_of(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes."""
-    for m in module.modules():
-        for d in (m._parameters, m._buffers, m.__dict__):
+def _tensors_of(
+    module: torch.nn.Module,
+    modules: list[torch.nn.Module] | None = None,
+    attributes_only: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes
+    (`modules`: the tree's `module.modules()`, when known; `attributes_only`: the plain
+    attributes only)."""
+    for m in module.modules() if modules is None else modules:
+        for d in (m.__dict__,) if attributes_only else (m._parameters, m._buffers, m.__dict__):
             for v in d.values():
                 if isinstance(v, torch.Tensor):
                     yield v
@@ -112,8 +119,8 @@ def _reconstruct(
 ) -> Any:
     """Rebuild `x` from its reduction, as `copy` does (deep when a memo is given)."""
     deep = memo is not None
-    if memo is not None and args:
-        args = copy.deepcopy(args, memo)
+    if memo is not None and args and not all(_shared(a) for a in args):
+        args = copy.deepcopy(args, memo)  # (a tuple of values it shares is itself, unchanged)
     new = func(*args)
     if memo is not None:
         memo[id(x)] = new
@@ -151,12 +158,14 @@ def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
     memo[id(state)] = new
     for key, value in state.items():
         kind = type(value)
-        if kind in _ATOMIC or issubclass(kind, type):
+        if kind in _ATOMIC or issubclass(kind, type):  # as _shared(value)
             new[key] = value
             continue
         found = memo.get(id(value), _MISSING)
         if found is not _MISSING:
             new[key] = found
+        elif kind in _EMPTY_COPYABLE and not value:  # a module's hook dicts, mostly
+            new[key] = memo[id(value)] = kind()
         elif key in _TENSOR_DICTS and kind in _DICTS and _all_in_memo(value, memo):
             tensors: dict[str, Any] = kind()
             memo[id(value)] = tensors
@@ -169,11 +178,15 @@ def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
             for name, m in value.items():
                 children[name] = None if m is None else _deepcopy_module(m, memo)
             new[key] = children
-        elif kind in _EMPTY_COPYABLE and not value:
-            new[key] = memo[id(value)] = kind()
         else:
             new[key] = copy.deepcopy(value, memo)
     return new
+
+
+def _shared(value: Any) -> bool:
+    """Whether `copy.deepcopy` returns `value` itself (an atomic value or a class)."""
+    kind = type(value)
+    return kind in _ATOMIC or issubclass(kind, type)
 
 
 def _all_in_memo(tensors: dict[Any, Any], memo: dict[int, Any]) -> bool:
@@ -197,12 +210,16 @@ def _user_protocol(module: torch.nn.Module) -> Any:
     return super(mro[mro.index(original) - 1], module)
 
 
-def slot_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, int]]]:
+def slot_pairs(
+    model: torch.nn.Module, tree: Tree | None = None
+) -> list[tuple[torch.nn.Module, dict[str, int]]]:
     """Every place each weight of `model` occupies, resolved once: each module of the tree (in
     `modules()` order) with its parameter names mapped to the index of the weight in
-    `model.parameters()`, so tied weights and shared submodules are one weight."""
-    index_of = {id(p): i for i, p in enumerate(model.parameters())}
+    `model.parameters()`, so tied weights and shared submodules are one weight (`tree`: the
+    model's walk, when known)."""
+    tree = walk(model) if tree is None else tree
+    index_of = {id(p): i for i, p in enumerate(tree.params)}
     return [
         (m, {name: index_of[id(p)] for name, p in m._parameters.items() if p is not None})
-        for m in model.modules()
+        for m in tree.modules
     ]

@@ -14,6 +14,7 @@ from . import _buffers
 from ._copying import _deepcopy_module, _original_class, _reconstruct, _tensors_of, slot_pairs
 from ._errors import PatchError
 from ._store import FastWeights, Params
+from ._walk import Tree, walk
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -468,8 +469,9 @@ def _convert(
     pairs: list[tuple[torch.nn.Module, dict[str, int]]],
     store: FastWeights,
     root: bool = True,
-) -> None:
-    """Make the copied tree `new` functional: `pairs` are the copied modules and slot indexes."""
+) -> list[torch.nn.Module]:
+    """Make the copied tree `new` functional: `pairs` are the copied modules and slot indexes.
+    Returns the copy's modules (`new.modules()`)."""
     copies = list(new.modules())
     for (orig, index), m in zip(pairs, copies):
         cls = _original_class(orig)
@@ -479,15 +481,17 @@ def _convert(
             break
     else:
         if len(copies) == len(pairs):
+            # (object.__setattr__: nn.Module's own would first look the name up among the
+            # module's parameters, buffers and submodules)
             for (orig, index), m in zip(pairs, copies):
                 m.__dict__["_higher_store"] = store
                 m.__dict__["_higher_slot_index"] = index
-                m.__class__ = _child_class(_original_class(orig))
+                object.__setattr__(m, "__class__", _child_class(_original_class(orig)))
             if root:
-                new.__class__ = _root_class(_original_class(pairs[0][0]))
-            store.bind(new)
+                object.__setattr__(new, "__class__", _root_class(_original_class(pairs[0][0])))
+            store.bind(new, copies)
             store.slot_only = 0  # a copied store writes slots only until bound
-            return
+            return copies
     raise PatchError(
         f"the copy of {_original_class(pairs[0][0]).__name__} made by its copy protocol "
         "(__deepcopy__/__reduce_ex__) does not have the module's structure (the same submodules "
@@ -501,27 +505,31 @@ def functional_tree(
     device: torch.device | None,
     track: bool = True,
     anchor: list[torch.Tensor] | None = None,
+    tree: Tree | None = None,
 ) -> FunctionalModule:
     """Copy `module` into a functional tree whose fast weights start at `initial` (None: it has
-    none of its own, as from `make_functional`); `track` and `anchor` as `FastWeights` takes."""
+    none of its own, as from `make_functional`); `track` and `anchor` as `FastWeights` takes;
+    `tree`: the module's walk, when known."""
     if not isinstance(module, torch.nn.Module):
         raise PatchError(f"expected a torch.nn.Module to patch, got {type(module).__name__}")
     if isinstance(module, FunctionalModule) or "_higher_store" in module.__dict__:
         raise PatchError(
             f"{type(module).__name__} is already a functional module; patch the original module"
         )
-    unique = list(module.parameters())
+    tree = walk(module) if tree is None else tree
     memo: dict[int, Any] = {}
-    for i, p in enumerate(unique):
+    for i, p in enumerate(tree.params):
         memo[id(p)] = None if initial is None else initial[i]
-    for b in module.buffers():
+    for b in tree.buffers:
         memo[id(b)] = b.detach().to(device, copy=True) if device is not None else b.detach().clone()
-    for t in _tensors_of(module):  # plain tensor attributes that carry a graph (weight_norm's)
+    # plain tensor attributes that carry a graph (weight_norm's): detached in the copy (the
+    # parameters and buffers, all in `memo` already, are passed over)
+    for t in _tensors_of(module, tree.modules, attributes_only=True):
         if id(t) not in memo and not t.is_leaf:
             memo[id(t)] = t.detach()
     fmodule = _deepcopy_module(module, memo)
     history = None if initial is None else [initial]
-    return _adopt(fmodule, module, history, device, module, track, anchor)
+    return _adopt(fmodule, module, history, device, module, track, anchor, tree)
 
 
 def _adopt(
@@ -532,16 +540,18 @@ def _adopt(
     source: torch.nn.Module | None,
     track: bool = True,
     anchor: list[torch.Tensor] | None = None,
+    walked: Tree | None = None,
 ) -> FunctionalModule:
     """Make `tree`, a copy of `model` (or `model` itself), functional: its store built with
-    `history` (its slots hold the last entry) and the other arguments of `FastWeights`."""
-    unique = list(model.parameters())
-    pairs = slot_pairs(model)
-    names = [name for name, _ in model.named_parameters()]  # same order as parameters()
-    store = FastWeights(names, unique, source, device, history, track, anchor)
-    _convert(tree, pairs, store)
+    `history` (its slots hold the last entry) and the other arguments of `FastWeights`;
+    `walked`: the model's walk, when known."""
+    walked = walk(model) if walked is None else walked
+    unique = walked.params
+    pairs = slot_pairs(model, walked)
+    store = FastWeights(walked.names, unique, source, device, history, track, anchor)
+    copies = _convert(tree, pairs, store)
     assert isinstance(tree, FunctionalModule)
-    _buffers.hold_all(tree)
+    _buffers.hold_all(tree, copies)
     # No weights yet (make_functional): empty slots, even where a class's own copy protocol
     # built parameters of its own.
     store.place(history[-1] if history else [None] * len(unique))

@@ -66,12 +66,13 @@ class FastWeights:
         self.anchor = anchor
         self.source = weakref.ref(source) if source is not None else None
 
-    def bind(self, root: torch.nn.Module) -> None:
-        """Find the slots of each weight in the tree `root` (from `_higher_slot_index`)."""
+    def bind(self, root: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> None:
+        """Find the slots of each weight in the tree `root` (from `_higher_slot_index`;
+        `modules`: the tree's `root.modules()`, when known)."""
         writes: list[tuple[dict[str, torch.Tensor | None], str, int]] = []
         first: dict[int, tuple[dict[str, torch.Tensor | None], str]] = {}
         rnn: list[tuple[weakref.ref[torch.nn.Module], list[tuple[int, int]]]] = []
-        for module in root.modules():
+        for module in root.modules() if modules is None else modules:
             index: dict[str, int] = module.__dict__.get("_higher_slot_index", {})
             slots = module._parameters
             for name, i in index.items():
