@@ -31,15 +31,17 @@ def sgd_update(
     lr, lrs = split_lr(hyper)
     wd, momentum, dampening = hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
     nesterov, maximize = flag(SGD, hyper, "nesterov"), flag(SGD, hyper, "maximize")
-    use_momentum = not is_zero(momentum)
-    # one op, as torch.optim's `add_(g, alpha=-lr)`; the same value as `p - lr * g`, which
+    use_momentum, decay = not is_zero(momentum), not is_zero(wd)
+    # one op for a number lr, as torch.optim's `add_(g, alpha=-lr)`; `p - lr * g` for a tensor
+    # (0.2.1's arithmetic, bit for bit) and while compiling (equal up to one rounding), which
     # torch.compile gets right where its `add(..., alpha=)` was seen wrong (torch 2.13)
     fused_lr = not compiling()
 
     def kernel(p: T, g: T, buf: T | None, lr_t: T | None) -> tuple[T, T | None]:
         step_lr = lr if lr_t is None else lr_t
-        g = -g if maximize else g
-        if not is_zero(wd):
+        if maximize:
+            g = -g
+        if decay:
             g = g + wd * p
         new_buf = None
         if use_momentum:
