@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -314,6 +315,10 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
 def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -325,7 +330,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(workloads), 4.2))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [result["rows"][w].get(name, {}).get("vs_fastest_peer", 0.0) for w in workloads]
+        values = [  # 0: sits this workload out, or no peer ran (--smoke without peers)
+            _finite(result["rows"][w].get(name, {}).get("vs_fastest_peer", 0.0)) for w in workloads
+        ]
         xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(workloads))]
         ax.bar(xs, values, width, label=name)
         for x, value in zip(xs, values):
@@ -337,8 +344,11 @@ def chart(result: dict[str, Any], path: Path) -> None:
     m, a = result["machine"], result["args"]
     ax.set_title(f"{m['cpu']}, {a['threads']} threads, {a['device']}", fontsize=9)
     top = max(
-        r.get("vs_fastest_peer", 0.0) for rows in result["rows"].values() for r in rows.values()
+        _finite(r.get("vs_fastest_peer", 0.0))
+        for rows in result["rows"].values()
+        for r in rows.values()
     )
+    top = top or 1.0
     ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
     ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.tight_layout()

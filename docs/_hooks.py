@@ -12,10 +12,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def on_files(files: Files, config: Any) -> Files:
-    for path in sorted(RESULTS.glob("*.png")):
+    for path in sorted(RESULTS.rglob("*.png")):  # threads-2/ too
         files.append(
             File(
-                f"benchmarks/results/{path.name}",
+                f"benchmarks/results/{path.relative_to(RESULTS).as_posix()}",
                 src_dir=str(RESULTS.parents[1]),
                 dest_dir=config["site_dir"],
                 use_directory_urls=config["use_directory_urls"],

@@ -33,7 +33,7 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
     assert "| workload | contender |" in table
     assert (tmp_path / "peers.png").stat().st_size > 1000
     result = json.loads((tmp_path / "peers.json").read_text())
-    workloads = {"conv-sgd", "conv-adam", "sine", "sine-32", "sine-128", "long", "hpo"}
+    workloads = {"conv-sgd", "conv-adam", "sine", "sine-32", "sine-128", "long", "long-adam", "hpo"}
     assert set(result["rows"]) == workloads
     for workload, rows in result["rows"].items():
         assert set(rows) == {"higher (this)", "torch.func"}, workload
