@@ -26,10 +26,6 @@ def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _ts(x: Any) -> Any:
-    return x.ts if isinstance(x, Many) else x
-
-
 def _each(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """`fn` on each tensor of the lists among `args` and `kwargs`; lists of the results."""
     n = next(len(a.ts) for a in (*args, *kwargs.values()) if isinstance(a, Many))
@@ -137,6 +133,17 @@ _FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
 }
 
 
+def _call(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """`func(*args, **kwargs)` with lists among the arguments: its foreach form where it has one
+    for these arguments, else `func` on each tensor."""
+    fused = _FUNCTIONS.get(func)
+    if fused is not None:
+        out = fused(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    return _each(func, args, kwargs)
+
+
 class Many:
     """One tensor per parameter, standing in for one tensor in a kernel.
 
@@ -161,13 +168,7 @@ class Many:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
-        fused = _FUNCTIONS.get(func)
-        if fused is not None:
-            out = fused(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        return _each(func, args, kwargs)
+        return _call(func, args, kwargs or {})
 
     __add__ = _binary(torch._foreach_add, lambda x, y: x + y)
     __radd__ = _binary(torch._foreach_add, lambda x, y: y + x)  # a number adds either way
@@ -194,15 +195,12 @@ class Many:
         raise NotForeach("a branch on a tensor's value")
 
     def __getattr__(self, name: str) -> Any:
-        """A tensor method on each tensor (`sqrt` as one foreach op); an attribute that every
-        tensor has the same value of (`dtype`, `device`)."""
-        if name == "sqrt":
-            return lambda: Many(torch._foreach_sqrt(self.ts))
+        """A tensor method, as the torch function it is (`x.sqrt()` is `torch.Tensor.sqrt(x)`:
+        one foreach op); an attribute that every tensor has the same value of (`dtype`)."""
         values = [getattr(t, name) for t in self.ts]
         if callable(values[0]):
-            return lambda *args, **kwargs: _each(
-                lambda t, *a, **k: getattr(t, name)(*a, **k), (self, *args), kwargs
-            )
+            method = getattr(torch.Tensor, name)
+            return lambda *args, **kwargs: _call(method, (self, *args), kwargs)
         if all(v == values[0] for v in values):
             return values[0]
         raise NotForeach(f"the tensors' {name} differ")

@@ -438,18 +438,18 @@ def repeat_step(diffopt: OptimizerShell, loss: torch.Tensor) -> list[torch.Tenso
     grads: list[torch.Tensor | None] = [None] * len(current)
     for i, grad in zip(last.trainable, found, strict=True):
         grads[i] = grad
-    if [g is not None for g in grads] != last.stepped:  # another set of parameters is stepped
-        if all(g is None for g in found):
+    stepped = [g is not None for g in grads]
+    repeated = stepped == last.stepped
+    if not repeated:  # another set of parameters is stepped: planned anew
+        if not any(stepped):
             raise OptimError(_unrelated_loss(diffopt, loss, current))
-        plan = checked_plan(diffopt, current, [g is not None for g in grads], None, {})
-        result = plan.run(current, grads)
-        new_params = commit(diffopt, plan, result)
+        plan = checked_plan(diffopt, current, stepped, None, {})
+    new_params = commit(diffopt, plan, plan.run(current, grads))
+    if repeated:  # the same signature: only what the step changed
+        last.params, last.plan, last.version = new_params, plan, diffopt._version
+        last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
+    else:
         diffopt._repeat = Repeat(diffopt, plan, grads, new_params)
-        return new_params
-    result = plan.run(current, grads)
-    new_params = commit(diffopt, plan, result)
-    last.params, last.plan, last.version = new_params, plan, diffopt._version
-    last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
     return new_params
 
 

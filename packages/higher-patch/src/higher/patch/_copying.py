@@ -157,10 +157,10 @@ def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
     new: dict[str, Any] = {}
     memo[id(state)] = new
     for key, value in state.items():
-        kind = type(value)
-        if kind in _ATOMIC or issubclass(kind, type):  # as _shared(value)
+        if _shared(value):
             new[key] = value
             continue
+        kind = type(value)
         found = memo.get(id(value), _MISSING)
         if found is not _MISSING:
             new[key] = found
