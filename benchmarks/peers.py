@@ -46,7 +46,7 @@ from _peers_common import (
 HERE = Path(__file__).parent
 OURS, FLOOR, LEGACY, TORCHOPT = "higher (this)", "torch.func", "higher 0.2.1", "TorchOpt 0.7.3"
 COMPILED = "higher (this), compile_step"
-BATCHED = "higher (this), vmap"
+BATCHED = "higher (this), tasks"
 META = "higher (this), compile_meta_step"
 OURS_ALL = (OURS, COMPILED, BATCHED, META)
 PEERS = (LEGACY, TORCHOPT)  # the libraries the targets compare against
@@ -285,8 +285,10 @@ def table(result: dict[str, Any]) -> str:
     if any(BATCHED in rows or META in rows for rows in result["rows"].values()):
         lines[-3:-3] = [
             f"{BATCHED}: every task of a workload at once with `higher.batched_innerloop_ctx` "
-            "(fast weights stacked per task, forward and update vmapped; BatchNorm in training "
-            f"mode exact); it sits out the one-task workloads. {META}: the whole meta-step "
+            "(fast weights stacked per task, the update vmapped; the forward vmapped, or for "
+            "the conv nets on a CPU, as `batching='auto'` chooses, looped over tasks; BatchNorm "
+            f"in training mode exact); it sits out the one-task workloads. {META}: the whole "
+            "meta-step "
             "(every inner step, every task, the outer loss) one graph of "
             f"`higher.compile_meta_step` ({result['args'].get('backend', 'inductor')}).",
             "",
@@ -370,7 +372,7 @@ def main() -> None:
     parser.add_argument(
         "--fast-paths",
         action="store_true",
-        help="add this project's fast paths: batched tasks (vmap) and compile_meta_step",
+        help="add this project's fast paths: batched tasks and compile_meta_step",
     )
     parser.add_argument(
         "--backend", default="inductor", help="torch.compile backend of compile_meta_step"

@@ -74,7 +74,7 @@ def test_compiled_contender_smoke(tmp_path: Path) -> None:
     TorchVersion(torch.__version__) < "2.13", reason="compile_meta_step needs torch >= 2.13"
 )
 def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
-    """The batched-tasks (vmap) and compile_meta_step contenders (aot_eager: what inductor
+    """The batched-tasks and compile_meta_step contenders (aot_eager: what inductor
     compiles, traced in seconds) run the workloads they accept, their meta-gradients match
     torch.func's, and the first meta-step's seconds are reported."""
     done = subprocess.run(
@@ -90,14 +90,14 @@ def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
     assert set(rows["conv-sgd"]) == {
         "higher (this)",
         "torch.func",
-        "higher (this), vmap",
+        "higher (this), tasks",
         "higher (this), compile_meta_step",
     }
-    assert "higher (this), vmap" not in rows["long"]  # one task: nothing to batch
+    assert "higher (this), tasks" not in rows["long"]  # one task: nothing to batch
     for workload, name in [
-        ("conv-sgd", "higher (this), vmap"),  # BatchNorm in training mode, batched: exact
+        ("conv-sgd", "higher (this), tasks"),  # BatchNorm in training mode, batched: exact
         ("conv-sgd", "higher (this), compile_meta_step"),  # and compiled
-        ("sine-32", "higher (this), vmap"),
+        ("sine-32", "higher (this), tasks"),
         ("sine-32", "higher (this), compile_meta_step"),
         ("long", "higher (this), compile_meta_step"),
     ]:

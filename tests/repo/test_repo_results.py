@@ -50,14 +50,14 @@ def test_readme_quotes_the_peers_run() -> None:
     ratios = _peer_ratios()
     step = "higher (this), compile_step"
     meta = "higher (this), compile_meta_step"
-    vmap = "higher (this), vmap"
+    tasks = "higher (this), tasks"
     compiled_steps = [ratio for (_, contender), ratio in ratios.items() if contender == step]
     quoted = [
         f"a compiled inner step takes {min(compiled_steps):.2f}–{max(compiled_steps):.2f}×",
         f"100-step unroll of a small MLP: {ratios['long', step]:.2f}×",
         f"{ratios['sine', meta]:.2f}× on 8 sine tasks and {ratios['long', meta]:.2f}× on a "
-        f"100-step unroll, and batched tasks take {ratios['sine-128', vmap]:.2f}× on 128 sine",
-        f"both are slower ({ratios['conv-sgd', vmap]:.2f}× and {ratios['conv-sgd', meta]:.2f}×)",
+        f"100-step unroll, and batched tasks take {ratios['sine-128', tasks]:.2f}× on 128 sine",
+        f"both are slower ({ratios['conv-sgd', tasks]:.2f}× and {ratios['conv-sgd', meta]:.2f}×)",
     ]
     eager = [ratios[w, "higher (this)"] for w in ("sine", "sine-32", "long", "hpo")]
     adam = ratios["long-adam", "higher (this)"]

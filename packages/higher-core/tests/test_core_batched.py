@@ -1,9 +1,11 @@
-"""`higher.batched_innerloop_ctx`: T tasks under vmap equal T separate inner loops, task for
-task (float64: meta-gradients w.r.t. the initial weights and a learnable learning rate, running
-statistics, per-task gradient clipping, first order), and refuses what it cannot run."""
+"""`higher.batched_innerloop_ctx`: T tasks at once (the forward vmapped, or looped over tasks)
+equal T separate inner loops, task for task (float64: meta-gradients w.r.t. the initial weights
+and a learnable learning rate, running statistics, per-task gradient clipping, first order), and
+refuses what it cannot run."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +18,7 @@ from torch import nn
 import higher
 
 TASKS = 3
+BATCHINGS = ("vmap", "loop")
 Make = Callable[[Any], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Make] = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
@@ -79,21 +82,24 @@ def assert_close(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("batching", BATCHINGS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_meta_gradient_and_hypergradient_equal_the_per_task_loop(name: str) -> None:
+def test_meta_gradient_and_hypergradient_equal_the_per_task_loop(name: str, batching: str) -> None:
     x, y = regression()
     grads = []
     for run in (per_task_loop, batched_loop):
         model = mlp()
         lr = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+        extra = {"batching": batching} if run is batched_loop else {}
         meta, _ = run(model, OPTIMIZERS[name](model.parameters()), x, y, F.mse_loss, 3,
-                      override={"lr": [lr]})  # fmt: skip
+                      override={"lr": [lr]}, **extra)  # fmt: skip
         grads.append(torch.autograd.grad(meta, [*model.parameters(), lr]))
     assert_close(grads[0], grads[1])
     assert grads[0][-1].abs() > 0
 
 
-def test_batchnorm_in_training_mode_and_per_task_clipping_are_exact() -> None:
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_batchnorm_in_training_mode_and_per_task_clipping_are_exact(batching: str) -> None:
     """Batch statistics per task, running statistics per task, clip_grad_norm per task."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(TASKS, 6, 1, 6, 6, generator=g, dtype=torch.float64)
@@ -105,7 +111,8 @@ def test_batchnorm_in_training_mode_and_per_task_clipping_are_exact() -> None:
     want = torch.autograd.grad(meta, list(model.parameters()))
     model = convnet()
     meta, stacked = batched_loop(model, torch.optim.SGD(model.parameters(), lr=0.2), x, y,
-                                 F.cross_entropy, 2, grad_callback=clip)  # fmt: skip
+                                 F.cross_entropy, 2, grad_callback=clip,
+                                 batching=batching)  # fmt: skip
     assert_close(torch.autograd.grad(meta, list(model.parameters())), want)
     for name, value in stacked.items():
         expected = torch.stack([task[name] for task in per_task])
@@ -183,6 +190,100 @@ def test_refusals_are_clear() -> None:
         pass
 
 
+def test_auto_batching_loops_over_tasks_for_convolutions_on_a_cpu(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vmap's batched convolutions lose to a loop on a CPU; small MLPs gain from vmap. Either
+    way the choice is logged, and an explicit batching= is taken as given."""
+    caplog.set_level(logging.DEBUG, logger="higher")
+    for make, want in ((convnet, "loop"), (mlp, "vmap")):
+        model = make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        caplog.clear()
+        with higher.innerloop_ctx(model, opt, tasks=TASKS) as (fmodel, _):
+            assert fmodel.batching == want
+        assert [r.name for r in caplog.records] == ["higher"]
+        assert ("Conv2d layers on a CPU" in caplog.text) == (want == "loop")
+        other = "vmap" if want == "loop" else "loop"
+        with higher.innerloop_ctx(model, opt, tasks=TASKS, batching=other) as (fmodel, _):
+            assert fmodel.batching == other
+    # randomness="error" is vmap's check: auto keeps vmap, an explicit loop is refused
+    model = convnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, tasks=TASKS, randomness="error") as (fmodel, _):
+        assert fmodel.batching == "vmap"
+    with (
+        pytest.raises(higher.FastPathError, match="randomness='error' is vmap's check"),
+        higher.innerloop_ctx(model, opt, tasks=TASKS, randomness="error", batching="loop"),
+    ):
+        pass
+    with (
+        pytest.raises(higher.FastPathError, match=r"batching must be one of 'auto', 'vmap'"),
+        higher.innerloop_ctx(model, opt, tasks=TASKS, batching="scan"),
+    ):
+        pass
+    with (
+        pytest.raises(higher.UsageError, match=r"batching='loop' says how tasks run"),
+        higher.innerloop_ctx(model, opt, batching="loop"),
+    ):
+        pass
+
+
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_dropout_draws_per_task_or_the_same_for_every_task(batching: str) -> None:
+    model = nn.Sequential(nn.Linear(2, 50), nn.Dropout(0.5)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.ones(TASKS, 4, 2, dtype=torch.float64)  # every task the same input
+    for randomness in ("different", "same"):
+        with higher.batched_innerloop_ctx(
+            model, opt, tasks=TASKS, randomness=randomness, batching=batching
+        ) as (fmodel, _):
+            out = fmodel(x)
+        dropped = [set((row == 0).nonzero().flatten().tolist()) for row in out[:, 0]]
+        assert all(0 < len(d) < 50 for d in dropped)
+        assert (dropped[0] == dropped[1] == dropped[2]) == (randomness == "same")
+
+
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_outputs_of_every_structure_are_stacked_per_task(batching: str) -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 3).double()
+
+        def forward(self, x: torch.Tensor, scale: float, shift: torch.Tensor) -> Any:
+            h = self.lin(x) * scale + shift
+            return {"h": h, "pair": (h.sum(), h.mean(-1))}
+
+    model = Two()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, _ = regression()
+    shift = torch.ones(3, dtype=torch.float64)  # a keyword tensor: shared by every task
+    with higher.batched_innerloop_ctx(model, opt, tasks=TASKS, batching=batching) as (fmodel, _):
+        out = fmodel(x, 2.0, shift=shift)
+    assert out["h"].shape == (TASKS, 5, 3) and out["pair"][1].shape == (TASKS, 5)
+    for t in range(TASKS):
+        want = model.lin(x[t]) * 2.0 + shift
+        torch.testing.assert_close(out["h"][t], want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out["pair"][0][t], want.sum(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_loop_refuses_tasks_whose_outputs_differ_in_structure() -> None:
+    class Branchy(nn.Linear):
+        def forward(self, x: torch.Tensor) -> Any:
+            y = super().forward(x)
+            return (y, "positive") if x.sum() > 0 else (y, "negative")
+
+    model = Branchy(2, 1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.stack([torch.ones(4, 2), -torch.ones(4, 2)]).double()
+    with higher.batched_innerloop_ctx(model, opt, tasks=2, batching="loop") as (fmodel, _):
+        with pytest.raises(higher.FastPathError, match="task 1's output differs in structure"):
+            fmodel(x)
+        y, sign = fmodel(x.abs())
+        assert sign == "positive" and y.shape == (2, 4, 1)
+
+
 def nested(*sizes: int) -> torch.Tensor:
     """Tasks of unequal sizes, as a nested tensor (torch warns it is a prototype)."""
     with warnings.catch_warnings():
@@ -209,17 +310,17 @@ def test_tasks_of_unequal_sizes_are_refused_with_what_to_do() -> None:
         meta(model, opt, nested(3, 4, 5))
 
 
-def test_a_loss_that_couples_the_tasks_is_refused() -> None:
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_a_loss_that_couples_the_tasks_is_refused(batching: str) -> None:
     """`l - l.mean()` cancels every task's gradient exactly: the step moved nothing, silently."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = regression()
     mse = torch.vmap(F.mse_loss)
     for track in (True, False):
-        with higher.batched_innerloop_ctx(model, opt, tasks=TASKS, track_higher_grads=track) as (
-            fmodel,
-            diffopt,
-        ):
+        with higher.batched_innerloop_ctx(
+            model, opt, tasks=TASKS, track_higher_grads=track, batching=batching
+        ) as (fmodel, diffopt):
             before = fmodel.fast_params
             losses = mse(fmodel(x), y)
             with pytest.raises(higher.FastPathError, match=r"couple the tasks.*l - l\.mean\(\)"):
@@ -248,11 +349,13 @@ def test_zero_gradients_of_uncoupled_losses_are_not_refused() -> None:
 
 
 @pytest.mark.cuda
-def test_on_cuda_equals_the_per_task_loop() -> None:
+@pytest.mark.parametrize("batching", BATCHINGS)
+def test_on_cuda_equals_the_per_task_loop(batching: str) -> None:
     x, y = (t.cuda() for t in regression())
     grads = []
     for run in (per_task_loop, batched_loop):
         model = mlp().cuda()
-        meta, _ = run(model, OPTIMIZERS["adam"](model.parameters()), x, y, F.mse_loss, 3)
+        extra = {"batching": batching} if run is batched_loop else {}
+        meta, _ = run(model, OPTIMIZERS["adam"](model.parameters()), x, y, F.mse_loss, 3, **extra)
         grads.append(torch.autograd.grad(meta, list(model.parameters())))
     assert_close(grads[0], grads[1])

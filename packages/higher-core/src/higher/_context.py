@@ -36,6 +36,7 @@ def innerloop_ctx(
     compile: bool = False,
     compile_options: Mapping[str, Any] | None = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> contextlib.AbstractContextManager[tuple[FunctionalModule, DifferentiableOptimizer]]: ...
 
 
@@ -53,6 +54,7 @@ def innerloop_ctx(
     compile: bool = False,
     compile_options: Mapping[str, Any] | None = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> contextlib.AbstractContextManager[tuple[BatchedModule, BatchedOptimizer]]: ...
 
 
@@ -69,6 +71,7 @@ def innerloop_ctx(
     compile: bool = False,
     compile_options: Mapping[str, Any] | None = None,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> contextlib.AbstractContextManager[tuple[Any, Any]]:
     """Yield `(fmodel, diffopt)`: a functional copy of `model` and the twin of `opt`.
 
@@ -116,6 +119,11 @@ def innerloop_ctx(
             `compile=True`.
         randomness: with `tasks`, `torch.func.vmap`'s randomness ("different": each task
             draws its own dropout masks; "same"; "error").
+        batching: with `tasks`, how the forward runs over the tasks: "vmap" (one vmapped
+            forward), "loop" (one forward per task on its slices of the stacked weights, the
+            outputs stacked) or "auto" (the default: the loop for a model with convolution
+            layers on a CPU, where vmap's batched convolutions are slower, vmap otherwise;
+            `fmodel.batching` says which, and the `higher` logger at DEBUG).
 
     A `torch.nn.parallel.DistributedDataParallel` model is patched through its `module`, and
     the meta-gradients that reach its parameters (and learnable hyperparameters) are averaged
@@ -145,6 +153,7 @@ def innerloop_ctx(
         compile=compile,
         compile_options=compile_options,
         randomness=randomness,
+        batching=batching,
     )
 
 
@@ -162,6 +171,7 @@ def _innerloop(
     compile: bool,
     compile_options: Mapping[str, Any] | None,
     randomness: str,
+    batching: str,
 ) -> Iterator[tuple[Any, Any]]:
     """`innerloop_ctx`'s context."""
     check_model_and_opt(model, opt)
@@ -175,6 +185,11 @@ def _innerloop(
         )
     if compile_options and not compile:
         raise UsageError("compile_options are torch.compile's: give them with compile=True")
+    if tasks is None and batching != "auto":
+        raise UsageError(
+            f"batching={batching!r} says how tasks run: give it with tasks=T (one inner loop "
+            "has no tasks to batch)"
+        )
     ddp = None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # The wrapper holds process-group handles (not copyable): patch the model it wraps.
@@ -183,7 +198,8 @@ def _innerloop(
            "one process" if ddp is None else "DDP")  # fmt: skip
     if tasks is not None:
         bmodel, batched, twin = batched_pair(model, opt, tasks, device, copy_initial_weights,
-                                             override, track_higher_grads, randomness)  # fmt: skip
+                                             override, track_higher_grads, randomness,
+                                             batching)  # fmt: skip
         _arm(ddp, twin, copy_initial_weights, tasks)
         yield bmodel, batched
         return
@@ -225,6 +241,7 @@ def batched_innerloop_ctx(
     override: Mapping[str, Sequence[Any]] | None = None,
     track_higher_grads: bool = True,
     randomness: str = "different",
+    batching: str = "auto",
 ) -> contextlib.AbstractContextManager[tuple[BatchedModule, BatchedOptimizer]]:
     """An alias: `innerloop_ctx(model, opt, tasks=tasks, ...)`, `tasks` inner loops at once.
 
@@ -241,8 +258,11 @@ def batched_innerloop_ctx(
     only); a loss that is not one value per task, or one that couples the tasks where that is
     seen (on the first step: nonzero losses, every gradient exactly zero, and task 0's loss
     reaching another task's weights, as with `l - l.mean()`); inputs that are nested tensors
-    (tasks of unequal sizes: pad and mask, or group tasks of equal size). `randomness` goes to
-    `torch.func.vmap` ("different": each task draws its own dropout masks).
+    (tasks of unequal sizes: pad and mask, or group tasks of equal size). `randomness` is
+    `torch.func.vmap`'s ("different": each task draws its own dropout masks; "same"; "error").
+    `batching` says how the forward runs over the tasks: "vmap", "loop" (a forward per task on
+    its slices of the stacked weights) or "auto" (the loop for a model with convolution layers
+    on a CPU, where it is faster, vmap otherwise); both compute the same values.
 
     Examples:
         >>> net = torch.nn.Linear(1, 1)
@@ -267,6 +287,7 @@ def batched_innerloop_ctx(
         track_higher_grads=track_higher_grads,
         tasks=tasks,
         randomness=randomness,
+        batching=batching,
     )
 
 

@@ -1,22 +1,30 @@
-"""Batched tasks: the ordinary inner loop, run for many tasks at once with `torch.func.vmap`.
+"""Batched tasks: the ordinary inner loop, run for many tasks at once.
 
 `innerloop_ctx(model, opt, tasks=T)` (and its alias `batched_innerloop_ctx`) yields a
-`BatchedModule` (fast weights with a leading task dimension, a forward vmapped over tasks) and a
+`BatchedModule` (fast weights with a leading task dimension, a forward over every task) and a
 `BatchedOptimizer` (the twin of `opt`, whose update rule runs per task under vmap through the
 step protocol). One step of the batched loop computes what `T` separate inner loops compute,
 task for task. `per_task_update` runs a rule once per task under vmap (the compiled meta-step's
 task steps use it too).
 
-Why the gradients are exact: the per-task losses come out of one vmapped forward, and task
-`t`'s loss depends on task `t`'s slice of the stacked weights only, so the gradient of their
-sum with respect to the stacked weights is, slice by slice, each task's own gradient (plain
-autograd through the vmapped forward, to any order). `vmap(grad(...))`, the other way round,
-is not used: its second-order gradient through batch statistics (BatchNorm in training mode)
-was measured wrong on torch 2.13.
+The forward runs in one of two ways (`batching=`): "vmap", one forward vmapped over tasks, or
+"loop", one forward per task on its slices of the stacked weights (`unbind`), the outputs
+stacked. They compute the same values; which is faster depends on the model and the device. On
+a CPU, vmap's batched convolutions (grouped, in batched layouts) made the conv net of the peer
+benchmark 1.3x slower than the loop, while small MLPs gain several times from vmap, so "auto"
+takes the loop for a model with convolution layers on a CPU and vmap otherwise, and logs which
+at DEBUG on the `higher` logger.
+
+Why the gradients are exact: task `t`'s loss depends on task `t`'s slice of the stacked weights
+only, so the gradient of the losses' sum with respect to the stacked weights is, slice by slice,
+each task's own gradient (plain autograd through the vmapped forward or through `unbind`, to any
+order). `vmap(grad(...))`, the other way round, is not used: its second-order gradient through
+batch statistics (BatchNorm in training mode) was measured wrong on torch 2.13.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,16 +41,26 @@ from higher.patch import FunctionalModule, monkeypatch
 
 Params = Sequence[torch.Tensor]
 
+#: how a batched model's forward can run over its tasks (`batching=`)
+BATCHINGS = ("auto", "vmap", "loop")
+#: the layers whose batched form under vmap is slower than a loop over tasks on a CPU
+_CONVOLUTIONS = (
+    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
+)  # fmt: skip
+_LOG = logging.getLogger("higher")
+
 
 class BatchedModule:
     """A functional model for `tasks` tasks at once: each fast weight (and buffer) carries a
-    leading task dimension, and a call runs the model's forward once per task under
-    `torch.func.vmap`. Made by `higher.innerloop_ctx(..., tasks=T)`.
+    leading task dimension, and a call runs the model's forward for every task, vmapped or in a
+    loop over tasks (`batching`). Made by `higher.innerloop_ctx(..., tasks=T)`.
 
     Positional tensor arguments carry the task dimension first (`x[t]` is task `t`'s input);
     keyword arguments and non-tensor arguments are shared by every task. Buffers (BatchNorm's
     running statistics) are one per task, updated as each task's own copy would be. Random ops
-    (dropout) draw independently per task.
+    (dropout) draw independently per task (`randomness="different"`), or the same for every
+    task ("same").
 
     Examples:
         >>> net = torch.nn.Linear(3, 1)
@@ -54,11 +72,17 @@ class BatchedModule:
     """
 
     def __init__(
-        self, module: FunctionalModule, tasks: int, randomness: str, anchored: bool
+        self,
+        module: FunctionalModule,
+        tasks: int,
+        randomness: str,
+        anchored: bool,
+        batching: str = "vmap",
     ) -> None:
         self._module = module
         self._tasks = tasks
         self._randomness = randomness
+        self._batching = batching
         named = module.named_fast_params()
         self._names = tuple(named)
         self._specs = [(p.shape, p.dtype, p.device) for p in named.values()]
@@ -92,16 +116,34 @@ class BatchedModule:
                 in_dims.append(None)
         module, names, buffer_names = self._module, self._names, self._buffer_names
 
-        def one(params: list[torch.Tensor], buffers: list[torch.Tensor], *xs: Any) -> Any:
+        def one(params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], *xs: Any) -> Any:
             tensors = {**dict(zip(names, params)), **dict(zip(buffer_names, buffers))}
             return torch.func.functional_call(module, tensors, xs, kwargs)
 
-        run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
         # the forward updates new buffers in place, never those an earlier step saved
         buffers = list(fresh_buffers(self.named_buffers()).values())
-        out = run(self._history[-1], buffers, *args)
+        if self._batching == "loop":
+            out = self._loop(one, buffers, args)
+        else:
+            run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
+            out = run(self._history[-1], buffers, *args)
         self._buffers = buffers
         return out
+
+    def _loop(self, one: Callable[..., Any], buffers: list[torch.Tensor], args: Any) -> Any:
+        """`one` per task on its slices (`unbind`: one autograd node per stacked tensor, whose
+        backward stacks the tasks' gradients), the outputs stacked."""
+        params = [p.unbind(0) for p in self._history[-1]]
+        states = [b.unbind(0) for b in buffers]  # views: the forward's updates land in buffers
+        inputs = [a.unbind(0) if isinstance(a, torch.Tensor) else None for a in args]
+        replay = _Replay(self._history[-1]) if self._randomness == "same" else None
+        outs = []
+        for t in range(self._tasks):
+            if replay is not None and t:
+                replay.rewind()  # every task draws what the first drew
+            xs = [a if x is None else x[t] for a, x in zip(args, inputs)]
+            outs.append(one([p[t] for p in params], [b[t] for b in states], *xs))
+        return stack_outputs(outs)
 
     # ---- fast weights ------------------------------------------------------------------------
 
@@ -109,6 +151,19 @@ class BatchedModule:
     def tasks(self) -> int:
         """The number of tasks (the size of every fast weight's leading dimension)."""
         return self._tasks
+
+    @property
+    def batching(self) -> str:
+        """How the forward runs over the tasks: "vmap" or "loop" (what `batching="auto"` chose).
+
+        Examples:
+            >>> conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
+            >>> opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+            >>> with higher.batched_innerloop_ctx(conv, opt, tasks=2) as (fmodel, _):
+            ...     fmodel.batching
+            'loop'
+        """
+        return self._batching
 
     @property
     def fast_params(self) -> list[torch.Tensor]:
@@ -467,6 +522,68 @@ def refuse_nested(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
             )
 
 
+def stack_outputs(outs: list[Any]) -> Any:
+    """The tasks' outputs (each a tensor, or a tuple, list or dict of them) stacked task by task
+    into one of the same structure; a value that is not a tensor must be the same for every task.
+    """
+    first, spec = flatten(outs[0])
+    columns: list[list[torch.Tensor]] = [[x] for x in first]
+    for t, out in enumerate(outs[1:], 1):
+        leaves, other = flatten(out)
+        if other.structure != spec.structure or other.leaves != spec.leaves:
+            raise FastPathError(
+                f"task {t}'s output differs in structure from task 0's ({other.structure} vs "
+                f"{spec.structure}): batched tasks stack one output per task, so every task's "
+                "forward must return the same structure (values that are not tensors equal)"
+            )
+        for column, x in zip(columns, leaves):
+            column.append(x)
+    return unflatten(spec, [torch.stack(column) for column in columns])
+
+
+class _Replay:
+    """The random number generators a forward draws from (the CPU's, and the CUDA device's of
+    the weights), rewound to where they were made: every task of a loop draws the same."""
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        self._cpu = torch.get_rng_state()
+        cuda = {p.device for p in weights if p.device.type == "cuda"}
+        self._cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda]
+
+    def rewind(self) -> None:
+        torch.set_rng_state(self._cpu)
+        for device, state in self._cuda:
+            torch.cuda.set_rng_state(state, device)
+
+
+def choose_batching(batching: object, randomness: str, fmodule: FunctionalModule) -> str:
+    """The checked `batching=` of a batched model, "auto" resolved to "vmap" or "loop" (logged
+    at DEBUG on the `higher` logger)."""
+    if batching not in BATCHINGS:
+        raise FastPathError(
+            f"batching must be one of {', '.join(map(repr, BATCHINGS))} (how the forward runs "
+            f"over the tasks), got {batching!r}"
+        )
+    if batching == "loop" and randomness == "error":
+        raise FastPathError(
+            "randomness='error' is vmap's check for random ops, which a loop over tasks cannot "
+            "make: use batching='vmap' with it, or randomness='different' or 'same'"
+        )
+    if batching != "auto":
+        return str(batching)
+    convs = sorted({type(m).__name__ for m in fmodule.modules() if isinstance(m, _CONVOLUTIONS)})
+    on_cpu = any(p.device.type == "cpu" for p in fmodule.fast_params)
+    if convs and on_cpu and randomness != "error":
+        _LOG.debug(
+            "tasks: a loop over tasks (the model has %s layers on a CPU, where vmap's batched "
+            "convolutions are slower); batching='vmap' overrides this",
+            ", ".join(convs),
+        )
+        return "loop"
+    _LOG.debug("tasks: one forward vmapped over tasks; batching='loop' overrides this")
+    return "vmap"
+
+
 def _present(grads: list[torch.Tensor | None], stepped: list[int]) -> list[torch.Tensor]:
     out = []
     for i in stepped:
@@ -485,6 +602,7 @@ def batched_pair(
     override: Mapping[str, Sequence[Any]] | None,
     track_higher_grads: bool,
     randomness: str,
+    batching: str = "auto",
 ) -> tuple[BatchedModule, BatchedOptimizer, DifferentiableOptimizer]:
     """The batched model and optimizer of `innerloop_ctx(model, opt, tasks=tasks)` (checked
     arguments), and the twin the optimizer steps."""
@@ -499,7 +617,8 @@ def batched_pair(
         copy_initial_weights=copy_initial_weights,
         track_higher_grads=track_higher_grads,
     )
-    fmodel = BatchedModule(fmodule, tasks, randomness, anchored=not copy_initial_weights)
+    chosen = choose_batching(batching, randomness, fmodule)
+    fmodel = BatchedModule(fmodule, tasks, randomness, not copy_initial_weights, chosen)
     twin = get_diff_optim(
         opt,
         model.parameters(),
