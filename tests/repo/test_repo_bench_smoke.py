@@ -76,11 +76,12 @@ def test_compiled_contender_smoke(tmp_path: Path) -> None:
 def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
     """The batched-tasks and compile_meta_step contenders (aot_eager: what inductor
     compiles, traced in seconds) run the workloads they accept, their meta-gradients match
-    torch.func's, and the first meta-step's seconds are reported."""
+    torch.func's (in float64 to 1e-10, the float64 check), and the first meta-step's seconds
+    are reported."""
     done = subprocess.run(
         [sys.executable, str(BENCH / "peers.py"), "--smoke", "--threads", "1", "--fast-paths",
-         "--backend", "aot_eager", "--workloads", "conv-sgd", "sine-32", "long", "--out",
-         str(tmp_path)],
+         "--backend", "aot_eager", "--workloads", "conv-sgd", "sine-32", "long",
+         "--float64-check", "conv-sgd", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -107,6 +108,12 @@ def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
         assert row["median_ms"] > 0 and row["first_s"] > 0
     table = (tmp_path / "peers.md").read_text()
     assert "| first s |" in table and "compile_meta_step" in table
+    # the float64 check: every contender of conv-sgd again in float64, against torch.func's
+    checked = json.loads((tmp_path / "peers.json").read_text())["float64"]
+    assert set(checked) == {"conv-sgd"} and set(checked["conv-sgd"]) == set(rows["conv-sgd"])
+    assert checked["conv-sgd"]["torch.func"] == 0.0  # the reference itself, recomputed
+    assert all(diff < 1e-10 for diff in checked["conv-sgd"].values()), checked
+    assert "## Float64 check" in table and "| conv-sgd | **higher (this), tasks** |" in table
 
 
 @pytest.mark.skipif(
