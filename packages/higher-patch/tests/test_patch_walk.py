@@ -58,3 +58,38 @@ def test_the_walk_lists_what_the_modules_own_methods_list(name: str) -> None:
     assert [id(b) for b in tree.buffers] == [id(b) for b in model.buffers()]
     fmodel = higher.patch.monkeypatch(model)
     assert list(fmodel.named_fast_params()) == tree.names
+
+
+class Hiding(nn.Module):
+    """Lists its parameters its own way, leaving one out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            if not name.endswith("gain"):
+                yield name, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x) * self.gain
+        return out
+
+
+def test_a_parameter_the_model_does_not_list_is_refused_by_name() -> None:
+    """It has no fast weight: refused with what to do (it was a bare KeyError)."""
+    model = Hiding()
+    with pytest.raises(higher.patch.PatchError, match=r"Hiding holds a parameter 'gain'.*buffer"):
+        higher.patch.monkeypatch(model)
+    # inside another module the root's listing counts, and torch's lists every parameter
+    inside = nn.Sequential(Hiding())
+    assert (
+        list(higher.patch.monkeypatch(inside).named_fast_params())
+        == [n for n, _ in inside.named_parameters()]
+        == ["0.gain", "0.lin.weight", "0.lin.bias"]
+    )
+    assert [n for n, _ in model.named_parameters()] == ["lin.weight", "lin.bias"]  # untouched

@@ -219,7 +219,21 @@ def slot_pairs(
     model's walk, when known)."""
     tree = walk(model) if tree is None else tree
     index_of = {id(p): i for i, p in enumerate(tree.params)}
-    return [
-        (m, {name: index_of[id(p)] for name, p in m._parameters.items() if p is not None})
-        for m in tree.modules
-    ]
+    pairs = []
+    for m in tree.modules:
+        places = {}
+        for name, p in m._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in index_of:
+                raise PatchError(
+                    f"{type(m).__name__} holds a parameter {name!r} that the model's "
+                    f"named_parameters() does not list ({type(model).__name__} lists its "
+                    "parameters its own way): a functional model has one fast weight for each "
+                    "parameter the model lists, and none for this one. List it in "
+                    "named_parameters(), or make it a buffer (register_buffer) if it is not "
+                    "trained"
+                )
+            places[name] = index_of[id(p)]
+        pairs.append((m, places))
+    return pairs
