@@ -552,3 +552,74 @@ def test_an_error_inside_the_step_leaves_the_model_usable(case: Case) -> None:
         assert len(list(fmodel.parameters(time=1))) == 4  # the failed step added no weights
         with pytest.raises(higher.HigherError):
             next(fmodel.parameters(time=2))
+
+
+def _between_steps() -> dict[str, Callable[[Any, Any], None]]:
+    """What a user may do between two compiled steps; the next step must see it (the last
+    step's plan is reused only while nothing changed)."""
+
+    def lr(diffopt: Any, fmodel: Any) -> None:
+        diffopt.param_groups[0]["lr"] = 0.05
+
+    def momentum(diffopt: Any, fmodel: Any) -> None:
+        diffopt.param_groups[0]["momentum"] = 0.5
+
+    def state(diffopt: Any, fmodel: Any) -> None:
+        buf = diffopt.state[0][1]["momentum_buffer"]
+        diffopt.state[0][1]["momentum_buffer"] = torch.ones_like(buf)
+
+    def weights(diffopt: Any, fmodel: Any) -> None:
+        fmodel.update_params([p * 0.5 for p in fmodel.fast_params])
+
+    def loaded(diffopt: Any, fmodel: Any) -> None:
+        saved = diffopt.state_dict()
+        saved["state"][0]["momentum_buffer"] = -saved["state"][0]["momentum_buffer"]
+        diffopt.load_state_dict(saved)
+
+    def eager_step(diffopt: Any, fmodel: Any) -> None:
+        x, y = data(3)
+        diffopt.step(mse(fmodel, x, y))
+
+    return {f.__name__: f for f in (lr, momentum, state, weights, loaded, eager_step)}
+
+
+@pytest.mark.parametrize("change", sorted(_between_steps()))
+def test_a_step_that_repeats_the_last_ones_plan_sees_every_change(change: str) -> None:
+    """Compiled steps reuse the last step's plan while its signature holds; with one of the
+    user's changes between steps 2 and 3 they still equal `diffopt.step`'s steps."""
+    x, y = data()
+    results = []
+    for step in (make_step(mse), None):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            advance(step, fmodel, diffopt, 2, x, y)
+            _between_steps()[change](diffopt, fmodel)
+            advance(step, fmodel, diffopt, 2, x, y)
+            meta = mse(fmodel, *data(2))
+            results.append(
+                [*fmodel.fast_params, *torch.autograd.grad(meta, list(model.parameters()))]
+            )
+    assert_close(results[0], results[1])
+
+
+@pytest.mark.skipif(not COMPILES, reason="counts the compiled step's plans; older torch is refused")
+def test_steps_of_one_signature_are_planned_once(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, step, (x, y) = case
+    planned: list[int] = []
+    plan = higher.optim.internal.plan
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        planned.append(1)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(higher.optim.internal, "plan", counted)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        advance(step, fmodel, diffopt, 5, x, y)
+        assert len(planned) == 2  # the first step, and the second (its state is new): then reused
+        diffopt.param_groups[0]["lr"] = 0.2
+        advance(step, fmodel, diffopt, 2, x, y)
+        assert len(planned) == 3  # the new lr is a new signature: planned once more

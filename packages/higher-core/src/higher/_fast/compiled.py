@@ -200,9 +200,9 @@ class CompiledStep:
             owner = module()
             if owner is not None and name in moved:  # the step's new buffers, not written in
                 setattr(owner, key_, moved[name])  # place: an earlier step may have saved them
-        internal.commit(
-            diffopt, plan, new
-        )  # first order without tracking or under no_grad, as step
+        # first order without tracking or under no_grad, as step
+        committed = internal.commit(diffopt, plan, new)
+        internal.remember(diffopt, plan, _stepped(ctx, self._unused[key], len(params)), committed)
         return loss
 
     def _run(
@@ -216,10 +216,11 @@ class CompiledStep:
         kwargs: dict[str, Any],
     ) -> tuple[tuple[StepPlan, StepResult], torch.Tensor, dict[str, torch.Tensor], list[bool]]:
         """Plan the step and run the compiled function; nothing is changed yet."""
-        flags = [False] * len(params)
-        for i in ctx.requires:
-            flags[i] = i not in unused
-        plan = internal.plan(diffopt, params, stepped=flags)
+        flags = _stepped(ctx, unused, len(params))
+        # the last step's plan where the signature is the same (its checks hold), else planned
+        plan = internal.repeat_plan(diffopt, params, flags) or internal.plan(
+            diffopt, params, stepped=flags
+        )
         buffers: dict[str, torch.Tensor] = {}
         for name, module, key in ctx.buffers:
             owner = module()
@@ -342,6 +343,14 @@ class CompiledStep:
         # whether each gradient is nonzero: the check of which parameters the loss uses
         nonzero = torch.stack([g.ne(0).any() for g in out.grads]) if out.grads else None
         return StepResult(out.params, out.opt_state), out.loss, out.buffers, nonzero
+
+
+def _stepped(ctx: _Context, unused: frozenset[int], n: int) -> list[bool]:
+    """Per parameter, whether a step updates it: it requires grad and the loss uses it."""
+    flags = [False] * n
+    for i in ctx.requires:
+        flags[i] = i not in unused
+    return flags
 
 
 # Attribute values that describe a module's configuration (what a forward may branch on).

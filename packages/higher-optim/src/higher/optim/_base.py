@@ -226,8 +226,8 @@ class DifferentiableOptimizer(abc.ABC):
             self, loss, params, grad_callback=grad_callback, override=override, update_kwargs=kwargs
         )
         new_params = _protocol.commit(self, plan, result)
-        if plain and plan.fallback is None and self.fmodel is not None:
-            self._repeat = _protocol.Repeat(self, plan, grads, new_params)
+        if plain:
+            _protocol.remember(self, plan, [g is not None for g in grads], new_params)
         return new_params
 
     def gradients(

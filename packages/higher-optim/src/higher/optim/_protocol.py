@@ -375,13 +375,13 @@ class Repeat:
         self,
         opt: OptimizerShell,
         plan: StepPlan,
-        grads: Sequence[torch.Tensor | None],
+        stepped: Sequence[bool],
         new_params: list[torch.Tensor],
     ) -> None:
         self.params = new_params
         self.requires_grad = [p.requires_grad for p in new_params]
         self.trainable = tuple(i for i, flag in enumerate(self.requires_grad) if flag)
-        self.stepped = [g is not None for g in grads]
+        self.stepped = list(stepped)
         self.plan = plan
         self.options = _options_key(opt.param_groups)
         self.version = opt._version
@@ -411,27 +411,93 @@ def _same(key: tuple[Any, ...], kept: tuple[Any, ...]) -> bool:
     return True
 
 
+def repeat_plan(
+    diffopt: OptimizerShell, params: Sequence[torch.Tensor], stepped: Sequence[bool] | None = None
+) -> StepPlan | None:
+    """The plan of a step with the signature of the last one `remember` kept: its plan, its
+    checks reused, with the buckets' current state. None where anything differs (then `plan`):
+    `params` are not the very tensors that step committed, their `requires_grad` or the
+    parameters `stepped` differ, the param groups' options are not the same objects (a
+    per-parameter `lr` list item by item), or the optimizer changed since (a step, commit or
+    `load_state_dict` that did not remember, a state field set by hand).
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> class Weights:  # a functional model: its fast weights, and their update
+        ...     def __init__(self) -> None:
+        ...         self.fast_params = [torch.ones(2, requires_grad=True)]
+        ...     def update_params(self, params: list[torch.Tensor]) -> None:
+        ...         self.fast_params = list(params)
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w],
+        ...                                       fmodel=Weights())
+        >>> current = diffopt.fmodel.fast_params
+        >>> plan = internal.plan(diffopt, current)
+        >>> new = internal.commit(diffopt, plan, plan.update(current, [torch.ones(2)]))
+        >>> internal.remember(diffopt, plan, [True], new)
+        >>> again = internal.repeat_plan(diffopt, new, [True])
+        >>> again is not None, internal.repeat_plan(diffopt, current, [True])
+        (True, None)
+    """
+    last: Repeat | None = diffopt._repeat
+    if last is None or last.version != diffopt._version or len(params) != len(last.params):
+        return None
+    if any(p is not q for p, q in zip(params, last.params, strict=True)):
+        return None
+    if [p.requires_grad for p in params] != last.requires_grad or not last.trainable:
+        return None
+    if stepped is not None and list(stepped) != last.stepped:
+        return None
+    if not _same(_options_key(diffopt.param_groups), last.options):
+        return None
+    return diffopt._repeat_plan(last.plan)
+
+
+def remember(
+    diffopt: OptimizerShell, plan: StepPlan, stepped: Sequence[bool], new_params: list[torch.Tensor]
+) -> None:
+    """After `commit(diffopt, plan, ...)` returned `new_params`: keep what `repeat_plan` reuses
+    for the next step with this signature (a functional model's steps, rule-based twins).
+
+    Examples:
+        >>> import torch, higher.optim
+        >>> from higher.optim import internal
+        >>> class Weights:  # a functional model: its fast weights, and their update
+        ...     def __init__(self) -> None:
+        ...         self.fast_params = [torch.ones(2, requires_grad=True)]
+        ...     def update_params(self, params: list[torch.Tensor]) -> None:
+        ...         self.fast_params = list(params)
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w],
+        ...                                       fmodel=Weights())
+        >>> plan = internal.plan(diffopt)
+        >>> new = internal.commit(diffopt, plan, plan.update([w], [torch.ones(2)]))
+        >>> internal.repeat_plan(diffopt, new) is None  # nothing remembered yet
+        True
+        >>> internal.remember(diffopt, plan, [True], new)
+        >>> internal.repeat_plan(diffopt, new).name
+        'SGD'
+    """
+    if plan.fallback is None and diffopt.fmodel is not None:
+        diffopt._repeat = Repeat(diffopt, plan, stepped, new_params)
+
+
 def repeat_step(diffopt: OptimizerShell, loss: torch.Tensor) -> list[torch.Tensor] | None:
     """`diffopt.step(loss)` when the last step left a `Repeat` that still holds: the gradients,
     the last plan with the buckets' current state, the update, `commit`. None (nothing done)
     when it does not hold: the caller takes the whole step."""
     last: Repeat | None = diffopt._repeat
-    if last is None or last.version != diffopt._version or diffopt.grad_callback is not None:
+    if last is None or diffopt.grad_callback is not None:
         return None
     fmodel = diffopt.fmodel
     if fmodel is None or not isinstance(loss, torch.Tensor) or not loss.requires_grad:
         return None
     fast = fmodel.fast_params
-    if fast is None or len(fast) != len(last.params) or loss.numel() != 1:
+    if fast is None or loss.numel() != 1:
         return None
     current = fast if isinstance(fast, list) else list(fast)
-    if any(p is not q for p, q in zip(current, last.params, strict=True)):
-        return None
-    if [p.requires_grad for p in current] != last.requires_grad or not last.trainable:
-        return None
-    if not _same(_options_key(diffopt.param_groups), last.options):
-        return None
-    plan = diffopt._repeat_plan(last.plan)
+    plan = repeat_plan(diffopt, current)
     if plan is None:
         return None
     found = loss_grads(loss, tuple(current[i] for i in last.trainable), diffopt.track_higher_grads)
@@ -449,7 +515,7 @@ def repeat_step(diffopt: OptimizerShell, loss: torch.Tensor) -> list[torch.Tenso
         last.params, last.plan, last.version = new_params, plan, diffopt._version
         last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
     else:
-        diffopt._repeat = Repeat(diffopt, plan, grads, new_params)
+        remember(diffopt, plan, stepped, new_params)
     return new_params
 
 

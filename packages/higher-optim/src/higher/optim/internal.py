@@ -12,6 +12,11 @@ A step is three phases:
     result = plan.update(params, grads)                               # pure
     new_params = internal.commit(diffopt, plan, result)               # the only write
 
+A step with the last one's signature (the fast weights that step committed, the same options
+and parameters stepped) may reuse its plan: `internal.remember(diffopt, plan, stepped, new)`
+after the commit, then `internal.repeat_plan(diffopt, params, stepped)` gives the next plan, or
+None where anything changed (then `plan`). `diffopt.step` and the compiled step do this.
+
 `compute_step(diffopt, loss)` is the first two for a loss computed at the current parameters
 (gradients, the plan of those they step, the update): `diffopt.step(loss)` is it, then
 `commit`; so is each step of a memory mode that takes a loss or runs its closure.
@@ -43,6 +48,8 @@ Examples:
 from ._protocol import commit as commit
 from ._protocol import compute_step as compute_step
 from ._protocol import plan as plan
+from ._protocol import remember as remember
+from ._protocol import repeat_plan as repeat_plan
 from ._protocol import set_step_driver as set_step_driver
 from ._protocol import step_driver as step_driver
 from ._shell import StepDriver as StepDriver
@@ -53,6 +60,8 @@ from ._step import check_grads as check_grads
 
 __all__ = [
     "plan",
+    "repeat_plan",
+    "remember",
     "commit",
     "compute_step",
     "StepPlan",
