@@ -458,26 +458,19 @@ def remember(
     diffopt: OptimizerShell, plan: StepPlan, stepped: Sequence[bool], new_params: list[torch.Tensor]
 ) -> None:
     """After `commit(diffopt, plan, ...)` returned `new_params`: keep what `repeat_plan` reuses
-    for the next step with this signature (a functional model's steps, rule-based twins).
+    for the next step with this signature (a functional model's steps, rule-based twins; the
+    example of `repeat_plan` has one).
 
     Examples:
         >>> import torch, higher.optim
         >>> from higher.optim import internal
-        >>> class Weights:  # a functional model: its fast weights, and their update
-        ...     def __init__(self) -> None:
-        ...         self.fast_params = [torch.ones(2, requires_grad=True)]
-        ...     def update_params(self, params: list[torch.Tensor]) -> None:
-        ...         self.fast_params = list(params)
         >>> w = torch.nn.Parameter(torch.ones(2))
-        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w],
-        ...                                       fmodel=Weights())
-        >>> plan = internal.plan(diffopt)
+        >>> diffopt = higher.optim.get_diff_optim(torch.optim.SGD([w], lr=0.5), [w])
+        >>> plan = internal.plan(diffopt, [w])
         >>> new = internal.commit(diffopt, plan, plan.update([w], [torch.ones(2)]))
-        >>> internal.repeat_plan(diffopt, new) is None  # nothing remembered yet
+        >>> internal.remember(diffopt, plan, [True], new)  # no functional model: nothing kept
+        >>> internal.repeat_plan(diffopt, new) is None
         True
-        >>> internal.remember(diffopt, plan, [True], new)
-        >>> internal.repeat_plan(diffopt, new).name
-        'SGD'
     """
     if plan.fallback is None and diffopt.fmodel is not None:
         diffopt._repeat = Repeat(diffopt, plan, stepped, new_params)
