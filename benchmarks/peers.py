@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for workload in args.float64_check or ():
         float64[workload] = {}
         for worker in workers:
-            if workload in workloads and runs(worker.name, workload):
+            if runs(worker.name, workload):
                 path = tmp / f"{workload}-{worker.name}-f64.pt".replace(" ", "_")
                 worker.ask(op="grad", workload=workload, path=str(path), dtype="float64")
                 float64[workload][worker.name] = max_rel_diff(torch.load(path), refs[workload])
@@ -434,6 +434,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.rounds = 1
+    unrun = set(args.float64_check or ()) - set(args.workloads or WORKLOADS)
+    if unrun:
+        parser.error(f"--float64-check {' '.join(sorted(unrun))}: not among --workloads")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(result)

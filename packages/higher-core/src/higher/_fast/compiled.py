@@ -185,8 +185,8 @@ class CompiledStep:
         unused = self._unused.get(key)
         if unused is None:
             unused = self._unused[key] = self._find_unused(fmodel, ctx, params, batch, kwargs)
-        run = self._run
-        result, loss, moved, nonzero = run(fmodel, diffopt, ctx, params, unused, batch, kwargs)
+        run, flags = self._run, _stepped(ctx, unused, len(params))
+        result, loss, moved, nonzero = run(fmodel, diffopt, ctx, params, flags, batch, kwargs)
         if self._usage_changed(ctx, key, unused, nonzero):
             found = self._find_unused(fmodel, ctx, params, batch, kwargs)
             self._unused[key] = found
@@ -194,7 +194,8 @@ class CompiledStep:
                 i for k, i in enumerate(ctx.requires) if i not in found and not nonzero[k]
             )
             if found != unused:  # what the step ran with was wrong: nothing is committed yet
-                result, loss, moved, _ = run(fmodel, diffopt, ctx, params, found, batch, kwargs)
+                flags = _stepped(ctx, found, len(params))
+                result, loss, moved, _ = run(fmodel, diffopt, ctx, params, flags, batch, kwargs)
         plan, new = result
         for name, module, key_ in ctx.buffers:
             owner = module()
@@ -202,7 +203,7 @@ class CompiledStep:
                 setattr(owner, key_, moved[name])  # place: an earlier step may have saved them
         # first order without tracking or under no_grad, as step
         committed = internal.commit(diffopt, plan, new)
-        internal.remember(diffopt, plan, _stepped(ctx, self._unused[key], len(params)), committed)
+        internal.remember(diffopt, plan, flags, committed)
         return loss
 
     def _run(
@@ -211,12 +212,12 @@ class CompiledStep:
         diffopt: DifferentiableOptimizer,
         ctx: _Context,
         params: list[torch.Tensor],
-        unused: frozenset[int],
+        flags: list[bool],
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> tuple[tuple[StepPlan, StepResult], torch.Tensor, dict[str, torch.Tensor], list[bool]]:
-        """Plan the step and run the compiled function; nothing is changed yet."""
-        flags = _stepped(ctx, unused, len(params))
+        """Plan the step of the parameters `flags` marks and run the compiled function; nothing
+        is changed yet."""
         # the last step's plan where the signature is the same (its checks hold), else planned
         plan = internal.repeat_plan(diffopt, params, flags) or internal.plan(
             diffopt, params, stepped=flags

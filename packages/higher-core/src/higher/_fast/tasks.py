@@ -123,19 +123,26 @@ class BatchedModule:
         # the forward updates new buffers in place, never those an earlier step saved
         buffers = list(fresh_buffers(self.named_buffers()).values())
         if self._batching == "loop":
-            out = self._loop(one, buffers, args)
+            out = self._loop(one, buffers, args, in_dims[2:])
         else:
             run = torch.func.vmap(one, in_dims=tuple(in_dims), randomness=self._randomness)
             out = run(self._history[-1], buffers, *args)
         self._buffers = buffers
         return out
 
-    def _loop(self, one: Callable[..., Any], buffers: list[torch.Tensor], args: Any) -> Any:
+    def _loop(
+        self,
+        one: Callable[..., Any],
+        buffers: list[torch.Tensor],
+        args: tuple[Any, ...],
+        dims: list[int | None],
+    ) -> Any:
         """`one` per task on its slices (`unbind`: one autograd node per stacked tensor, whose
-        backward stacks the tasks' gradients), the outputs stacked."""
+        backward stacks the tasks' gradients), the outputs stacked; `dims`: vmap's in_dims of
+        `args` (0: one per task, None: shared)."""
         params = [p.unbind(0) for p in self._history[-1]]
         states = [b.unbind(0) for b in buffers]  # views: the forward's updates land in buffers
-        inputs = [a.unbind(0) if isinstance(a, torch.Tensor) else None for a in args]
+        inputs = [None if d is None else a.unbind(0) for a, d in zip(args, dims)]
         replay = _Replay(self._history[-1]) if self._randomness == "same" else None
         outs = []
         for t in range(self._tasks):
@@ -556,9 +563,9 @@ class _Replay:
             torch.cuda.set_rng_state(state, device)
 
 
-def choose_batching(batching: object, randomness: str, fmodule: FunctionalModule) -> str:
-    """The checked `batching=` of a batched model, "auto" resolved to "vmap" or "loop" (logged
-    at DEBUG on the `higher` logger)."""
+def check_batching(batching: object, randomness: str) -> None:
+    """Refuse a `batching=` that is not one of `BATCHINGS`, or a loop with vmap's
+    `randomness="error"`."""
     if batching not in BATCHINGS:
         raise FastPathError(
             f"batching must be one of {', '.join(map(repr, BATCHINGS))} (how the forward runs "
@@ -569,8 +576,13 @@ def choose_batching(batching: object, randomness: str, fmodule: FunctionalModule
             "randomness='error' is vmap's check for random ops, which a loop over tasks cannot "
             "make: use batching='vmap' with it, or randomness='different' or 'same'"
         )
+
+
+def choose_batching(batching: str, randomness: str, fmodule: FunctionalModule) -> str:
+    """A checked `batching=` of a batched model, "auto" resolved to "vmap" or "loop" (logged
+    at DEBUG on the `higher` logger)."""
     if batching != "auto":
-        return str(batching)
+        return batching
     convs = sorted({type(m).__name__ for m in fmodule.modules() if isinstance(m, _CONVOLUTIONS)})
     on_cpu = any(p.device.type == "cpu" for p in fmodule.fast_params)
     if convs and on_cpu and randomness != "error":
@@ -611,6 +623,7 @@ def batched_pair(
             f"randomness must be 'different', 'same' or 'error' (torch.func.vmap's), got "
             f"{randomness!r}"
         )
+    check_batching(batching, randomness)  # before the copy: a refused call makes nothing
     fmodule = monkeypatch(
         model,
         device=device,
