@@ -92,9 +92,11 @@ def runs(
             out.extend((g, (j,), (mapping[j],)) for j in slots)
             continue
         buckets: dict[tuple[Any, ...], list[int]] = {}
+        fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
         for j in slots:
             state = fresh.get((g, j)) or states.get(j, {})
-            buckets.setdefault(_bucket_key(state, rule, params[mapping[j]]), []).append(j)
+            key = _bucket_key(state, rule, fields, params[mapping[j]])
+            buckets.setdefault(key, []).append(j)
         out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
     # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
     stateless = not any(fresh.get((g, j)) or opt.state[g].get(j) for g, ss, _ in out for j in ss)
@@ -102,8 +104,11 @@ def runs(
     return out, fresh
 
 
-def _bucket_key(state: dict[str, Any], rule: Rule, p: torch.Tensor) -> tuple[Any, ...]:
-    fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
+def _bucket_key(
+    state: dict[str, Any], rule: Rule, fields: list[str], p: torch.Tensor
+) -> tuple[Any, ...]:
+    """What the slots of one bucket share: step count, dtype, device, the per-tensor `fields`
+    of the state present, the scalar state's values."""
     present = tuple(state.get(f) is not None for f in fields)
     scalars = tuple(float(state[f].detach()) for f in rule.scalar_state)
     return (state.get("step"), p.dtype, p.device, present, scalars)

@@ -620,6 +620,8 @@ def commit(
 
 def _check_bound(opt: OptimizerShell, plan: StepPlan) -> None:
     """Refuse a plan that `opt` did not make, or made from a state it has moved on from."""
+    if plan.owner is opt._identity and plan.version == opt._version:
+        return
     me = f"this {type(opt).__name__}"
     if plan.owner is not opt._identity:
         made_by = "no optimizer's plan()" if plan.owner is None else "another optimizer"

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernel import compiling, elementwise, is_zero, some
+from ._kernel import FUSE_MIN_TENSORS, compiling, elementwise, is_zero, some
 from ._rule import Hyper, Rule, flag, split_lr
 
 T = torch.Tensor
@@ -24,17 +24,49 @@ def sgd_init(params: Sequence[T], hyper: Hyper) -> SGDState:
     return SGDState(momentum_buffer=None)
 
 
+_NO_MOMENTUM = SGDState(momentum_buffer=None)
+
+
+def _descend(p: T, g: T, lr: float | T, fused: bool) -> T:
+    """`p - lr g`: one op for a number lr, as torch.optim's `add_(g, alpha=-lr)`; `p - lr * g`
+    for a tensor (0.2.1's arithmetic, bit for bit) and while compiling (equal up to one
+    rounding), which torch.compile gets right where its `add(..., alpha=)` was seen wrong
+    (torch 2.13)."""
+    if fused and isinstance(lr, (int, float)):
+        return torch.add(p, g, alpha=-lr)
+    return p - lr * g
+
+
+def _plain(params: Sequence[T], hyper: Hyper) -> bool:
+    """Whether the step is `p - lr g` and nothing else, on few real tensors in eager mode: then
+    it runs as the kernel would on each tensor, without the kernel's setup (a tenth of a small
+    MLP's step)."""
+    return (
+        len(params) < FUSE_MIN_TENSORS
+        and is_zero(hyper["momentum"])
+        and is_zero(hyper["weight_decay"])
+        and not hyper.get("maximize", False)
+        and not compiling()
+        and not any(p.is_complex() for p in params)
+    )
+
+
 def sgd_update(
     params: Sequence[T], grads: Sequence[T], state: SGDState, hyper: Hyper
 ) -> tuple[list[T], SGDState]:
     """One step of `torch.optim.SGD`, out of place."""
     lr, lrs = split_lr(hyper)
+    if _plain(params, hyper):
+        if lrs is None:
+            return [_descend(p, g, lr, True) for p, g in zip(params, grads, strict=True)], (
+                _NO_MOMENTUM
+            )
+        return [
+            _descend(p, g, lr_t, True) for p, g, lr_t in zip(params, grads, lrs, strict=True)
+        ], _NO_MOMENTUM
     wd, momentum, dampening = hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
     nesterov, maximize = flag(SGD, hyper, "nesterov"), flag(SGD, hyper, "maximize")
     use_momentum, decay = not is_zero(momentum), not is_zero(wd)
-    # one op for a number lr, as torch.optim's `add_(g, alpha=-lr)`; `p - lr * g` for a tensor
-    # (0.2.1's arithmetic, bit for bit) and while compiling (equal up to one rounding), which
-    # torch.compile gets right where its `add(..., alpha=)` was seen wrong (torch 2.13)
     fused_lr = not compiling()
 
     def kernel(p: T, g: T, buf: T | None, lr_t: T | None) -> tuple[T, T | None]:
@@ -48,9 +80,7 @@ def sgd_update(
             # torch's first buffer is the gradient itself (no dampening)
             new_buf = g if buf is None else buf * momentum + (1 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
-        if fused_lr and isinstance(step_lr, (int, float)):
-            return torch.add(p, g, alpha=-step_lr), new_buf
-        return p - step_lr * g, new_buf
+        return _descend(p, g, step_lr, fused_lr), new_buf
 
     new_p, bufs = elementwise(kernel, params, grads, state.momentum_buffer, lrs)
     return some(new_p), SGDState(momentum_buffer=some(bufs) if use_momentum else None)
