@@ -1,7 +1,11 @@
-"""Contender: hand-written `torch.func.functional_call` and `torch.autograd.grad` (the floor).
+"""Contenders written by hand: `torch.func.functional_call` and `torch.autograd.grad` (the
+floor and reference), or with `--variant slots` the weights put in the module's own parameter
+slots and the module called (what TorchOpt does, with no library around it: the floor of an
+eager library on these workloads).
 
-The update rules are written out per tensor, as a user would: SGD, and Adam exactly as
-`torch.optim.Adam` computes it (`denom = sqrt(v) / sqrt(1 - beta2**t) + eps`), which is the
+The update rules are written out per tensor, as a user would: SGD (`torch.add(p, g,
+alpha=-lr)` per tensor in the slots variant, as `torch.optim.SGD` computes it), and Adam exactly
+as `torch.optim.Adam` computes it (`denom = sqrt(v) / sqrt(1 - beta2**t) + eps`), which is the
 reference the Adam rows' correctness column is measured against.
 """
 
@@ -9,12 +13,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _peers_common import MetaStep, Problem, serve
+from _peers_common import MetaStep, Problem, serve, worker_args
 
 
 def adam_step(
@@ -39,13 +44,27 @@ def adam_step(
     return new_p, new_m, new_v
 
 
-def build(problem: Problem) -> MetaStep:
+def build(problem: Problem, slots: bool = False) -> MetaStep:
     model = problem.model
     names = [n for n, _ in model.named_parameters()]
     initial: list[torch.Tensor] = list(model.parameters())
     hpo = problem.wrt == "lr"
     wrt = problem.lrs if hpo else initial
     n_tasks = len(problem.tasks)
+    owners = [model.get_submodule(n.rpartition(".")[0]) for n in names]
+    keys = [n.rpartition(".")[2] for n in names]
+
+    def call(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if not slots:
+            return cast(torch.Tensor, functional_call(model, dict(zip(names, params)), (x,)))
+        for owner, key, p in zip(owners, keys, params):
+            owner._parameters[key] = p  # type: ignore[assignment]  # a plain tensor, as TorchOpt
+        return cast(torch.Tensor, model(x))
+
+    def sgd(params: list[torch.Tensor], grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if slots:  # one op per tensor, as torch.optim.SGD's add_(g, alpha=-lr)
+            return [torch.add(p, g, alpha=-problem.lr) for p, g in zip(params, grads)]
+        return [p - problem.lr * g for p, g in zip(params, grads)]
 
     def meta_step() -> list[torch.Tensor]:
         total = [torch.zeros_like(w) for w in wrt]
@@ -54,21 +73,28 @@ def build(problem: Problem) -> MetaStep:
             m = [torch.zeros_like(p) for p in params]
             v = [torch.zeros_like(p) for p in params]
             for t in range(1, problem.steps + 1):
-                out = functional_call(model, dict(zip(names, params)), (xs,))
-                grads = torch.autograd.grad(problem.loss(out, ys), params, create_graph=True)
+                grads = torch.autograd.grad(
+                    problem.loss(call(params, xs), ys), params, create_graph=True
+                )
                 if problem.optimizer == "adam":
                     params, m, v = adam_step(params, grads, m, v, t, problem)
                 elif hpo:
                     params = [p - lr * g for p, g, lr in zip(params, grads, problem.lrs)]
                 else:
-                    params = [p - problem.lr * g for p, g in zip(params, grads)]
-            out = functional_call(model, dict(zip(names, params)), (xq,))
-            meta_loss = problem.loss(out, yq) / n_tasks
+                    params = sgd(params, grads)
+            meta_loss = problem.loss(call(params, xq), yq) / n_tasks
             total = [a + g for a, g in zip(total, torch.autograd.grad(meta_loss, wrt))]
+        if slots:  # the module's own parameters back in their slots
+            for owner, key, p in zip(owners, keys, initial):
+                owner._parameters[key] = p  # type: ignore[assignment]
         return total
 
     return meta_step
 
 
 if __name__ == "__main__":
-    serve("torch.func", build, {"library": f"torch.func (torch {torch.__version__})"})
+    if worker_args().variant == "slots":
+        serve("hand-written loop", lambda problem: build(problem, slots=True),
+              {"library": f"hand-written (torch {torch.__version__})"})  # fmt: skip
+    else:
+        serve("torch.func", build, {"library": f"torch.func (torch {torch.__version__})"})

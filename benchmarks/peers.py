@@ -45,6 +45,8 @@ from _peers_common import (
 
 HERE = Path(__file__).parent
 OURS, FLOOR, LEGACY, TORCHOPT = "higher (this)", "torch.func", "higher 0.2.1", "TorchOpt 0.7.3"
+#: the weights in the module's own slots, no library: the floor of an eager library
+SLOTS = "hand-written loop"
 COMPILED = "higher (this), compile_step"
 BATCHED = "higher (this), tasks"
 META = "higher (this), compile_meta_step"
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     contenders = [
         Contender(OURS, sys.executable, "_peer_higher.py"),
         Contender(FLOOR, sys.executable, "_peer_torchfunc.py"),
+        Contender(SLOTS, sys.executable, "_peer_torchfunc.py", ("--variant", "slots")),
     ]
     backend = ("--backend", args.backend)
     if args.compiled:
@@ -279,7 +282,10 @@ def table(result: dict[str, Any]) -> str:
         "and the meta-gradient), each round's figure the mean of a few back-to-back meta-steps "
         "after an untimed one; best: the fastest round. × peer: over the fastest of higher 0.2.1 "
         "and TorchOpt in this run; "
-        "× floor: over hand-written torch.func. RSS: peak of one meta-step in a fresh process "
+        "× floor: over hand-written torch.func. hand-written loop: the weights put in the "
+        "module's own parameter slots and the module called, `torch.autograd.grad` and the "
+        "update written out (what TorchOpt does, with no library around it), the floor of an "
+        "eager library on these workloads. RSS: peak of one meta-step in a fresh process "
         "(+growth during it). Saved: MiB of unique storages saved for backward during the step. "
         "Max rel. diff: max |g - g_ref| / max |g_ref| against the float32 torch.func meta-gradient "
         "(the reference row; Adam rows: torch.optim-exact Adam); vs f64: against torch.func in "
