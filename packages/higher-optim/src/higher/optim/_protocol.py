@@ -369,7 +369,16 @@ class Repeat:
     or the functional model's weights. The next step then skips the checks and the planning
     (validation once per signature), and runs and commits the same way."""
 
-    __slots__ = ("options", "params", "plan", "requires_grad", "stepped", "trainable", "version")
+    __slots__ = (
+        "options",
+        "params",
+        "pending",
+        "plan",
+        "requires_grad",
+        "stepped",
+        "trainable",
+        "version",
+    )
 
     def __init__(
         self,
@@ -385,6 +394,8 @@ class Repeat:
         self.plan = plan
         self.options = _options_key(opt.param_groups)
         self.version = opt._version
+        #: the plan `repeat_plan` last returned from this one (its commit updates this in place)
+        self.pending: StepPlan | None = None
 
 
 def _options_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
@@ -451,7 +462,8 @@ def repeat_plan(
         return None
     if not _same(_options_key(diffopt.param_groups), last.options):
         return None
-    return diffopt._repeat_plan(last.plan)
+    last.pending = diffopt._repeat_plan(last.plan)
+    return last.pending
 
 
 def remember(
@@ -472,7 +484,15 @@ def remember(
         >>> internal.repeat_plan(diffopt, new) is None
         True
     """
-    if plan.fallback is None and diffopt.fmodel is not None:
+    if plan.fallback is not None or diffopt.fmodel is None:
+        return
+    last: Repeat | None = diffopt._repeat
+    if last is not None and last.pending is plan and list(stepped) == last.stepped:
+        # the plan repeat_plan gave: the same signature, only what the step changed
+        last.params, last.plan, last.version = new_params, plan, diffopt._version
+        last.pending = None
+        last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
+    else:
         diffopt._repeat = Repeat(diffopt, plan, stepped, new_params)
 
 
@@ -504,11 +524,7 @@ def repeat_step(diffopt: OptimizerShell, loss: torch.Tensor) -> list[torch.Tenso
             raise OptimError(_unrelated_loss(diffopt, loss, current))
         plan = checked_plan(diffopt, current, stepped, None, {})
     new_params = commit(diffopt, plan, plan.run(current, grads))
-    if repeated:  # the same signature: only what the step changed
-        last.params, last.plan, last.version = new_params, plan, diffopt._version
-        last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
-    else:
-        remember(diffopt, plan, stepped, new_params)
+    remember(diffopt, plan, stepped, new_params)
     return new_params
 
 
