@@ -39,8 +39,8 @@ def _descend(p: T, g: T, lr: float | T, fused: bool) -> T:
 
 def _plain(params: Sequence[T], hyper: Hyper) -> bool:
     """Whether the step is `p - lr g` and nothing else, on few real tensors in eager mode: then
-    it runs as the kernel would on each tensor, without the kernel's setup (a tenth of a small
-    MLP's step)."""
+    it runs as the kernel would on each tensor, without the kernel's setup (about 6 us a step
+    of a small MLP's six tensors)."""
     return (
         len(params) < FUSE_MIN_TENSORS
         and is_zero(hyper["momentum"])
