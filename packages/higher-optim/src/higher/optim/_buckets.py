@@ -81,6 +81,7 @@ def runs(
         return cached[1], {}
     out: list[Run] = []
     fresh: dict[tuple[int, int], dict[str, Any]] = {}
+    fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
     for g, (flags, mapping) in enumerate(zip(live, opt._group_to_param_list, strict=True)):
         states = opt.state[g]
         slots = [j for j, flag in enumerate(flags) if flag]
@@ -92,11 +93,10 @@ def runs(
             out.extend((g, (j,), (mapping[j],)) for j in slots)
             continue
         buckets: dict[tuple[Any, ...], list[int]] = {}
-        fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
         for j in slots:
             state = fresh.get((g, j)) or states.get(j, {})
-            key = _bucket_key(state, rule, fields, params[mapping[j]])
-            buckets.setdefault(key, []).append(j)
+            shared = _bucket_key(state, rule, fields, params[mapping[j]])
+            buckets.setdefault(shared, []).append(j)
         out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
     # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
     stateless = not any(fresh.get((g, j)) or opt.state[g].get(j) for g, ss, _ in out for j in ss)

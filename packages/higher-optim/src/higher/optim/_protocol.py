@@ -636,20 +636,18 @@ def commit(
 
 def _check_bound(opt: OptimizerShell, plan: StepPlan) -> None:
     """Refuse a plan that `opt` did not make, or made from a state it has moved on from."""
-    if plan.owner is opt._identity and plan.version == opt._version:
-        return
-    me = f"this {type(opt).__name__}"
     if plan.owner is not opt._identity:
         made_by = "no optimizer's plan()" if plan.owner is None else "another optimizer"
         raise OptimError(
-            f"commit got a plan made by {made_by} (a {plan.name} step), not by {me}: commit "
-            "a plan into the optimizer whose plan() made it, then make a new plan for the next "
-            "step"
+            f"commit got a plan made by {made_by} (a {plan.name} step), not by this "
+            f"{type(opt).__name__}: commit a plan into the optimizer whose plan() made it, "
+            "then make a new plan for the next step"
         )
     if plan.version != opt._version:
         raise OptimError(
-            f"commit got a stale plan: {me} has changed since the plan was made (a step, a "
-            f"commit or load_state_dict; {opt._version - plan.version} since), so committing it "
+            f"commit got a stale plan: this {type(opt).__name__} has changed since the plan was "
+            f"made (a step, a commit or load_state_dict; {opt._version - plan.version} since), "
+            "so committing it "
             "would store a step from an old state or store one step twice; make a new plan "
             "from the current state and commit each plan once"
         )

@@ -19,12 +19,12 @@ class SGDState(NamedTuple):
     momentum_buffer: list[T] | None
 
 
+_NO_MOMENTUM = SGDState(momentum_buffer=None)
+
+
 def sgd_init(params: Sequence[T], hyper: Hyper) -> SGDState:
     """The state before the first step: no momentum buffer yet."""
-    return SGDState(momentum_buffer=None)
-
-
-_NO_MOMENTUM = SGDState(momentum_buffer=None)
+    return _NO_MOMENTUM
 
 
 def _descend(p: T, g: T, lr: float | T, fused: bool) -> T:
@@ -45,7 +45,7 @@ def _plain(params: Sequence[T], hyper: Hyper) -> bool:
         len(params) < FUSE_MIN_TENSORS
         and is_zero(hyper["momentum"])
         and is_zero(hyper["weight_decay"])
-        and not hyper.get("maximize", False)
+        and not flag(SGD, hyper, "maximize")
         and not compiling()
         and not any(p.is_complex() for p in params)
     )
@@ -57,13 +57,9 @@ def sgd_update(
     """One step of `torch.optim.SGD`, out of place."""
     lr, lrs = split_lr(hyper)
     if _plain(params, hyper):
-        if lrs is None:
-            return [_descend(p, g, lr, True) for p, g in zip(params, grads, strict=True)], (
-                _NO_MOMENTUM
-            )
-        return [
-            _descend(p, g, lr_t, True) for p, g, lr_t in zip(params, grads, lrs, strict=True)
-        ], _NO_MOMENTUM
+        steps = [lr] * len(params) if lrs is None else lrs
+        new = [_descend(p, g, s, True) for p, g, s in zip(params, grads, steps, strict=True)]
+        return new, _NO_MOMENTUM
     wd, momentum, dampening = hyper["weight_decay"], hyper["momentum"], hyper["dampening"]
     nesterov, maximize = flag(SGD, hyper, "nesterov"), flag(SGD, hyper, "maximize")
     use_momentum, decay = not is_zero(momentum), not is_zero(wd)
