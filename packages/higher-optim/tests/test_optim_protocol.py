@@ -557,20 +557,42 @@ def _changes() -> dict[str, Callable[[Any, _Weights], None]]:
 
     def loaded(diffopt: Any, fmodel: _Weights) -> None:
         saved = diffopt.state_dict()
-        saved["state"][0]["momentum_buffer"] = torch.full((2,), -1.0, dtype=torch.float64)
+        saved["state"].setdefault(0, {})["momentum_buffer"] = torch.full(
+            (2,), -1.0, dtype=torch.float64
+        )
         diffopt.load_state_dict(saved)
 
     def unused(diffopt: Any, fmodel: _Weights) -> None:
         pass  # the step after it has no gradient for one parameter (see the loss)
 
-    return {f.__name__: f for f in (lr_item, lr_value, state, weights, loaded, unused)}
+    def group_replaced(diffopt: Any, fmodel: _Weights) -> None:
+        # a new dict, `params` first as torch orders it, with one option changed
+        group = diffopt.param_groups[0]
+        new = {"params": group["params"], **{k: v for k, v in group.items() if k != "params"}}
+        new["dampening"] = 0.25
+        diffopt.param_groups[0] = new
+
+    def params_written(diffopt: Any, fmodel: _Weights) -> None:
+        # a step writes `params` and never reads it: nothing changes
+        diffopt.param_groups[0]["params"] = [p.detach() for p in diffopt.param_groups[0]["params"]]
+
+    def state_cleared(diffopt: Any, fmodel: _Weights) -> None:
+        diffopt.state[0].clear()  # the next step starts the momentum afresh, as torch's would
+
+    changes = (
+        lr_item, lr_value, state, weights, loaded, unused, group_replaced, params_written,
+        state_cleared,
+    )  # fmt: skip
+    return {f.__name__: f for f in changes}
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("change", sorted(_changes()))
-def test_a_step_that_repeats_the_last_one_sees_every_change(change: str) -> None:
+def test_a_step_that_repeats_the_last_one_sees_every_change(change: str, momentum: float) -> None:
     """Steps of `step(loss)` through a functional model (the last step's checks and plan
     reused while they hold) and of `step(loss, params=...)` (each planned anew) agree, with one
-    of the user's changes made between steps 3 and 4."""
+    of the user's changes made between steps 3 and 4 (with momentum, and without: a rule that
+    keeps no state until a change gives it some)."""
 
     def run(through_fmodel: bool) -> list[torch.Tensor]:
         w = [
@@ -578,7 +600,7 @@ def test_a_step_that_repeats_the_last_one_sees_every_change(change: str) -> None
             torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64, requires_grad=True),
         ]
         lrs = [torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)]
-        opt = torch.optim.SGD(w, lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(w, lr=0.1, momentum=momentum)
         fmodel = _Weights(w)
         diffopt = higher.optim.get_diff_optim(
             opt, w, fmodel=fmodel if through_fmodel else None, override={"lr": [lrs]}

@@ -13,9 +13,9 @@ _TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
 
 
 def ignore_torch_self_deprecation() -> None:
-    """Inside `warnings.catch_warnings()`: ignore torch's warnings of its own deprecated parts."""
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", message=_TORCH_DEPRECATED, category=category)
+    """Inside `warnings.catch_warnings()`: ignore torch's warnings of its own deprecated parts
+    (one filter for both categories: a compiled step installs it at every call)."""
+    warnings.filterwarnings("ignore", message=_TORCH_DEPRECATED, category=Warning)
 
 
 # Inductor's C++ wrapper (`cpp_wrapper=True`, the compiled meta-step's default on CPU) runs an op

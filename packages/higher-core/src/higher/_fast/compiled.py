@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import types
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 
 import torch
@@ -33,23 +32,42 @@ _MIN_TORCH = "2.3"
 _NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
 
 
-@contextlib.contextmanager
-def traced_call(fmodel: FunctionalModule, error: type[HigherError], refusal: str) -> Iterator[None]:
+class traced_call:  # (named as the function it replaces: `with traced_call(...)`)
     """The environment a compiled call of the functional model runs in: its slots empty, the
     warnings tracing emits filtered, and what torch.compile cannot trace as one graph refused
-    as `error(refusal + torch's reason)`."""
-    with warnings.catch_warnings():
-        # torch.compile reads `.grad` of every input tensor while it traces; the weights of an
-        # unroll are not leaves, and torch warns of that read (an error under -W error).
-        warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
-        ignore_torch_self_deprecation()
-        # The slots are empty during the call: weights the module holds would alias the
-        # inputs, which torch.compile guards by identity, in Python, at every call.
-        with patch_internal.vacated(fmodel):
-            try:
-                yield
-            except torch._dynamo.exc.Unsupported as err:
-                raise error(refusal.format(reason=str(err).splitlines()[0])) from err
+    as `error(refusal + torch's reason)`. (A class: a generator's context manager costs more
+    at every step.)"""
+
+    __slots__ = ("_error", "_fmodel", "_refusal", "_vacated", "_warnings")
+
+    def __init__(self, fmodel: FunctionalModule, error: type[HigherError], refusal: str) -> None:
+        self._fmodel, self._error, self._refusal = fmodel, error, refusal
+
+    def __enter__(self) -> None:
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        try:
+            # torch.compile reads `.grad` of every input tensor while it traces; the weights of
+            # an unroll are not leaves, and torch warns of that read (an error under -W error).
+            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            ignore_torch_self_deprecation()
+            # The slots are empty during the call: weights the module holds would alias the
+            # inputs, which torch.compile guards by identity, in Python, at every call.
+            self._vacated = patch_internal.vacated(self._fmodel)
+            self._vacated.__enter__()
+        except BaseException:
+            self._warnings.__exit__(None, None, None)
+            raise
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: Any
+    ) -> None:
+        try:
+            self._vacated.__exit__(None, None, None)  # the slots hold the weights again
+        finally:
+            self._warnings.__exit__(None, None, None)
+        if isinstance(err, torch._dynamo.exc.Unsupported):
+            raise self._error(self._refusal.format(reason=str(err).splitlines()[0])) from err
 
 
 def compiled_own(
@@ -90,8 +108,11 @@ class _Context:
     #: (qualified name, module, key) of each buffer
     buffers: list[tuple[str, weakref.ref[torch.nn.Module], str]]
     norms: list[tuple[str, weakref.ref[_NormBase]]]
-    #: what the set of parameters a loss uses can depend on, besides the batch
-    architecture: Hashable
+    #: what the set of parameters a loss uses can depend on, besides the batch (a number
+    #: standing for it: hashing the whole description at every step would cost more than it)
+    architecture: int
+    #: the last set of unused parameters and the flags of the parameters it steps
+    flags: tuple[frozenset[int], list[bool]] | None = None
 
 
 class CompiledStep:
@@ -155,6 +176,13 @@ class CompiledStep:
         self._unused: dict[Hashable, frozenset[int]] = {}
         # indices the loss uses whose gradient was seen exactly zero (a dead unit, not a change)
         self._zero_ok: dict[Hashable, frozenset[int]] = {}
+        # per (architecture, batch signature): the nonzero pattern of the gradients that says
+        # nothing changed (each used parameter's nonzero, each unused one's zero)
+        self._expected: dict[Hashable, list[bool]] = {}
+        # each architecture seen (module names, types and configuration) -> its number
+        self._architectures: dict[Hashable, int] = {}
+        # the context of the last call (the model held weakly), looked up without a weakref
+        self._last: tuple[weakref.ref[FunctionalModule], _Context] | None = None
         self._contexts: weakref.WeakKeyDictionary[FunctionalModule, _Context]
         self._contexts = weakref.WeakKeyDictionary()
         self._fn: Callable[..., Any] = self._pure
@@ -181,15 +209,16 @@ class CompiledStep:
             if norm is not None:
                 _refuse_batch_statistics(name, norm)
         params = fmodel.fast_params
-        key = (ctx.architecture, _signature(batch), _signature(kwargs))
+        key = (ctx.architecture, _signature(batch), _signature(kwargs) if kwargs else None)
         unused = self._unused.get(key)
         if unused is None:
             unused = self._unused[key] = self._find_unused(fmodel, ctx, params, batch, kwargs)
         run, flags = self._run, _stepped(ctx, unused, len(params))
         result, loss, moved, nonzero = run(fmodel, diffopt, ctx, params, flags, batch, kwargs)
-        if self._usage_changed(ctx, key, unused, nonzero):
+        if nonzero != self._expected.get(key) and self._usage_changed(ctx, key, unused, nonzero):
             found = self._find_unused(fmodel, ctx, params, batch, kwargs)
             self._unused[key] = found
+            self._expected.pop(key, None)
             self._zero_ok[key] = frozenset(
                 i for k, i in enumerate(ctx.requires) if i not in found and not nonzero[k]
             )
@@ -256,17 +285,24 @@ class CompiledStep:
         self, ctx: _Context, key: Hashable, unused: frozenset[int], nonzero: list[bool]
     ) -> bool:
         """Whether the gradients contradict the parameters thought used: one thought unused
-        got a gradient, or one thought used got an exactly-zero one (not seen before)."""
+        got a gradient, or one thought used got an exactly-zero one (not seen before). The
+        pattern that says no (every used one nonzero) is kept, compared first next time."""
         zero_ok = self._zero_ok.get(key, frozenset())
         for k, i in enumerate(ctx.requires):
             if (i in unused) == nonzero[k] and (i in unused or i not in zero_ok):
                 return True
+        if all(nonzero[k] != (i in unused) for k, i in enumerate(ctx.requires)):
+            self._expected[key] = list(nonzero)
         return False
 
     def _context(self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer) -> _Context:
         """The checks and layout of a functional model, worked out once per model."""
+        last = self._last
+        if last is not None and last[0]() is fmodel and last[1].diffopt() is diffopt:
+            return last[1]
         ctx = self._contexts.get(fmodel) if isinstance(fmodel, FunctionalModule) else None
         if ctx is not None and ctx.diffopt() is diffopt:
+            self._last = (weakref.ref(fmodel), ctx)
             return ctx
         if not isinstance(fmodel, FunctionalModule):
             raise UsageError(
@@ -306,9 +342,12 @@ class CompiledStep:
             requires=[i for i, p in enumerate(named.values()) if p.requires_grad],
             buffers=places,
             norms=norms,
-            architecture=(tuple(named), tuple(shape)),
+            architecture=self._architectures.setdefault(
+                (tuple(named), tuple(shape)), len(self._architectures)
+            ),
         )
         self._contexts[fmodel] = ctx
+        self._last = (weakref.ref(fmodel), ctx)
         return ctx
 
     def _find_unused(
@@ -347,10 +386,15 @@ class CompiledStep:
 
 
 def _stepped(ctx: _Context, unused: frozenset[int], n: int) -> list[bool]:
-    """Per parameter, whether a step updates it: it requires grad and the loss uses it."""
+    """Per parameter, whether a step updates it: it requires grad and the loss uses it (the
+    last answer kept on `ctx`; callers do not modify it)."""
+    kept = ctx.flags
+    if kept is not None and kept[0] is unused and len(kept[1]) == n:
+        return kept[1]
     flags = [False] * n
     for i in ctx.requires:
         flags[i] = i not in unused
+    ctx.flags = (unused, flags)
     return flags
 
 
@@ -361,8 +405,8 @@ _CONFIG_TYPES = (bool, int, float, str, type(None))
 def _signature(value: Any) -> Hashable:
     """What a loss's set of used parameters can depend on in `value`: tensors by shape, dtype
     and device; numbers, strings and the like by value; containers item by item."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, torch.Tensor):  # (a torch.Size is a tuple)
+        return ("tensor", value.shape, value.dtype, value.device, value.requires_grad)
     if isinstance(value, (list, tuple)):
         return (type(value), tuple(_signature(v) for v in value))
     if isinstance(value, dict):

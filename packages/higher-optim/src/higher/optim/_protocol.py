@@ -398,27 +398,41 @@ class Repeat:
         self.pending: StepPlan | None = None
 
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def _options_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """The param groups as they are: each group's keys and values, and the items of a list
-    value (a per-parameter `lr`). A key whose entries are the very same objects (`is`) means
-    the very same options. The key holds the values, so an identity cannot be reused by another
-    object while it is kept."""
-    key: list[Any] = []
-    for group in groups:
-        values = tuple(group.values())
-        key += (tuple(group), values)
-        key += [item for value in values if type(value) is list for item in value]
-    return tuple(key)
+    """The param groups' options as they are: per group, its keys, its values, and the items
+    of its list values (a per-parameter `lr`). A key whose entries are the very same objects
+    (`is`) means the very same options (`_same_options`). The key holds the values, so an
+    identity cannot be reused by another object while it is kept. `params` is left out: a step
+    writes it (`load_params`) and never reads it, so the key of a step's groups is still the
+    key after its commit."""
+    return tuple(_group_key(group) for group in groups)
 
 
-def _same(key: tuple[Any, ...], kept: tuple[Any, ...]) -> bool:
-    if len(key) != len(kept):
+def _group_key(group: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]:
+    names = tuple(group)
+    values = tuple(group.values())
+    if names and names[-1] == "params":  # where the twins put it (torch: first)
+        values = values[:-1]
+    elif names and names[0] == "params":
+        values = values[1:]
+    elif "params" in group:
+        values = tuple(v for k, v in group.items() if k != "params")
+    items = tuple(item for value in values if type(value) is list for item in value)
+    return names, values, items
+
+
+def _same_options(groups: list[dict[str, Any]], kept: tuple[Any, ...]) -> bool:
+    """Whether `groups` hold the very options `kept` (an `_options_key`) holds."""
+    if len(groups) != len(kept):
         return False
-    for a, b in zip(key, kept, strict=True):
-        if a is not b and not (
-            type(a) is tuple and len(a) == len(b) and all(map(operator.is_, a, b))
-        ):
-            return False
+    for group, (names, values, items) in zip(groups, kept, strict=True):
+        now_names, now_values, now_items = _group_key(group)
+        for now, then in ((now_names, names), (now_values, values), (now_items, items)):
+            if len(now) != len(then) or not all(map(operator.is_, now, then)):
+                return False
     return True
 
 
@@ -454,13 +468,13 @@ def repeat_plan(
     last: Repeat | None = diffopt._repeat
     if last is None or last.version != diffopt._version or len(params) != len(last.params):
         return None
-    if any(p is not q for p, q in zip(params, last.params, strict=True)):
+    if not all(map(operator.is_, params, last.params)):
         return None
-    if [p.requires_grad for p in params] != last.requires_grad or not last.trainable:
+    if list(map(_REQUIRES_GRAD, params)) != last.requires_grad or not last.trainable:
         return None
     if stepped is not None and list(stepped) != last.stepped:
         return None
-    if not _same(_options_key(diffopt.param_groups), last.options):
+    if not _same_options(diffopt.param_groups, last.options):
         return None
     last.pending = diffopt._repeat_plan(last.plan)
     return last.pending
@@ -491,7 +505,8 @@ def remember(
         # the plan repeat_plan gave: the same signature, only what the step changed
         last.params, last.plan, last.version = new_params, plan, diffopt._version
         last.pending = None
-        last.options = _options_key(diffopt.param_groups)  # the groups hold the new weights
+        if plan.options is not diffopt.param_groups:  # commit wrote the step's override
+            last.options = _options_key(diffopt.param_groups)
     else:
         diffopt._repeat = Repeat(diffopt, plan, stepped, new_params)
 

@@ -9,6 +9,7 @@ weights is a flat loop of dict writes and a forward is the user's own forward, u
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -24,6 +25,10 @@ class _Spec(NamedTuple):
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
+
+
+#: a tensor's (shape, dtype, device), what `_Spec` holds
+_SPEC_OF = operator.attrgetter("shape", "dtype", "device")
 
 
 class FastWeights:
@@ -109,10 +114,7 @@ class FastWeights:
         specs = self.specs
         if type(params) is list and len(params) == len(specs):
             try:  # the common case, checked in one pass; anything else is explained below
-                if all(
-                    t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
-                    for t, s in zip(params, specs)
-                ):
+                if list(map(_SPEC_OF, params)) == specs:  # (a `_Spec` is a tuple)
                     return list(params)  # a copy: the history must not change with the caller's
             except AttributeError:
                 pass
