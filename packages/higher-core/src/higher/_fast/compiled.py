@@ -113,6 +113,9 @@ class _Context:
     architecture: int
     #: the last set of unused parameters and the flags of the parameters it steps
     flags: tuple[frozenset[int], list[bool]] | None = None
+    #: the plan the context was checked with (of every parameter that requires grad), for the
+    #: call that made it: its step, where the loss uses them all
+    planned: StepPlan | None = None
 
 
 class CompiledStep:
@@ -204,6 +207,7 @@ class CompiledStep:
             diffopt.step(closure=closure)
             return losses[0]
         ctx = self._context(fmodel, diffopt)
+        planned, ctx.planned = ctx.planned, None  # this call's, or none
         for name, ref in ctx.norms:  # their mode may change between steps
             norm = ref()
             if norm is not None:
@@ -214,7 +218,11 @@ class CompiledStep:
         if unused is None:
             unused = self._unused[key] = self._find_unused(fmodel, ctx, params, batch, kwargs)
         run, flags = self._run, _stepped(ctx, unused, len(params))
-        result, loss, moved, nonzero = run(fmodel, diffopt, ctx, params, flags, batch, kwargs)
+        if planned is not None and planned.requires_grad != flags:
+            planned = None  # it steps every parameter that requires grad: the loss skips some
+        result, loss, moved, nonzero = run(
+            fmodel, diffopt, ctx, params, flags, batch, kwargs, planned
+        )
         if nonzero != self._expected.get(key) and self._usage_changed(ctx, key, unused, nonzero):
             found = self._find_unused(fmodel, ctx, params, batch, kwargs)
             self._unused[key] = found
@@ -244,12 +252,15 @@ class CompiledStep:
         flags: list[bool],
         batch: tuple[Any, ...],
         kwargs: dict[str, Any],
+        planned: StepPlan | None = None,
     ) -> tuple[tuple[StepPlan, StepResult], torch.Tensor, dict[str, torch.Tensor], list[bool]]:
         """Plan the step of the parameters `flags` marks and run the compiled function; nothing
-        is changed yet."""
+        is changed yet. `planned`: a plan of this step made in this call (`_context`'s)."""
         # the last step's plan where the signature is the same (its checks hold), else planned
-        plan = internal.repeat_plan(diffopt, params, flags) or internal.plan(
-            diffopt, params, stepped=flags
+        plan = (
+            internal.repeat_plan(diffopt, params, flags)
+            or planned
+            or internal.plan(diffopt, params, stepped=flags)
         )
         buffers: dict[str, torch.Tensor] = {}
         for name, module, key in ctx.buffers:
@@ -345,6 +356,7 @@ class CompiledStep:
             architecture=self._architectures.setdefault(
                 (tuple(named), tuple(shape)), len(self._architectures)
             ),
+            planned=plan,
         )
         self._contexts[fmodel] = ctx
         self._last = (weakref.ref(fmodel), ctx)
