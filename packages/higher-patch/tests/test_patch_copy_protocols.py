@@ -12,6 +12,7 @@ is untouched. The same holds for `copy.deepcopy(fmodel)` and `pickle`.
 from __future__ import annotations
 
 import copy
+import copyreg
 import io
 import itertools
 import pickle
@@ -160,6 +161,32 @@ class WithCopy(nn.Module):
         return out
 
 
+class WithCopyreg(nn.Module):
+    """Copied through a reducer registered with `copyreg` (no copy method of its own): the
+    reducer counts the copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.copies = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x)
+        return out
+
+
+def _new_with_copyreg() -> WithCopyreg:
+    return WithCopyreg.__new__(WithCopyreg)
+
+
+def _reduce_with_copyreg(module: WithCopyreg) -> tuple[Any, ...]:
+    state = dict(module.__getstate__(), copies=module.copies + 1)
+    return _new_with_copyreg, (), state
+
+
+copyreg.pickle(WithCopyreg, _reduce_with_copyreg)
+
+
 class Wrapper(nn.Module):
     """The protocol modules as submodules, so their protocol runs inside the tree copy too."""
 
@@ -188,11 +215,12 @@ def _build(kind: str, log_path: Path) -> nn.Module:
         "deepcopy": WithDeepcopy,
         "reduce_ex": lambda: WithReduceEx(3),
         "setstate": lambda: WithSetstate(3),
+        "copyreg": WithCopyreg,
     }
     return makers[kind]().to(DT)
 
 
-KINDS = ["lock", "file", "deepcopy", "reduce_ex", "setstate"]
+KINDS = ["lock", "file", "deepcopy", "reduce_ex", "setstate", "copyreg"]
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -223,6 +251,8 @@ def _check_protocol_effect(kind: str, model: nn.Module, copied: nn.Module) -> No
     elif kind == "setstate":
         assert torch.equal(copied.basis, model.basis) and copied.basis is not model.basis
         assert copied.rebuilt > model.rebuilt
+    elif kind == "copyreg":
+        assert copied.copies > model.copies
 
 
 def _close_files(*modules: nn.Module) -> None:
@@ -253,6 +283,8 @@ def test_monkeypatch_honours_the_class_copy_protocol(
         _check_protocol_effect(kind, inner, finner)
         if kind == "setstate":
             assert finner.rebuilt == inner.rebuilt + 1  # once, as copy.deepcopy does
+        if kind == "copyreg":
+            assert finner.copies == inner.copies + 1  # the reducer, once
         assert isinstance(fmodel, type(model)) and isinstance(finner, type(inner))
         torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
         shifted = [p + 0.25 for p in fmodel.parameters()]

@@ -92,6 +92,8 @@ def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
     if found is not _MISSING:
         return found
     user = _user_protocol(module)
+    if user is module and _torch_protocol(type(module)):
+        return _copy_plain(module, memo)
     copier = getattr(user, "__deepcopy__", None)
     if copier is not None:
         new = copier(memo)
@@ -105,6 +107,43 @@ def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
             "module needs a copy it can own (check the class's __deepcopy__ or __reduce_ex__)"
         )
     memo[id(module)] = new
+    return new
+
+
+_MODULE_STATE = (torch.nn.Module.__getstate__, torch.nn.Module.__setstate__)
+
+
+def _torch_protocol(cls: type) -> bool:
+    """Whether `cls` copies by `torch.nn.Module`'s protocol as it is: no `__deepcopy__`,
+    reducer or new-args of its own, torch's `__getstate__` and `__setstate__` (most modules;
+    worked out once per class, as `_walk` does), and no `copyreg` entry (asked every time)."""
+    plain = _TORCH_PROTOCOL.get(cls)
+    if plain is None:
+        plain = _TORCH_PROTOCOL[cls] = (
+            getattr(cls, "__deepcopy__", None) is None
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and (cls.__getstate__, cls.__setstate__) == _MODULE_STATE
+            and getattr(cls, "__getnewargs_ex__", None) is None
+            and getattr(cls, "__getnewargs__", None) is None
+            and not issubclass(cls, (list, dict))
+        )
+    return plain and cls not in copyreg.dispatch_table
+
+
+_TORCH_PROTOCOL: dict[type, bool] = {}
+
+
+def _copy_plain(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Module:
+    """`_deepcopy_module` of a module of a `_torch_protocol` class: what its reduction
+    (`copyreg.__newobj__`, the state `__getstate__` gives) and `_reconstruct` do, without
+    asking for the reduction."""
+    cls = type(module)
+    new: torch.nn.Module = cls.__new__(cls)
+    memo[id(module)] = new
+    state = module.__getstate__()
+    memo.setdefault(id(memo), []).append(state)  # keep it alive: memo keys are ids
+    new.__setstate__(_copy_state(state, memo))
     return new
 
 
