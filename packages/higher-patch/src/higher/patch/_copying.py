@@ -111,6 +111,7 @@ def _deepcopy_module(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
 
 
 _MODULE_STATE = (torch.nn.Module.__getstate__, torch.nn.Module.__setstate__)
+_OBJECT_REDUCE: tuple[Any, Any] = (object.__reduce_ex__, object.__reduce__)
 
 
 def _torch_protocol(cls: type) -> bool:
@@ -121,8 +122,8 @@ def _torch_protocol(cls: type) -> bool:
     if plain is None:
         plain = _TORCH_PROTOCOL[cls] = (
             getattr(cls, "__deepcopy__", None) is None
-            and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__reduce_ex__", None) is _OBJECT_REDUCE[0]
+            and getattr(cls, "__reduce__", None) is _OBJECT_REDUCE[1]
             and (cls.__getstate__, cls.__setstate__) == _MODULE_STATE
             and getattr(cls, "__getnewargs_ex__", None) is None
             and getattr(cls, "__getnewargs__", None) is None
