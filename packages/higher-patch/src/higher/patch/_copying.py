@@ -124,7 +124,8 @@ def _torch_protocol(cls: type) -> bool:
             getattr(cls, "__deepcopy__", None) is None
             and getattr(cls, "__reduce_ex__", None) is _OBJECT_REDUCE[0]
             and getattr(cls, "__reduce__", None) is _OBJECT_REDUCE[1]
-            and (cls.__getstate__, cls.__setstate__) == _MODULE_STATE
+            and (getattr(cls, "__getstate__", None), getattr(cls, "__setstate__", None))
+            == _MODULE_STATE
             and getattr(cls, "__getnewargs_ex__", None) is None
             and getattr(cls, "__getnewargs__", None) is None
             and not issubclass(cls, (list, dict))
