@@ -5,6 +5,7 @@ per-instance step driver. Public through `higher.optim.internal`."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -528,11 +529,17 @@ def repeat_step(diffopt: OptimizerShell, loss: torch.Tensor) -> list[torch.Tenso
     plan = repeat_plan(diffopt, current)
     if plan is None:
         return None
-    found = loss_grads(loss, tuple(current[i] for i in last.trainable), diffopt.track_higher_grads)
-    grads: list[torch.Tensor | None] = [None] * len(current)
-    for i, grad in zip(last.trainable, found, strict=True):
-        grads[i] = grad
-    stepped = [g is not None for g in grads]
+    trainable = last.trainable
+    if len(trainable) == len(current):  # every parameter (the usual case): no gather, no scatter
+        grads: list[torch.Tensor | None] = list(
+            loss_grads(loss, tuple(current), diffopt.track_higher_grads)
+        )
+    else:
+        found = loss_grads(loss, tuple(current[i] for i in trainable), diffopt.track_higher_grads)
+        grads = [None] * len(current)
+        for i, grad in zip(trainable, found, strict=True):
+            grads[i] = grad
+    stepped = list(map(operator.is_not, grads, itertools.repeat(None)))
     repeated = stepped == last.stepped
     if not repeated:  # another set of parameters is stepped: planned anew
         if not any(stepped):

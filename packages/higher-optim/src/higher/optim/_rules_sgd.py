@@ -47,7 +47,7 @@ def _plain(params: Sequence[T], hyper: Hyper) -> bool:
         and is_zero(hyper["weight_decay"])
         and not flag(SGD, hyper, "maximize")
         and not compiling()
-        and not any(p.is_complex() for p in params)
+        and not any(map(torch.is_complex, params))
     )
 
 
