@@ -111,8 +111,9 @@ class _Context:
     #: what the set of parameters a loss uses can depend on, besides the batch (a number
     #: standing for it: hashing the whole description at every step would cost more than it)
     architecture: int
-    #: the last set of unused parameters and the flags of the parameters it steps
-    flags: tuple[frozenset[int], list[bool]] | None = None
+    #: the last set of unused parameters, the flags of the parameters it steps, and the
+    #: nonzero pattern of gradients that agrees with it (`requires`' flags)
+    flags: tuple[frozenset[int], list[bool], list[bool]] | None = None
     #: the plan the context was checked with (of every parameter that requires grad), for the
     #: call that made it: its step, where the loss uses them all
     planned: StepPlan | None = None
@@ -179,9 +180,6 @@ class CompiledStep:
         self._unused: dict[Hashable, frozenset[int]] = {}
         # indices the loss uses whose gradient was seen exactly zero (a dead unit, not a change)
         self._zero_ok: dict[Hashable, frozenset[int]] = {}
-        # per (architecture, batch signature): the nonzero pattern of the gradients that says
-        # nothing changed (each used parameter's nonzero, each unused one's zero)
-        self._expected: dict[Hashable, list[bool]] = {}
         # each architecture seen (module names, types and configuration) -> its number
         self._architectures: dict[Hashable, int] = {}
         # the context of the last call (the model held weakly), looked up without a weakref
@@ -217,21 +215,21 @@ class CompiledStep:
         unused = self._unused.get(key)
         if unused is None:
             unused = self._unused[key] = self._find_unused(fmodel, ctx, params, batch, kwargs)
-        run, flags = self._run, _stepped(ctx, unused, len(params))
+        run, (flags, clean) = self._run, _stepped(ctx, unused, len(params))
         if planned is not None and planned.requires_grad != flags:
             planned = None  # it steps every parameter that requires grad: the loss skips some
         result, loss, moved, nonzero = run(
             fmodel, diffopt, ctx, params, flags, batch, kwargs, planned
         )
-        if nonzero != self._expected.get(key) and self._usage_changed(ctx, key, unused, nonzero):
+        # gradients nonzero exactly where the parameters are used say nothing changed
+        if nonzero != clean and self._usage_changed(ctx, key, unused, nonzero):
             found = self._find_unused(fmodel, ctx, params, batch, kwargs)
             self._unused[key] = found
-            self._expected.pop(key, None)
             self._zero_ok[key] = frozenset(
                 i for k, i in enumerate(ctx.requires) if i not in found and not nonzero[k]
             )
             if found != unused:  # what the step ran with was wrong: nothing is committed yet
-                flags = _stepped(ctx, found, len(params))
+                flags, _ = _stepped(ctx, found, len(params))
                 result, loss, moved, _ = run(fmodel, diffopt, ctx, params, flags, batch, kwargs)
         plan, new = result
         for name, module, key_ in ctx.buffers:
@@ -296,14 +294,11 @@ class CompiledStep:
         self, ctx: _Context, key: Hashable, unused: frozenset[int], nonzero: list[bool]
     ) -> bool:
         """Whether the gradients contradict the parameters thought used: one thought unused
-        got a gradient, or one thought used got an exactly-zero one (not seen before). The
-        pattern that says no (every used one nonzero) is kept, compared first next time."""
+        got a gradient, or one thought used got an exactly-zero one (not seen before)."""
         zero_ok = self._zero_ok.get(key, frozenset())
         for k, i in enumerate(ctx.requires):
             if (i in unused) == nonzero[k] and (i in unused or i not in zero_ok):
                 return True
-        if all(nonzero[k] != (i in unused) for k, i in enumerate(ctx.requires)):
-            self._expected[key] = list(nonzero)
         return False
 
     def _context(self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer) -> _Context:
@@ -397,17 +392,18 @@ class CompiledStep:
         return StepResult(out.params, out.opt_state), out.loss, out.buffers, nonzero
 
 
-def _stepped(ctx: _Context, unused: frozenset[int], n: int) -> list[bool]:
-    """Per parameter, whether a step updates it: it requires grad and the loss uses it (the
-    last answer kept on `ctx`; callers do not modify it)."""
+def _stepped(ctx: _Context, unused: frozenset[int], n: int) -> tuple[list[bool], list[bool]]:
+    """Per parameter, whether a step updates it: it requires grad and the loss uses it; and
+    those flags of `ctx.requires` (the nonzero pattern of gradients that agrees). The last
+    answer is kept on `ctx`; callers do not modify it."""
     kept = ctx.flags
     if kept is not None and kept[0] is unused and len(kept[1]) == n:
-        return kept[1]
+        return kept[1], kept[2]
     flags = [False] * n
     for i in ctx.requires:
         flags[i] = i not in unused
-    ctx.flags = (unused, flags)
-    return flags
+    ctx.flags = (unused, flags, [flags[i] for i in ctx.requires])
+    return flags, ctx.flags[2]
 
 
 # Attribute values that describe a module's configuration (what a forward may branch on).
