@@ -68,12 +68,12 @@ def _held_state(opt: RuleShell, run: Run, stateless: bool, last: Any) -> Any:
     states = opt.state[g]
     if isinstance(states, GroupState):
         kept = states.typed(slots)
-        if kept is not None:  # one step count: the bucket's
-            return kept if len({len(states._dicts[j]) for j in slots}) == 1 else None
+        if kept is not None:
+            return kept if _one_step_count(states, slots) else None
         if states.empty(slots):  # no state (again: it may have been cleared by hand)
             if not stateless:
                 return None  # fresh
-            return last if _none(last) else opt.rule.state_type(*[None] * len(last))
+            return last if _none(last) else _no_state(opt.rule)
     if not _buckets_hold(opt, [run], stateless):
         return None
     return gather(opt, g, slots, {})
@@ -82,6 +82,17 @@ def _held_state(opt: RuleShell, run: Run, stateless: bool, last: Any) -> Any:
 def _none(state: Any) -> bool:
     """Whether every field of a rule's state is None (no state)."""
     return not any(map(operator.is_not, state, itertools.repeat(None)))
+
+
+def _no_state(rule: Rule) -> Any:
+    """The rule's state of slots that have none: every field None."""
+    return rule.state_type(*[None] * len(rule.state_type._fields))
+
+
+def _one_step_count(states: GroupState, slots: tuple[int, ...]) -> bool:
+    """Whether the slots of a bucket whose typed state is kept show the same fields (one
+    step count: the bucket's)."""
+    return len({len(states._dicts[j]) for j in slots}) == 1
 
 
 def runs(
@@ -149,8 +160,7 @@ def _buckets_hold(opt: RuleShell, found: list[Run], stateless: bool) -> bool:
     for g, slots, _ in found:
         states = opt.state[g]
         if isinstance(states, GroupState) and states.typed(slots) is not None:
-            sizes = {len(states._dicts[j]) for j in slots}  # one step count: the bucket's
-            if len(sizes) == 1:
+            if _one_step_count(states, slots):
                 continue
             return False
         if _empty(states, slots):
@@ -205,7 +215,7 @@ def gather(
         if kept is not None:
             return kept
         if _empty(states, slots):  # a rule that keeps no state for these options (SGD)
-            return rule.state_type(*[None] * len(rule.state_type._fields))
+            return _no_state(rule)
     empty: dict[str, Any] = {}
     slot_states = [fresh.get((g, j)) or states.get(j) or empty for j in slots]
     values: dict[str, Any] = {}
