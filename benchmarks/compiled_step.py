@@ -47,7 +47,7 @@ def main() -> None:
     model, (xs, ys, xq, yq), steps = problem.model, problem.tasks[0], problem.steps
     opt = torch.optim.SGD(model.parameters(), lr=problem.lr)
     step = higher.compile_step(mse)
-    inner = step._fn
+    inner = step._compiled_for("cpu")  # (this benchmark's own instrument)
     inside = [0.0]
 
     def timed(*a: Any, **k: Any) -> Any:
@@ -57,7 +57,7 @@ def main() -> None:
         finally:
             inside[0] += time.perf_counter() - start
 
-    step._fn = timed
+    step._by_device["cpu"] = timed
 
     def ours(compiled: bool) -> Timing:
         inside[0] = 0.0

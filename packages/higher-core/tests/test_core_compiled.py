@@ -3,6 +3,7 @@ and hypergradient included (float64), and refuses what it cannot run."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ COMPILES = TorchVersion(torch.__version__) >= "2.3"
 # aot_eager traces exactly what inductor compiles (dynamo + AOTAutograd), in seconds; the
 # inductor backend itself is checked once below.
 BACKEND = "aot_eager"
+# whether inductor's wrapper is C++ by default on a CPU
+CPP_WRAPPER = TorchVersion(torch.__version__) >= "2.13"
 
 
 def make_step(loss_fn: Callable[..., torch.Tensor], **kwargs: Any) -> higher.CompiledStep:
@@ -133,15 +136,19 @@ def test_matches_diffopt_step_and_its_meta_gradient(name: str) -> None:
     assert ref_losses[-1] < ref_losses[0]  # the unroll trains: the comparison is not vacuous
 
 
-def test_inductor_backend_matches() -> None:
+def test_inductor_backend_matches(caplog: pytest.LogCaptureFixture) -> None:
+    """Inductor itself, with its default options here (on a CPU: the C++ wrapper, whose
+    per-graph notice of the ops it runs through its proxy executor is not shown)."""
     model = mlp()
     step = make_step(mse, backend="inductor")
     for name in ("sgd", "adam"):
         ref_final, ref_losses, ref_grads = unroll(model, OPTIMIZERS[name], None)
-        final, losses, grads = unroll(model, OPTIMIZERS[name], step)
+        with caplog.at_level(logging.WARNING, logger="torch._inductor"):
+            final, losses, grads = unroll(model, OPTIMIZERS[name], step)
         assert losses == pytest.approx(ref_losses, rel=1e-10)
         for u, v in zip(final + grads, ref_final + ref_grads, strict=True):
             torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
+    assert not [r for r in caplog.records if "c-shim" in r.getMessage()], caplog.text
 
 
 def test_history_and_state_advance_as_with_diffopt_step(case: Case) -> None:
@@ -534,6 +541,45 @@ def test_one_step_object_compiles_once_for_every_task() -> None:
     # Adam's first step (fresh state) and its later steps: a graph or two, all made in task 0
     assert 1 <= after_first <= 3
     assert len(graphs) == after_first
+
+
+@pytest.mark.skipif(not COMPILES, reason="older torch is refused before torch.compile")
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {"options": {"size_asserts": False, "cpp_wrapper": CPP_WRAPPER}}),
+        (
+            {"backend": "inductor"},
+            {"backend": "inductor", "options": {"size_asserts": False, "cpp_wrapper": CPP_WRAPPER}},
+        ),
+        ({"mode": "max-autotune-no-cudagraphs"}, {"mode": "max-autotune-no-cudagraphs"}),
+        ({"options": {"size_asserts": True}}, {"options": {"size_asserts": True}}),
+        ({"backend": "aot_eager"}, {"backend": "aot_eager"}),
+    ],
+)
+def test_inductor_gets_the_default_options_only_where_none_are_given(
+    monkeypatch: pytest.MonkeyPatch, given: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """On a CPU, inductor's wrapper is C++ (from torch 2.13) and checks no sizes, unless the
+    caller chose a mode or options; other backends get nothing added. The step runs (here
+    uncompiled, torch.compile replaced) with what torch.compile was given."""
+    if not expected.get("options", {}).get("cpp_wrapper", True):
+        del expected["options"]["cpp_wrapper"]
+    seen: list[dict[str, Any]] = []
+
+    def recording(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording)
+    model = mlp()
+    step = higher.compile_step(mse, **given)
+    x, y = data()
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (f, d):
+        step(f, d, x, y)
+        step(f, d, x, y)
+    assert seen == [{"fullgraph": True, **expected}]  # one compiled function, made once
+    assert len(list(f.parameters(time=2))) == 4
 
 
 @pytest.mark.skipif(not COMPILES, reason="inspects torch.compile graphs; older torch is refused")

@@ -29,10 +29,15 @@ from higher._engine import (
     pure_step,
 )
 from higher._errors import FastPathError, UsageError
-from higher._fast.compiled import _signature, check_compile_flag, compiled_own, traced_call
+from higher._fast.compiled import (
+    _signature,
+    check_compile_flag,
+    compiled_own,
+    inductor_defaults,
+    traced_call,
+)
 from higher._fast.tasks import per_task_update, refuse_nested
 from higher._strategies import RunName, refuse, refuse_hand_written
-from higher._torch_warnings import quiet_c_shim_notice
 from higher._trees import flatten, map_leaves, unflatten
 from higher._unroll.modes import Full, Mode, resolve
 from higher.optim import get_diff_optim, internal
@@ -243,16 +248,9 @@ class MetaStep:
         tensor sizes at each iteration (dynamo's guards check the inputs once per call)."""
         fn = self._by_device.get(device)
         if fn is None:
-            kwargs = dict(self._compile_kwargs)
-            inductor = kwargs.get("backend", "inductor") == "inductor"
-            if inductor and not {"mode", "options"} & set(kwargs):
-                options: dict[str, Any] = {"size_asserts": False}
-                if device == "cpu":
-                    options["cpp_wrapper"] = True
-                    quiet_c_shim_notice()
-                kwargs["options"] = options
             # a code object of its own: other meta-steps neither evict its graphs nor make its
             # shapes dynamic
+            kwargs = inductor_defaults(self._compile_kwargs, device)
             fn = self._by_device[device] = compiled_own(MetaStep._pure, self, "_meta_step",
                                                         kwargs)  # fmt: skip
         return fn
