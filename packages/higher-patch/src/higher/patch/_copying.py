@@ -193,15 +193,16 @@ def _reconstruct(
 
 def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
     """`copy.deepcopy(state, memo)` for a module's state dict (see `_deepcopy_module`)."""
-    if any(type(key) is not str for key in state):
-        return copy.deepcopy(state, memo)
     new: dict[str, Any] = {}
     memo[id(state)] = new
     for key, value in state.items():
-        if _shared(value):
+        if type(key) is not str:  # what is copied so far stays in the memo, where deepcopy
+            del memo[id(state)]  # takes it as its own copy of those values
+            return copy.deepcopy(state, memo)
+        kind = type(value)
+        if kind in _ATOMIC or issubclass(kind, type):  # what deepcopy shares (`_shared`)
             new[key] = value
             continue
-        kind = type(value)
         found = memo.get(id(value), _MISSING)
         if found is not _MISSING:
             new[key] = found
