@@ -4,6 +4,7 @@ and hypergradient included (float64), and refuses what it cannot run."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -693,3 +694,31 @@ def test_steps_of_one_signature_are_planned_once(
         diffopt.param_groups[0]["lr"] = 0.2
         advance(step, fmodel, diffopt, 2, x, y)
         assert len(planned) == 2  # the new lr is a new signature: planned once more
+
+
+def test_the_tracing_filter_drops_exactly_torchs_tracing_warnings() -> None:
+    """The one filter a compiled step installs for its call drops torch.compile's warning of
+    reading a non-leaf weight's `.grad` and torch's warnings of its own deprecated parts, in
+    any category; every other warning passes, the same text not at the start included."""
+    from higher._torch_warnings import ignore_tracing_warnings
+
+    non_leaf = (
+        "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its "
+        ".grad attribute won't be populated during autograd.backward()."
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_tracing_warnings()
+        warnings.warn(non_leaf, UserWarning, stacklevel=1)
+        warnings.warn("`torch.jit.script` is deprecated. Use torch.compile", DeprecationWarning,
+                      stacklevel=1)  # fmt: skip
+        warnings.warn("`torch.jit.trace` is deprecated", FutureWarning, stacklevel=1)
+        passing = [
+            "an unrelated warning",
+            f"prefix: {non_leaf}",
+            "`torch.jit.script` is slow",
+            "`numpy.foo` is deprecated",
+        ]
+        for message in passing:
+            warnings.warn(message, UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == passing

@@ -12,6 +12,19 @@ import warnings
 _TORCH_DEPRECATED = r"`torch\.[\w.]+` is deprecated"
 
 
+# torch.compile reads `.grad` of every input tensor while it traces; the weights of an unroll
+# are not leaves, and torch warns of that read (an error under -W error).
+_NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+_TRACING = f"(?:{re.escape(_NON_LEAF_GRAD)}|{_TORCH_DEPRECATED})"
+
+
+def ignore_tracing_warnings() -> None:
+    """Inside `warnings.catch_warnings()`: ignore what torch.compile warns of while it traces
+    a step (its read of a non-leaf weight's `.grad`, and torch's warnings of its own
+    deprecated parts), in one filter: a compiled step installs it at every call."""
+    warnings.filterwarnings("ignore", message=_TRACING, category=Warning)
+
+
 def ignore_torch_self_deprecation() -> None:
     """Inside `warnings.catch_warnings()`: ignore torch's warnings of its own deprecated parts
     (one filter for both categories: a compiled step installs it at every call)."""

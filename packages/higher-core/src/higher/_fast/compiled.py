@@ -17,7 +17,7 @@ from torch.torch_version import TorchVersion
 from higher._engine import Batch, Program, find_unused, pure_step
 from higher._errors import UsageError
 from higher._strategies import refuse, refuse_hand_written
-from higher._torch_warnings import ignore_torch_self_deprecation, quiet_c_shim_notice
+from higher._torch_warnings import ignore_tracing_warnings, quiet_c_shim_notice
 from higher._unroll.routing import routed
 from higher.errors import HigherError
 from higher.optim import DifferentiableOptimizer, internal
@@ -29,7 +29,6 @@ LossFn = Callable[..., torch.Tensor]
 
 # What `torch.compile` needs to trace `torch.func.grad` into one graph with the update after it.
 _MIN_TORCH = "2.3"
-_NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
 
 
 class traced_call:  # (named as the function it replaces: `with traced_call(...)`)
@@ -47,10 +46,7 @@ class traced_call:  # (named as the function it replaces: `with traced_call(...)
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         try:
-            # torch.compile reads `.grad` of every input tensor while it traces; the weights of
-            # an unroll are not leaves, and torch warns of that read (an error under -W error).
-            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
-            ignore_torch_self_deprecation()
+            ignore_tracing_warnings()
             # The slots are empty during the call: weights the module holds would alias the
             # inputs, which torch.compile guards by identity, in Python, at every call.
             self._vacated = patch_internal.vacated(self._fmodel)
