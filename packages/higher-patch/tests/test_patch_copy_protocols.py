@@ -386,15 +386,16 @@ def test_a_state_key_that_is_not_a_str_is_copied_as_deepcopy_copies_it() -> None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.Tanh()).to(DT)
     shared = [1, 2]
-    model.first = shared
+    model.__dict__["first"] = shared  # (what nn.Module's setattr does with a list)
     model.__dict__[7] = {"seven": [7]}  # a non-str key (set through the dict: setattr refuses)
-    model.second = shared
+    model.__dict__["second"] = shared
     fmodel = hp.monkeypatch(model)
     reference = copy.deepcopy(model)
     assert fmodel.__dict__[7] == reference.__dict__[7] == {"seven": [7]}
     assert fmodel.__dict__[7] is not model.__dict__[7]
-    assert fmodel.first == [1, 2] and fmodel.first is fmodel.second
-    assert fmodel.first is not shared
+    copied = fmodel.__dict__["first"]
+    assert copied == [1, 2] and copied is fmodel.__dict__["second"]
+    assert copied is not shared
     assert fmodel[0] is not model[0] and fmodel._modules["0"] is fmodel[0]
     x = torch.randn(4, 3, dtype=DT)
     torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
