@@ -3,7 +3,6 @@ and hypergradient included (float64), and refuses what it cannot run."""
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -137,19 +136,17 @@ def test_matches_diffopt_step_and_its_meta_gradient(name: str) -> None:
     assert ref_losses[-1] < ref_losses[0]  # the unroll trains: the comparison is not vacuous
 
 
-def test_inductor_backend_matches(caplog: pytest.LogCaptureFixture) -> None:
-    """Inductor itself, with its default options here (on a CPU: the C++ wrapper, whose
-    per-graph notice of the ops it runs through its proxy executor is not shown)."""
+def test_inductor_backend_matches() -> None:
+    """Inductor itself, with its default options here (on a CPU from torch 2.13: the C++
+    wrapper)."""
     model = mlp()
     step = make_step(mse, backend="inductor")
     for name in ("sgd", "adam"):
         ref_final, ref_losses, ref_grads = unroll(model, OPTIMIZERS[name], None)
-        with caplog.at_level(logging.WARNING, logger="torch._inductor"):
-            final, losses, grads = unroll(model, OPTIMIZERS[name], step)
+        final, losses, grads = unroll(model, OPTIMIZERS[name], step)
         assert losses == pytest.approx(ref_losses, rel=1e-10)
         for u, v in zip(final + grads, ref_final + ref_grads, strict=True):
             torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
-    assert not [r for r in caplog.records if "c-shim" in r.getMessage()], caplog.text
 
 
 def test_history_and_state_advance_as_with_diffopt_step(case: Case) -> None:

@@ -27,7 +27,7 @@ def ignore_tracing_warnings() -> None:
 
 def ignore_torch_self_deprecation() -> None:
     """Inside `warnings.catch_warnings()`: ignore torch's warnings of its own deprecated parts
-    (one filter for both categories: a compiled step installs it at every call)."""
+    (one filter for both categories; a compiled step's call uses `ignore_tracing_warnings`)."""
     warnings.filterwarnings("ignore", message=_TORCH_DEPRECATED, category=Warning)
 
 

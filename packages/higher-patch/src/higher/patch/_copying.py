@@ -199,10 +199,10 @@ def _copy_state(state: dict[Any, Any], memo: dict[int, Any]) -> dict[Any, Any]:
         if type(key) is not str:  # what is copied so far stays in the memo, where deepcopy
             del memo[id(state)]  # takes it as its own copy of those values
             return copy.deepcopy(state, memo)
-        kind = type(value)
-        if kind in _ATOMIC or issubclass(kind, type):  # what deepcopy shares (`_shared`)
+        if _shared(value):
             new[key] = value
             continue
+        kind = type(value)
         found = memo.get(id(value), _MISSING)
         if found is not _MISSING:
             new[key] = found
