@@ -153,6 +153,39 @@ def test_stepped_decides_which_parameters_move() -> None:
         internal.plan(diffopt, ps, stepped=[True])
 
 
+@pytest.mark.parametrize("make", [
+    functools.partial(torch.optim.SGD, lr=0.1),  # no state: grouped by dtype alone
+    functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),  # none, then a buffer each
+    functools.partial(torch.optim.Adam, lr=0.1),  # a fresh state from the first step
+])  # fmt: skip
+def test_a_bucket_holds_one_dtype_and_steps_as_torch(
+    make: Callable[[Any], torch.optim.Optimizer],
+) -> None:
+    # 20 tensors (the kernels' path, not the per-tensor one), float32 and float64 interleaved
+    g = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32, torch.float64] * 10
+    ref = [torch.nn.Parameter(torch.randn(3, generator=g, dtype=d)) for d in dtypes]
+    diffopt = higher.optim.get_diff_optim(make(ref), ref)
+    torch_opt = make([torch.nn.Parameter(p.detach().clone()) for p in ref])
+
+    def loss(ps: list[T]) -> T:
+        return sum(((p.double() - k) ** 2).sum() * (k + 1) for k, p in enumerate(ps))  # type: ignore[return-value]
+
+    ps: list[T] = list(ref)
+    for step in range(3):
+        plan = internal.plan(diffopt, ps)
+        kinds = [{ps[i].dtype for i in b.indices} for b in plan.buckets]
+        assert all(len(k) == 1 for k in kinds), f"step {step}: a bucket mixes dtypes {kinds}"
+        assert sorted(i for b in plan.buckets for i in b.indices) == list(range(20))
+        ps = diffopt.step(loss(ps), params=ps)
+        torch_opt.zero_grad()
+        loss(torch_opt.param_groups[0]["params"]).backward()
+        torch_opt.step()
+        for new, want in zip(ps, torch_opt.param_groups[0]["params"], strict=True):
+            assert new.dtype == want.dtype
+            torch.testing.assert_close(new, want, rtol=1e-6, atol=1e-7)
+
+
 # -- a step that is refused changes nothing ---------------------------------------------------
 
 

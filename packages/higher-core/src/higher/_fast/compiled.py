@@ -358,10 +358,10 @@ class CompiledStep:
             for key, buffer in module._buffers.items():
                 if buffer is not None:
                     places.append((f"{prefix}.{key}" if prefix else key, weakref.ref(module), key))
-            config = tuple(
+            config = [
                 (k, v) for k, v in vars(module).items() if type(v) in _CONFIG_TYPES and k[0] != "_"
-            )
-            shape.append((prefix, type(module), config))
+            ]
+            shape.append((prefix, type(module), tuple(config)))
         first = next(iter(named.values()), None)
         ctx = _Context(
             diffopt=weakref.ref(diffopt),

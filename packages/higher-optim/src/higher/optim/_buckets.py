@@ -103,7 +103,9 @@ def runs(
 ) -> tuple[list[Run], dict[tuple[int, int], dict[str, Any]]]:
     """`(group, slots, indices)` for each run of `rule.update` a step makes: the slots
     flagged in `live` of a group, split by step count, dtype, device and state present;
-    and the initial state of the slots that have none yet (kept until `commit`).
+    and the initial state of the slots that have none yet, where the rule's `init` gives them
+    any (kept until `commit`). Slots where no state is held or given (SGD without momentum)
+    are split by dtype and device alone.
 
     The slots of a bucket are stepped together, so they keep one step count and the same
     state fields: the last step's runs are reused while that still holds for the same
@@ -123,24 +125,35 @@ def runs(
     out: list[Run] = []
     fresh: dict[tuple[int, int], dict[str, Any]] = {}
     fields = [f for f in rule.state_type._fields if f != "step" and f not in rule.scalar_state]
+    stateless = True  # no slot stepped has state, held or initial
     for g, (flags, mapping) in enumerate(zip(live, opt._group_to_param_list, strict=True)):
         states = opt.state[g]
+        held = states._dicts if isinstance(states, GroupState) else states  # (no view per slot)
         slots = [j for j, flag in enumerate(flags) if flag]
-        new = [j for j in slots if not states.get(j)]
+        new = [j for j in slots if not held.get(j)]
+        none = len(new) == len(slots)  # no slot holds state
         if new:
             values = fresh_states(rule, [params[mapping[j]] for j in new], options[g], new)
-            fresh.update(((g, j), state) for j, state in zip(new, values, strict=True))
+            # (an empty initial state is no state: gather reads the slot's, which is empty)
+            fresh.update(((g, j), state) for j, state in zip(new, values, strict=True) if state)
+            none = none and not any(values)
+        stateless = stateless and none
         if len(slots) <= 1 or split[g]:  # one slot is one bucket: no keys to compute
             out.extend((g, (j,), (mapping[j],)) for j in slots)
             continue
         buckets: dict[tuple[Any, ...], list[int]] = {}
-        for j in slots:
-            state = fresh.get((g, j)) or states.get(j, {})
-            shared = _bucket_key(state, rule, fields, params[mapping[j]])
-            buckets.setdefault(shared, []).append(j)
+        if none and not rule.scalar_state:  # every key but dtype and device is the same
+            for j in slots:
+                p = params[mapping[j]]
+                buckets.setdefault((p.dtype, p.device), []).append(j)
+        else:
+            for j in slots:
+                state = fresh.get((g, j)) or states.get(j, {})
+                shared = _bucket_key(state, rule, fields, params[mapping[j]])
+                buckets.setdefault(shared, []).append(j)
         out.extend((g, tuple(b), tuple(mapping[j] for j in b)) for b in buckets.values())
-    # a rule that keeps no state for these options (SGD without momentum): empty is not fresh
-    stateless = not any(fresh.get((g, j)) or opt.state[g].get(j) for g, ss, _ in out for j in ss)
+    # (stateless: a rule that keeps no state for these options, SGD without momentum: its
+    # empty state is not fresh)
     opt._bucket_cache = (([list(flags) for flags in live], split), out, stateless)
     return out, fresh
 

@@ -298,7 +298,8 @@ def checked_plan(
         )
     live = [[bool(stepped[i]) for i in mapping] for mapping in opt._group_to_param_list]
     made: StepPlan = opt._make_plan(param_list, live, options, kwargs)
-    return made._replace(owner=opt._identity, version=opt._version)
+    # (bound to `opt`: `_replace` costs more than the rebuild)
+    return StepPlan(*made[:-2], opt._identity, opt._version)
 
 
 def hand_written_plan(

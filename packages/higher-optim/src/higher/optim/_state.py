@@ -182,8 +182,7 @@ class GroupState(MutableMapping[int, SlotState]):
 
     def empty(self, slots: Sequence[int]) -> bool:
         """Whether none of `slots` has any state (without making a view of each)."""
-        dicts = self._dicts
-        return not any(dicts.get(j) for j in slots)
+        return not any(map(self._dicts.get, slots))
 
     def typed(self, slots: tuple[int, ...]) -> Any:
         """The typed state kept for exactly the bucket `slots` (None: gather from the dicts)."""
