@@ -46,18 +46,26 @@ def main() -> None:
     problem = make_problem("long", sizes)
     model, (xs, ys, xq, yq), steps = problem.model, problem.tasks[0], problem.steps
     opt = torch.optim.SGD(model.parameters(), lr=problem.lr)
-    step = higher.compile_step(mse)
-    inner = step._compiled_for("cpu")  # (this benchmark's own instrument)
     inside = [0.0]
+    real_compile = torch.compile
 
-    def timed(*a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return inner(*a, **k)
-        finally:
-            inside[0] += time.perf_counter() - start
+    def timing_compile(function: Any, **options: Any) -> Any:
+        """torch.compile, its result timed: compile_step compiles through it at its first
+        call, so the time inside the compiled call is measured without reaching into the
+        step (the hand-written contender below compiles with the real one)."""
+        compiled: Callable[..., Any] = real_compile(function, **options)
 
-    step._by_device["cpu"] = timed
+        def timed(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return compiled(*a, **k)
+            finally:
+                inside[0] += time.perf_counter() - start
+
+        return timed
+
+    torch.compile = timing_compile  # type: ignore[assignment]
+    step = higher.compile_step(mse)
 
     def ours(compiled: bool) -> Timing:
         inside[0] = 0.0
@@ -81,7 +89,7 @@ def main() -> None:
         grads = grad(loss_of)(params, xs, ys)
         return tuple(p - problem.lr * g for p, g in zip(params, grads))
 
-    hand_step = torch.compile(sgd, fullgraph=True)
+    hand_step = real_compile(sgd, fullgraph=True)
 
     def hand() -> Timing:
         start = time.perf_counter()

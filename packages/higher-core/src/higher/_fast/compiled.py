@@ -104,6 +104,30 @@ def inductor_defaults(compile_kwargs: dict[str, Any], device: str) -> dict[str, 
     return kwargs
 
 
+class PerDevice:
+    """A method compiled once per device type of the tensors it is given: `compiled_own` of
+    `function` bound to its owner, with `inductor_defaults` for that device (so a CUDA model
+    keeps inductor's Python wrapper where a CPU one gets the C++ one). What the compiled step
+    and the compiled meta-step share."""
+
+    def __init__(self, function: Callable[..., Any], prefix: str, compile_kwargs: dict[str, Any]):
+        self._function, self._prefix, self._kwargs = function, prefix, compile_kwargs
+        self._made: dict[str, Callable[..., Any]] = {}
+
+    def get(self, owner: object, device: str) -> Callable[..., Any]:
+        """The compiled method of `owner` for tensors on `device` (a device type), made at its
+        first call (the owner is not kept before then: no reference cycle until compiled)."""
+        fn = self._made.get(device)
+        if fn is None:
+            kwargs = inductor_defaults(self._kwargs, device)
+            fn = self._made[device] = compiled_own(self._function, owner, self._prefix, kwargs)
+        return fn
+
+    def devices(self) -> list[str]:
+        """The device types compiled for so far."""
+        return list(self._made)
+
+
 def check_compile_flag(function: str, compile: object) -> None:
     """Refuse a `compile=` that is not a bool (a string such as "yes" would be truthy)."""
     if not isinstance(compile, bool):
@@ -206,9 +230,8 @@ class CompiledStep:
         self._last: tuple[weakref.ref[FunctionalModule], _Context] | None = None
         self._contexts: weakref.WeakKeyDictionary[FunctionalModule, _Context]
         self._contexts = weakref.WeakKeyDictionary()
-        self._compile_kwargs = compile_kwargs
-        # device type -> the compiled step for weights there (made at its first model's call)
-        self._by_device: dict[str, Callable[..., Any]] = {}
+        # the compiled step for weights on each device type (made at its first model's call)
+        self._per_device = PerDevice(CompiledStep._pure, "_pure", compile_kwargs)
 
     def __call__(
         self, fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, *batch: Any, **kwargs: Any
@@ -372,22 +395,12 @@ class CompiledStep:
             architecture=self._architectures.setdefault(
                 (tuple(named), tuple(shape)), len(self._architectures)
             ),
-            compiled=self._compiled_for("cpu" if first is None else first.device.type),
+            compiled=self._per_device.get(self, "cpu" if first is None else first.device.type),
             planned=plan,
         )
         self._contexts[fmodel] = ctx
         self._last = (weakref.ref(fmodel), ctx)
         return ctx
-
-    def _compiled_for(self, device: str) -> Callable[..., Any]:
-        """The compiled step for weights on `device` (a device type), made once: one code
-        object per step and device (see `compiled_own`), compiled with `inductor_defaults`."""
-        fn = self._by_device.get(device)
-        if fn is None:
-            kwargs = inductor_defaults(self._compile_kwargs, device)
-            fn = compiled_own(CompiledStep._pure, self, "_pure", kwargs)
-            self._by_device[device] = fn
-        return fn
 
     def _find_unused(
         self,

@@ -30,10 +30,9 @@ from higher._engine import (
 )
 from higher._errors import FastPathError, UsageError
 from higher._fast.compiled import (
+    PerDevice,
     _signature,
     check_compile_flag,
-    compiled_own,
-    inductor_defaults,
     traced_call,
 )
 from higher._fast.tasks import per_task_update, refuse_nested
@@ -150,8 +149,9 @@ class MetaStep:
         self._models = weakref.WeakKeyDictionary()
         self._unused: dict[Hashable, frozenset[int]] = {}
         self._peel: dict[Hashable, bool] = {}
-        self._compile_kwargs = compile_kwargs
-        self._by_device: dict[str, Callable[..., Any]] = {}
+        # the compiled meta-step for tensors on each device type, a code object of its own
+        # (other meta-steps neither evict its graphs nor make its shapes dynamic)
+        self._per_device = PerDevice(MetaStep._pure, "_meta_step", compile_kwargs)
 
     @property
     def steps(self) -> int:
@@ -214,7 +214,7 @@ class MetaStep:
         traced = plan._replace(options=[], requires_grad=[])
         if not self._compiled:
             return self._pure(fmodule, names, params, buffers, traced, "loop", batch, kwargs)  # type: ignore[no-any-return]
-        compiled = self._compiled_for(params[0].device.type if params else "cpu")
+        compiled = self._per_device.get(self, params[0].device.type if params else "cpu")
         start = None
         # Running statistics that move (a module with buffers in training mode) are carried
         # from step to step out of place; torch's scan cannot carry them (its backward treats
@@ -240,20 +240,6 @@ class MetaStep:
                 )
         except torch._dynamo.exc.TorchDynamoException as err:  # what is not Unsupported
             raise FastPathError(refusal.format(reason=str(err).splitlines()[0])) from err
-
-    def _compiled_for(self, device: str) -> Callable[..., Any]:
-        """The compiled meta-step for tensors on `device` (a device type), made at its first
-        call. With inductor's default options the loop body's wrapper is C++ on a CPU (the
-        Python wrapper's per-iteration overhead is most of a small step there) and checks no
-        tensor sizes at each iteration (dynamo's guards check the inputs once per call)."""
-        fn = self._by_device.get(device)
-        if fn is None:
-            # a code object of its own: other meta-steps neither evict its graphs nor make its
-            # shapes dynamic
-            kwargs = inductor_defaults(self._compile_kwargs, device)
-            fn = self._by_device[device] = compiled_own(MetaStep._pure, self, "_meta_step",
-                                                        kwargs)  # fmt: skip
-        return fn
 
     def _looped(
         self,
