@@ -656,3 +656,44 @@ def test_a_step_that_repeats_the_last_one_sees_every_change(change: str, momentu
 
     for a, b in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["momentum", "lr item"])
+def test_a_group_laid_out_by_hand_is_checked_at_every_step(value: str) -> None:
+    """A param group replaced by a dict in torch's order (`params` first) at step 2, and one of
+    its options changed at step 4 (a value, or an item of its per-parameter `lr`): the steps
+    through a functional model see the change as the steps planned anew do."""
+
+    def run(through_fmodel: bool) -> list[torch.Tensor]:
+        w = [
+            torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64, requires_grad=True),
+        ]
+        lrs = [torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)]
+        fmodel = _Weights(w)
+        diffopt = higher.optim.get_diff_optim(
+            torch.optim.SGD(w, lr=0.1, momentum=0.9), w,
+            fmodel=fmodel if through_fmodel else None, override={"lr": [lrs]},
+        )  # fmt: skip
+        current = list(w)
+        for k in range(7):
+            group = diffopt.param_groups[0]
+            if k == 2:
+                diffopt.param_groups[0] = {"params": group["params"]} | {
+                    key: v for key, v in group.items() if key != "params"
+                }
+            elif k == 4 and value == "momentum":
+                group["momentum"] = 0.5
+            elif k == 4:
+                group["lr"][0] = torch.tensor(0.05, dtype=torch.float64)
+            loss = (current[0] ** 2).sum() * (k + 1) + (current[1] ** 3).sum()
+            if through_fmodel:
+                diffopt.step(loss)
+                current = fmodel.fast_params
+            else:
+                current = diffopt.step(loss, params=current)
+        assert next(iter(diffopt.param_groups[0])) == "params"  # still laid out by hand
+        return current
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -413,7 +413,7 @@ def _options_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
     return tuple(_group_key(group) for group in groups)
 
 
-def _group_key(group: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...], tuple[Any, ...]]:
+def _group_key(group: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...], Any]:
     names = tuple(group)
     values = tuple(group.values())
     if names and names[-1] == "params":  # where the twins put it (torch: first)
@@ -422,18 +422,29 @@ def _group_key(group: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...],
         values = values[1:]
     elif "params" in group:
         values = tuple(v for k, v in group.items() if k != "params")
-    items = tuple(item for value in values if type(value) is list for item in value)
-    return names, values, items
+    # each list value (a per-parameter `lr`): its place among the values and its items
+    lists = tuple((i, tuple(v)) for i, v in enumerate(values) if type(v) is list)
+    return names, values, lists
 
 
 def _same_options(groups: list[dict[str, Any]], kept: tuple[Any, ...]) -> bool:
-    """Whether `groups` hold the very options `kept` (an `_options_key`) holds."""
+    """Whether `groups` hold the very options `kept` (an `_options_key`) holds: the same keys
+    and values (`is`), and the same items in their list values."""
     if len(groups) != len(kept):
         return False
-    for group, (names, values, items) in zip(groups, kept, strict=True):
-        now_names, now_values, now_items = _group_key(group)
-        for now, then in ((now_names, names), (now_values, values), (now_items, items)):
-            if len(now) != len(then) or not all(map(operator.is_, now, then)):
+    for group, (names, values, lists) in zip(groups, kept, strict=True):
+        if len(group) != len(names) or not all(map(operator.is_, group, names)):
+            return False
+        if names and names[-1] == "params":  # where the twins put it: the values before it
+            if not all(map(operator.is_, group.values(), values)):  # (`params` not reached)
+                return False
+        else:  # a group laid out by hand
+            now = _group_key(group)[1]
+            if len(now) != len(values) or not all(map(operator.is_, now, values)):
+                return False
+        for i, items in lists:  # the very lists (the values are): their items set in place?
+            value = values[i]
+            if len(value) != len(items) or not all(map(operator.is_, value, items)):
                 return False
     return True
 
