@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _peers_common import MetaStep, Problem, serve, worker_args
+from _peers_common import Mark, MetaStep, Problem, no_mark, serve, worker_args
 
 #: workload -> its compiled step (made once, as a user makes it once outside the task loop)
 _COMPILED: dict[str, Any] = {}
@@ -43,7 +43,8 @@ def _mode(name: str | None) -> Any:
     raise ValueError(f"unknown memory mode {name!r}")
 
 
-def build(problem: Problem) -> MetaStep:
+def build(problem: Problem, mark: Mark = no_mark) -> MetaStep:
+    """The meta-step of `problem` under `innerloop_ctx` (`mark`: see `Mark`; eager loops)."""
     import higher
 
     args = worker_args()
@@ -91,16 +92,22 @@ def build(problem: Problem) -> MetaStep:
             with higher.innerloop_ctx(
                 model, opt, copy_initial_weights=problem.wrt != "init", override=override, **modes
             ) as (fmodel, diffopt):
-                for _ in range(problem.steps):
+                mark("setup")
+                for k in range(problem.steps):
                     if unroll is not None:
                         diffopt.step(closure=lambda: problem.loss(fmodel(xs), ys))  # noqa: B023
                     elif step is None:
                         diffopt.step(problem.loss(fmodel(xs), ys))
                     else:
                         step(fmodel, diffopt, xs, ys)
+                    if k == 0:
+                        mark("first step")
+                mark("later steps")
                 meta_loss = problem.loss(fmodel(xq), yq) / n_tasks
                 grads = torch.autograd.grad(meta_loss, wrt)
+                mark("meta-gradient")
             total = [t + g for t, g in zip(total, grads)]
+            mark("exit")
         return total
 
     if step is not None:

@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _peers_common import MetaStep, Problem, serve, worker_args
+from _peers_common import Mark, MetaStep, Problem, no_mark, serve, worker_args
 
 
 def adam_step(
@@ -44,7 +44,9 @@ def adam_step(
     return new_p, new_m, new_v
 
 
-def build(problem: Problem, slots: bool = False) -> MetaStep:
+def build(problem: Problem, slots: bool = False, mark: Mark = no_mark) -> MetaStep:
+    """The meta-step of `problem`, hand-written (`slots`: the module's own parameter slots;
+    `mark`: see `Mark`)."""
     model = problem.model
     names = [n for n, _ in model.named_parameters()]
     initial: list[torch.Tensor] = list(model.parameters())
@@ -72,6 +74,7 @@ def build(problem: Problem, slots: bool = False) -> MetaStep:
             params = [p.detach().requires_grad_() for p in initial] if hpo else initial
             m = [torch.zeros_like(p) for p in params]
             v = [torch.zeros_like(p) for p in params]
+            mark("setup")
             for t in range(1, problem.steps + 1):
                 grads = torch.autograd.grad(
                     problem.loss(call(params, xs), ys), params, create_graph=True
@@ -82,8 +85,14 @@ def build(problem: Problem, slots: bool = False) -> MetaStep:
                     params = [p - lr * g for p, g, lr in zip(params, grads, problem.lrs)]
                 else:
                     params = sgd(params, grads)
+                if t == 1:
+                    mark("first step")
+            mark("later steps")
             meta_loss = problem.loss(call(params, xq), yq) / n_tasks
-            total = [a + g for a, g in zip(total, torch.autograd.grad(meta_loss, wrt))]
+            grads = torch.autograd.grad(meta_loss, wrt)
+            mark("meta-gradient")
+            total = [a + g for a, g in zip(total, grads)]
+            mark("exit")
         if slots:  # the module's own parameters back in their slots
             for owner, key, p in zip(owners, keys, initial):
                 owner._parameters[key] = p  # type: ignore[assignment]

@@ -47,6 +47,15 @@ MEMORY_WORKLOADS: dict[str, str] = {
 }
 
 MetaStep = Callable[[], list[torch.Tensor]]
+#: called by an eager contender at the end of each phase of a task (`task_split.py`): "setup",
+#: "first step", "later steps", "meta-gradient", "exit"
+Mark = Callable[[str], None]
+
+
+def no_mark(phase: str) -> None:
+    """The `Mark` of a timed run: nothing."""
+
+
 P = TypeVar("P")  # a problem, as a contender's `build` takes it
 
 

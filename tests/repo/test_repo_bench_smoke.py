@@ -154,6 +154,23 @@ def test_compiled_step_breakdown_smoke() -> None:
     assert all(float(r[-1]) > 0 for r in rows)
 
 
+def test_task_split_smoke() -> None:
+    """benchmarks/task_split.py: every phase of a task, for both contenders, a positive time."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "task_split.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.rsplit(maxsplit=3) for line in done.stdout.splitlines()[2:]]
+    phases = ["setup", "first step", "later steps", "meta-gradient", "exit", "all"]
+    assert [r[0] for r in rows] == phases
+    for name, ours, hand, difference in rows:
+        assert float(ours) > 0 and float(hand) > 0, name
+        assert abs(float(ours) - float(hand) - float(difference)) <= 1, name  # (rounding)
+
+
 def test_floor_adam_is_torch_optim_adam() -> None:
     """The Adam rows' reference (the hand-written torch.func Adam) steps as torch.optim.Adam."""
     sys.path.insert(0, str(BENCH))
