@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 
+def _smoke_lines(script: str, timeout: int) -> list[str]:
+    """The lines a benchmark script prints at smoke sizes (`--smoke`); it must succeed."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
 def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH / "peers.py"), "--smoke", "--threads", "1", "--out",
@@ -123,14 +133,8 @@ def test_fast_path_contenders_smoke(tmp_path: Path) -> None:
     TorchVersion(torch.__version__) < "2.13", reason="compile_meta_step needs torch >= 2.13"
 )
 def test_meta_step_compile_time_smoke() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "meta_step_compile.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    k, cold, warm, run = done.stdout.splitlines()[-1].split()
+    lines = _smoke_lines("meta_step_compile.py", timeout=600)
+    k, cold, warm, run = lines[-1].split()
     assert k == "2" and float(cold) > 0 and float(warm) > 0 and float(run) > 0
 
 
@@ -138,14 +142,8 @@ def test_meta_step_compile_time_smoke() -> None:
     TorchVersion(torch.__version__) < "2.3", reason="compile_step needs torch >= 2.3"
 )
 def test_compiled_step_breakdown_smoke() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "compiled_step.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    lines = _smoke_lines("compiled_step.py", timeout=600)
+    rows = [line.split() for line in lines[2:]]
     assert [" ".join(r[:-3]) for r in rows] == [
         "eager diffopt.step",
         "higher.compile_step",
@@ -156,14 +154,8 @@ def test_compiled_step_breakdown_smoke() -> None:
 
 def test_task_split_smoke() -> None:
     """benchmarks/task_split.py: every phase of a task, for both contenders, a positive time."""
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "task_split.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.rsplit(maxsplit=3) for line in done.stdout.splitlines()[2:]]
+    lines = _smoke_lines("task_split.py", timeout=300)
+    rows = [line.rsplit(maxsplit=3) for line in lines[2:]]
     phases = ["setup", "first step", "later steps", "meta-gradient", "exit", "all"]
     assert [r[0] for r in rows] == phases
     for name, ours, hand, difference in rows:
