@@ -8,6 +8,9 @@ buffers), the first step, the later steps, the meta-gradient, and exit. The tabl
 task, the median over meta-steps, and the difference.
 
     python benchmarks/task_split.py --workload sine --meta-steps 30
+
+With `--compiled` this project's steps are `higher.compile_step`'s (compiled before the first
+measurement, as peers.py does).
 """
 
 from __future__ import annotations
@@ -50,14 +53,18 @@ def timed(build: Callable[[Problem, Mark], MetaStep], problem: Problem,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="sine", choices=["sine", "sine-32", "long"])
+    parser.add_argument("--workload", default="sine", choices=["sine", "sine-32", "long", "hpo", "long-adam"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--meta-steps", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 3 meta-steps")
+    parser.add_argument(
+        "--compiled", action="store_true", help="this project's steps by compile_step (compiled first)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     problem = make_problem(args.workload, Sizes.smoke() if args.smoke else Sizes())
-    sys.argv = [sys.argv[0], "--threads", str(args.threads)]  # what the contenders' workers read
+    # what the contenders' workers read
+    sys.argv = [sys.argv[0], "--threads", str(args.threads), *(["--compiled"] * args.compiled)]
     totals = {name: dict.fromkeys(PHASES, 0.0) for name in ("this project", "hand-written")}
     builds: dict[str, Callable[[Problem, Mark], MetaStep]] = {
         "this project": _peer_higher.build,
@@ -74,7 +81,8 @@ def main() -> None:
                 for phase in PHASES:
                     samples[name][phase].append(totals[name][phase] / len(problem.tasks))
     print(
-        f"{args.workload}: {len(problem.tasks)} task(s) of {problem.steps} steps, torch "
+        f"{args.workload}{' (compile_step)' * args.compiled}: {len(problem.tasks)} task(s) of "
+        f"{problem.steps} steps, torch "
         f"{torch.__version__}, {args.threads} thread(s), {meta_steps} meta-steps"
     )
     print(f"{'µs per task':16} {'this project':>13} {'hand-written':>13} {'difference':>11}")

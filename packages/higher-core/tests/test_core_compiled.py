@@ -541,6 +541,34 @@ def test_one_step_object_compiles_once_for_every_task() -> None:
     assert len(graphs) == after_first
 
 
+@pytest.mark.skipif(not COMPILES, reason="counts torch.compile graphs; older torch is refused")
+def test_steps_from_the_models_own_parameters_run_the_later_steps_graph() -> None:
+    """With copy_initial_weights=False the first step's weights are the model's Parameters:
+    they run the graph of every later step (one graph for plain SGD), and the meta-gradient
+    reaches them as through diffopt.step."""
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = mlp()
+    step = higher.compile_step(mse, backend=counting)
+    x, y = data()
+    xq, yq = data(2)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    for task in range(3):
+        got, want = [], []
+        for runner in (step, None):
+            with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+                advance(runner, fmodel, diffopt, 3, x + task, y)
+                meta = mse(fmodel, xq, yq)
+                (got if runner is step else want).extend(torch.autograd.grad(meta, params))
+        assert_close(got, want)
+    assert len(graphs) == 1
+
+
 @pytest.mark.skipif(not COMPILES, reason="older torch is refused before torch.compile")
 @pytest.mark.parametrize(
     ("given", "expected"),

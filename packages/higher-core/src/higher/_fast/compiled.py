@@ -320,7 +320,7 @@ class CompiledStep:
             result, loss, moved, nonzero = ctx.compiled(
                 fmodel,
                 ctx.names,
-                params,
+                _as_tensors(params),
                 ctx.requires,
                 buffers,
                 traced,
@@ -435,6 +435,21 @@ class CompiledStep:
         # whether each gradient is nonzero: the check of which parameters the loss uses
         nonzero = torch.stack([g.ne(0).any() for g in out.grads]) if out.grads else None
         return StepResult(out.params, out.opt_state), out.loss, out.buffers, nonzero
+
+
+def _as_tensors(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`params` with each `torch.nn.Parameter` seen through a view of itself (a plain tensor;
+    the gradient reaches the parameter through it, the values the same). The first step of an
+    inner loop whose weights start as the model's parameters (`copy_initial_weights=False`)
+    then runs the graph every later step runs: dynamo guards on the inputs' types, and a
+    Parameter input would compile a second graph and, at every inner loop's first two steps,
+    check the guards of the other one first."""
+    if _PARAMETER not in map(type, params):
+        return params
+    return [p.view_as(p) if type(p) is _PARAMETER else p for p in params]
+
+
+_PARAMETER = torch.nn.Parameter
 
 
 def _stepped(ctx: _Context, unused: frozenset[int], n: int) -> tuple[list[bool], list[bool]]:
