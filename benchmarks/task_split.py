@@ -53,12 +53,14 @@ def timed(build: Callable[[Problem, Mark], MetaStep], problem: Problem,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="sine", choices=["sine", "sine-32", "long", "hpo", "long-adam"])
+    parser.add_argument(
+        "--workload", default="sine", choices=["sine", "sine-32", "long", "hpo", "long-adam"]
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--meta-steps", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 3 meta-steps")
     parser.add_argument(
-        "--compiled", action="store_true", help="this project's steps by compile_step (compiled first)"
+        "--compiled", action="store_true", help="this project's steps by compile_step"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 
-def _smoke_lines(script: str, timeout: int) -> list[str]:
-    """The lines a benchmark script prints at smoke sizes (`--smoke`); it must succeed."""
+def _smoke_lines(script: str, timeout: int, *args: str) -> list[str]:
+    """The lines a benchmark script prints at smoke sizes (`--smoke`, then `args`); it must
+    succeed."""
     done = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
+        [sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -152,9 +153,23 @@ def test_compiled_step_breakdown_smoke() -> None:
     assert all(float(r[-1]) > 0 for r in rows)
 
 
-def test_task_split_smoke() -> None:
-    """benchmarks/task_split.py: every phase of a task, for both contenders, a positive time."""
-    lines = _smoke_lines("task_split.py", timeout=300)
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        pytest.param(
+            ("--workload", "hpo", "--compiled"),
+            marks=pytest.mark.skipif(
+                TorchVersion(torch.__version__) < "2.3", reason="compile_step needs torch >= 2.3"
+            ),
+        ),
+    ],
+)
+def test_task_split_smoke(args: tuple[str, ...]) -> None:
+    """benchmarks/task_split.py: every phase of a task, for both contenders, a positive time
+    (eager sine; hpo with compile_step)."""
+    lines = _smoke_lines("task_split.py", 600, *args)
+    assert lines[0].startswith("hpo (compile_step):" if args else "sine:"), lines[0]
     rows = [line.rsplit(maxsplit=3) for line in lines[2:]]
     phases = ["setup", "first step", "later steps", "meta-gradient", "exit", "all"]
     assert [r[0] for r in rows] == phases

@@ -559,7 +559,8 @@ def test_steps_from_the_models_own_parameters_run_the_later_steps_graph() -> Non
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.1)
     for task in range(3):
-        got, want = [], []
+        got: list[torch.Tensor] = []
+        want: list[torch.Tensor] = []
         for runner in (step, None):
             with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
                 advance(runner, fmodel, diffopt, 3, x + task, y)
