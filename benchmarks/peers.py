@@ -167,6 +167,23 @@ def fmt(x: float, spec: str) -> str:
     return "–" if x != x else format(x, spec)
 
 
+def by_round(samples: dict[str, list[float]]) -> dict[str, tuple[float, float, float]]:
+    """Per contender, its time over the fastest peer's in the same round (the contenders of a
+    round run one after another, so a drift of the machine's speed between rounds falls on
+    both): the lower quartile, median and upper quartile over the rounds. Empty where no peer
+    ran."""
+    peers = [samples[p] for p in PEERS if p in samples]
+    if not peers:
+        return {}
+    fastest = [min(times) for times in zip(*peers)]
+    spread = {}
+    for name, times in samples.items():
+        ratios = sorted(t / f for t, f in zip(times, fastest))
+        q1, q3 = statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else (ratios[0],) * 2
+        spread[name] = (q1, statistics.median(ratios), q3)
+    return spread
+
+
 def max_rel_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     a = torch.cat([g.flatten() for g in got])
     b = torch.cat([r.flatten() for r in ref])
@@ -294,11 +311,13 @@ def table(result: dict[str, Any]) -> str:
         "derivatives of order lr / eps, and which entries do depends on round-off). First s: "
         "seconds of the contender's first meta-step in its timing process (building, and for "
         "the compiled contenders compiling, on torch's on-disk compile cache as the run found "
-        "it); no timing includes it.",
+        "it); no timing includes it. By round: each round's time over the fastest peer's in "
+        "the same round, the median over the rounds and, in brackets, the middle half of them "
+        "(lower to upper quartile): how far the machine's drift moves the ratio.",
         "",
-        "| workload | contender | time ms | best ms | × peer | × floor | first s "
+        "| workload | contender | time ms | best ms | × peer | by round | × floor | first s "
         "| peak RSS MiB (+growth) | saved MiB | max rel. diff | vs f64 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if any(BATCHED in rows or META in rows for rows in result["rows"].values()):
         lines[-3:-3] = [
@@ -320,11 +339,14 @@ def table(result: dict[str, Any]) -> str:
             "",
         ]
     for workload, rows in result["rows"].items():
+        spread = by_round(result["samples"][workload])
         for name, r in rows.items():
             bold = "**" if name in OURS_ALL else ""
+            q1, median, q3 = spread.get(name, (math.nan,) * 3)
+            rounds = "–" if median != median else f"{median:.2f} ({q1:.2f}–{q3:.2f})"
             lines.append(
                 f"| {workload} | {bold}{name}{bold} | {r['median_ms']:.1f} | {r['best_ms']:.1f} "
-                f"| {fmt(r['vs_fastest_peer'], '.2f')} | {r['vs_floor']:.2f} "
+                f"| {fmt(r['vs_fastest_peer'], '.2f')} | {rounds} | {r['vs_floor']:.2f} "
                 f"| {r.get('first_s', float('nan')):.1f} "
                 f"| {r['rss_peak_mib']:.0f} ({r['rss_delta_mib']:+.0f}) | {r['saved_mib']:.1f} "
                 f"| {'reference' if name == FLOOR else format(r['max_rel_diff'], '.1e')} "
@@ -437,13 +459,19 @@ def main() -> None:
         "torch.func in float64 (the compiled contenders compile again)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: write the table and chart of an earlier run's peers.json into --out",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.rounds = 1
     unrun = set(args.float64_check or ()) - set(args.workloads or WORKLOADS)
     if unrun:
         parser.error(f"--float64-check {' '.join(sorted(unrun))}: not among --workloads")
-    result = run(args)
+    result = json.loads(args.render.read_text()) if args.render else run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(result)
     # the per-step section is step_overhead.py's: kept as that run wrote it

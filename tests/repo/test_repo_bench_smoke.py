@@ -58,6 +58,36 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
         for row in rows.values():
             assert row["median_ms"] > 0 and row["saved_mib"] > 0
         assert f"| {workload} | **higher (this)** |" in table
+    # --render writes the same table from the run's JSON, running nothing
+    again = tmp_path / "rendered"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "peers.py"), "--render", str(tmp_path / "peers.json"),
+         "--out", str(again)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (again / "peers.md").read_text() == table
+
+
+def test_by_round_ratios_take_each_rounds_fastest_peer() -> None:
+    """peers.py's "by round" column: each round over that round's fastest peer, so a drift of
+    the machine between rounds moves no ratio."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(BENCH))
+    legacy, torchopt = peers.PEERS
+    samples = {  # the machine twice as slow in round 2 and four times in round 3
+        legacy: [1.0, 2.0, 4.8],
+        torchopt: [1.2, 2.6, 4.0],
+        "ours": [0.9, 1.8, 3.6],
+    }
+    spread = peers.by_round(samples)
+    assert spread["ours"] == pytest.approx((0.9, 0.9, 0.9))
+    assert spread[legacy] == pytest.approx((1.0, 1.0, 1.2))  # 1.0, 1.0, 1.2
+    assert spread[torchopt] == pytest.approx((1.0, 1.2, 1.3))  # 1.2, 1.3, 1.0
+    assert peers.by_round({"ours": [1.0]}) == {}  # no peer ran
 
 
 @pytest.mark.skipif(
