@@ -518,16 +518,22 @@ def test_finished_inner_loops_are_freed_by_reference_counting() -> None:
         gc.enable()
 
 
-@pytest.mark.skipif(not COMPILES, reason="counts torch.compile graphs; older torch is refused")
-def test_one_step_object_compiles_once_for_every_task() -> None:
+def counted_step() -> tuple[higher.CompiledStep, list[int]]:
+    """A compiled step on `mse` whose backend runs each graph as traced, and the list it fills
+    with one entry (the graph's node count) per graph compiled."""
     graphs: list[int] = []
 
     def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         graphs.append(len(gm.graph.nodes))
         return gm.forward
 
+    return higher.compile_step(mse, backend=counting), graphs
+
+
+@pytest.mark.skipif(not COMPILES, reason="counts torch.compile graphs; older torch is refused")
+def test_one_step_object_compiles_once_for_every_task() -> None:
     model = mlp()
-    step = higher.compile_step(mse, backend=counting)
+    step, graphs = counted_step()
     x, y = data()
     for task in range(4):
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -546,14 +552,8 @@ def test_steps_from_the_models_own_parameters_run_the_later_steps_graph() -> Non
     """With copy_initial_weights=False the first step's weights are the model's Parameters:
     they run the graph of every later step (one graph for plain SGD), and the meta-gradient
     reaches them as through diffopt.step."""
-    graphs: list[int] = []
-
-    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
-
     model = mlp()
-    step = higher.compile_step(mse, backend=counting)
+    step, graphs = counted_step()
     x, y = data()
     xq, yq = data(2)
     params = list(model.parameters())
