@@ -415,16 +415,22 @@ def _options_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
 
 def _group_key(group: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...], Any]:
     names = tuple(group)
-    values = tuple(group.values())
-    if names and names[-1] == "params":  # where the twins put it (torch: first)
-        values = values[:-1]
-    elif names and names[0] == "params":
-        values = values[1:]
-    elif "params" in group:
-        values = tuple(v for k, v in group.items() if k != "params")
+    values = _option_values(group, names)
     # each list value (a per-parameter `lr`): its place among the values and its items
     lists = tuple((i, tuple(v)) for i, v in enumerate(values) if type(v) is list)
     return names, values, lists
+
+
+def _option_values(group: dict[str, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The group's values but `params`, in order (`names`: the group's keys)."""
+    values = tuple(group.values())
+    if names and names[-1] == "params":  # where the twins put it (torch: first)
+        return values[:-1]
+    if names and names[0] == "params":
+        return values[1:]
+    if "params" in group:
+        return tuple(v for k, v in group.items() if k != "params")
+    return values
 
 
 def _same_options(groups: list[dict[str, Any]], kept: tuple[Any, ...]) -> bool:
@@ -439,7 +445,7 @@ def _same_options(groups: list[dict[str, Any]], kept: tuple[Any, ...]) -> bool:
             if not all(map(operator.is_, group.values(), values)):  # (`params` not reached)
                 return False
         else:  # a group laid out by hand
-            now = _group_key(group)[1]
+            now = _option_values(group, names)
             if len(now) != len(values) or not all(map(operator.is_, now, values)):
                 return False
         for i, items in lists:  # the very lists (the values are): their items set in place?
