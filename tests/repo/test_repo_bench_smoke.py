@@ -8,10 +8,12 @@ every workload.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -19,6 +21,15 @@ from torch.torch_version import TorchVersion
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
+
+
+def _bench(module: str) -> ModuleType:
+    """A module of benchmarks/ (its scripts import each other by plain name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def _smoke_lines(script: str, timeout: int, *args: str) -> list[str]:
@@ -72,11 +83,7 @@ def test_peers_smoke_table_and_correctness(tmp_path: Path) -> None:
 def test_by_round_ratios_take_each_rounds_fastest_peer() -> None:
     """peers.py's "by round" column: each round over that round's fastest peer, so a drift of
     the machine between rounds moves no ratio."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import peers
-    finally:
-        sys.path.remove(str(BENCH))
+    peers = _bench("peers")
     legacy, torchopt = peers.PEERS
     samples = {  # the machine twice as slow in round 2 and four times in round 3
         legacy: [1.0, 2.0, 4.8],
@@ -210,13 +217,9 @@ def test_task_split_smoke(args: tuple[str, ...]) -> None:
 
 def test_floor_adam_is_torch_optim_adam() -> None:
     """The Adam rows' reference (the hand-written torch.func Adam) steps as torch.optim.Adam."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from _peer_torchfunc import adam_step
-        from _peers_common import Sizes, make_problem
-    finally:
-        sys.path.remove(str(BENCH))
-    problem = make_problem("long", Sizes.smoke(), dtype=torch.float64)
+    adam_step = _bench("_peer_torchfunc").adam_step
+    common = _bench("_peers_common")
+    problem = common.make_problem("long", common.Sizes.smoke(), dtype=torch.float64)
     problem.lr = 0.1
     params = [p.detach().clone() for p in problem.model.parameters()]
     ours = list(params)
@@ -258,21 +261,18 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
 
 def test_peers_md_keeps_the_step_section(tmp_path: Path) -> None:
     """peers.py rewrites peers.md and puts back the section step_overhead.py wrote."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from _peers_common import STEP_SECTION, read_section, replace_section
-    finally:
-        sys.path.remove(str(BENCH))
+    common = _bench("_peers_common")
+    section = common.STEP_SECTION
     path = tmp_path / "peers.md"
     path.write_text("# Meta-gradient benchmarks\n\n| table |\n")
-    replace_section(path, STEP_SECTION, "rows of the first run")
-    replace_section(path, STEP_SECTION, "rows of the second run")  # replaced, not added
+    common.replace_section(path, section, "rows of the first run")
+    common.replace_section(path, section, "rows of the second run")  # replaced, not added
     text = path.read_text()
     assert text.startswith("# Meta-gradient benchmarks\n\n| table |\n")
-    assert text.count(f"## {STEP_SECTION}") == 1 and "first run" not in text
-    kept = read_section(path, STEP_SECTION)
+    assert text.count(f"## {section}") == 1 and "first run" not in text
+    kept = common.read_section(path, section)
     assert kept == "rows of the second run"
     path.write_text("# Meta-gradient benchmarks\n\n| new table |\n")  # what peers.py writes
-    replace_section(path, STEP_SECTION, kept)
-    assert read_section(path, STEP_SECTION) == "rows of the second run"
+    common.replace_section(path, section, kept)
+    assert common.read_section(path, section) == "rows of the second run"
     assert "| new table |" in path.read_text()
